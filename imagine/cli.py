@@ -1,0 +1,144 @@
+"""The `imagine` command: serve, token, demo-models."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from imagine import __version__
+from imagine.auth import KeyMaterial, KeyMaterialError, load_key_material, parse_duration, sign_token
+from imagine.settings import Settings, SettingsError, load_settings
+
+DEFAULT_CONFIG = Path("imagine.toml")
+DEMO_TOKEN_TTL = "30d"
+
+
+def _config_path(given: str | None) -> Path | None:
+    """--config, else $IMAGINE_CONFIG, else ./imagine.toml when it exists."""
+    if given:
+        return Path(given)
+    if os.environ.get("IMAGINE_CONFIG"):
+        return Path(os.environ["IMAGINE_CONFIG"])
+    return DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None
+
+
+def _settings_and_keys(config: str | None) -> tuple[Settings, KeyMaterial]:
+    settings = load_settings(_config_path(config))
+    return settings, load_key_material(settings.auth, Path(settings.server.state_dir))
+
+
+def _banner(settings: Settings, keys: KeyMaterial, host: str, port: int, demo_folder: Path | None) -> str:
+    shown_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    url = f"http://{shown_host}:{port}{settings.server.base_path}"
+    lines = [f"imagine {__version__} is serving on {url}"]
+    if demo_folder is not None:
+        lines.append(
+            f"Serving the tiny DEMO models from {demo_folder}: their weights are random, so every image is noise. "
+            "Point a config file at real weights for real images (see README)."
+        )
+    if keys.source == "development":
+        token = sign_token(keys, settings.auth, sub="demo", scopes=("generate", "admin", "metrics"), ttl_s=parse_duration(DEMO_TOKEN_TTL))
+        model = "sdxl-turbo" if demo_folder is not None else settings.models.default
+        lines += [
+            f"Tokens are signed with a development secret kept in {keys.location}; "
+            "set IMAGINE_JWT_SECRET (32+ bytes) or auth.secret_file in production.",
+            "",
+            f"Token (sub=demo, scopes generate admin metrics, valid {DEMO_TOKEN_TTL}):",
+            token,
+            "",
+            "Try it:",
+            f"curl -H \"Authorization: Bearer {token}\" -H 'Content-Type: application/json' "
+            f"-d '{{\"prompt\":\"a lighthouse at dusk\",\"model\":\"{model}\"}}' {url}/generate --output image.png",
+        ]
+    return "\n".join(lines)
+
+
+def serve(arguments: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from imagine.app import create_app
+    from imagine.demo_models import demo_settings, ensure_demo_models
+
+    settings, keys = _settings_and_keys(arguments.config)
+    host = arguments.host or settings.server.host
+    port = arguments.port or settings.server.port
+    demo_folder = None
+    if not settings.models.has_sources:
+        demo_folder = Path(settings.server.cache_dir) / "demo-models"
+        print(f"No model weights configured: using the demo models in {demo_folder}", flush=True)
+        if ensure_demo_models(demo_folder):
+            print("Built the demo models (first run).", flush=True)
+        settings = demo_settings(settings, demo_folder)
+    app = create_app(settings, keys=keys)
+    banner = _banner(settings, keys, host, port, demo_folder)
+    # handler_cancellation: a client that hangs up cancels its handler, and so its job.
+    web.run_app(app, host=host, port=port, handler_cancellation=True, print=lambda _: print(banner, flush=True))
+    return 0
+
+
+def token(arguments: argparse.Namespace) -> int:
+    settings, keys = _settings_and_keys(arguments.config)
+    models = [name.strip() for name in arguments.models.split(",") if name.strip()] if arguments.models else None
+    print(
+        sign_token(
+            keys,
+            settings.auth,
+            sub=arguments.sub,
+            scopes=arguments.scope.split(),
+            ttl_s=parse_duration(arguments.ttl),
+            models=models,
+        )
+    )
+    return 0
+
+
+def demo_models(arguments: argparse.Namespace) -> int:
+    from imagine.demo_models import build_demo_models
+
+    target = Path(arguments.directory)
+    build_demo_models(target)
+    print(f"Tiny random-weight demo models written to {target}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imagine", description="Self-hosted text-to-image service")
+    parser.add_argument("--version", action="version", version=f"imagine {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve_parser = commands.add_parser("serve", help="run the HTTP service")
+    serve_parser.add_argument("--config", help="TOML settings file (default: ./imagine.toml if present)")
+    serve_parser.add_argument("--host", help="address to listen on (default: server.host)")
+    serve_parser.add_argument("--port", type=int, help="port to listen on (default: server.port)")
+    serve_parser.set_defaults(run=serve)
+
+    token_parser = commands.add_parser("token", help="print a bearer token signed with the service's key")
+    token_parser.add_argument("--config", help="TOML settings file (default: ./imagine.toml if present)")
+    token_parser.add_argument("--sub", required=True, help="the caller's identity")
+    token_parser.add_argument("--scope", default="generate", help='space-separated scopes, e.g. "generate admin"')
+    token_parser.add_argument("--models", help="comma-separated models the token may use (default: all)")
+    token_parser.add_argument("--ttl", default="30d", help="lifetime, e.g. 3600, 12h, 30d (default 30d)")
+    token_parser.set_defaults(run=token)
+
+    demo_parser = commands.add_parser("demo-models", help="write tiny random-weight models in the real layouts")
+    demo_parser.add_argument("directory", help="folder to write them to")
+    demo_parser.set_defaults(run=demo_models)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(arguments.run(arguments))
+    except (SettingsError, KeyMaterialError, ValueError) as error:
+        print(f"imagine: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

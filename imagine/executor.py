@@ -1,0 +1,298 @@
+"""The device executor: one thread owns the accelerator and runs every torch call.
+
+Handlers submit a `Job` and await its future; the thread resolves it with
+`loop.call_soon_threadsafe`, so nothing blocking ever runs on the event loop.
+The queue is bounded, every job has a deadline, and a job can be stopped at
+any time: removed if still queued, interrupted at its next denoising step if
+running. Jobs are taken in batches (today of one) so that compatible requests
+can later share a pipeline call without changing this structure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import math
+import secrets
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+from imagine import device
+from imagine.errors import ApiError
+from imagine.generators import GenerationInterrupted, GenerationRequest, Generator, StepProgress
+from imagine.models import ModelRegistry
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+log = logging.getLogger(__name__)
+
+
+class JobState(str, Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class GenerationOutput:
+    images: list[Image.Image]
+    seeds: list[int]
+    generation_time: float  # seconds on the device
+    queue_time: float  # seconds waiting for it
+    vram_used: float  # GB at the peak of this run; 0.0 without a GPU
+    runtime: dict[str, Any]  # device and dtype, as the generator reports them
+
+
+def cancelled_error() -> ApiError:
+    return ApiError(499, "CANCELLED", "The generation was cancelled")
+
+
+def timeout_error(timeout_s: float) -> ApiError:
+    return ApiError(504, "TIMEOUT", f"The generation did not finish within {timeout_s:g} s")
+
+
+@dataclass(eq=False)
+class Job:
+    request: GenerationRequest
+    generator: Generator
+    timeout_s: float
+    future: asyncio.Future[GenerationOutput]
+    id: str = field(default_factory=lambda: "job_" + secrets.token_urlsafe(12))
+    state: JobState = JobState.QUEUED
+    step: int = 0
+    submitted_at: float = field(default_factory=time.monotonic)
+    started_at: float | None = None
+    # Set by any thread to stop the job; `stop_error` says why.
+    _stop: threading.Event = field(default_factory=threading.Event)
+    stop_error: ApiError | None = None
+
+    @property
+    def deadline(self) -> float:
+        return self.submitted_at + self.timeout_s
+
+    @property
+    def total_steps(self) -> int:
+        return self.request.steps
+
+    def request_stop(self, error: ApiError) -> None:
+        if not self._stop.is_set():
+            self.stop_error = error
+            self._stop.set()
+
+    def should_stop(self) -> bool:
+        if not self._stop.is_set() and time.monotonic() > self.deadline:
+            self.request_stop(timeout_error(self.timeout_s))
+        return self._stop.is_set()
+
+
+class DeviceExecutor:
+    def __init__(self, registry: ModelRegistry, *, max_queue: int, device_preference: str, preload: Sequence[str] = ()) -> None:
+        self._registry = registry
+        self.capacity = max_queue
+        self._device_preference = device_preference
+        self._preload = tuple(preload)
+        self._queue: collections.deque[Job] = collections.deque()
+        self._condition = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.device = "cpu"
+        self.report = device.UNPROBED
+        self.running: Job | None = None
+        # Mean seconds per job (moving average), for Retry-After and ETAs.
+        self.seconds_per_job = 1.0
+        self.outcomes: collections.Counter[str] = collections.Counter()
+
+    # ---- event-loop side -------------------------------------------------
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="imagine-device", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        with self._condition:
+            self._stopping = True
+            abandoned = list(self._queue)
+            self._queue.clear()
+            self._condition.notify_all()
+        shutting_down = ApiError(503, "SERVICE_UNAVAILABLE", "The service is shutting down")
+        for job in abandoned:
+            self._settle(job, JobState.CANCELLED, error=shutting_down)
+        if self.running is not None:
+            self.running.request_stop(shutting_down)
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    def retry_after_s(self) -> int:
+        return max(1, math.ceil((self.depth + 1) * self.seconds_per_job))
+
+    def submit(self, request: GenerationRequest, generator: Generator, timeout_s: float) -> Job:
+        assert self._loop is not None, "executor not started"
+        future: asyncio.Future[GenerationOutput] = self._loop.create_future()
+        # Nobody may be left to await a cancelled job: mark its error as seen.
+        future.add_done_callback(lambda done: done.cancelled() or done.exception())
+        job = Job(request=request, generator=generator, timeout_s=timeout_s, future=future)
+        with self._condition:
+            if len(self._queue) >= self.capacity:
+                raise ApiError(
+                    503,
+                    "QUEUE_FULL",
+                    "The generation queue is full, retry later",
+                    details={"queue_depth": len(self._queue), "capacity": self.capacity},
+                    headers={"Retry-After": str(self.retry_after_s())},
+                )
+            self._queue.append(job)
+            self._condition.notify()
+        return job
+
+    def position(self, job: Job) -> int:
+        """0 while running or done, else 1 for the next job to run."""
+        with self._condition:
+            try:
+                return self._queue.index(job) + 1
+            except ValueError:
+                return 0
+
+    def cancel(self, job: Job, error: ApiError | None = None) -> None:
+        """Stop a job: dropped now if queued, at its next step if running."""
+        error = error or cancelled_error()
+        job.request_stop(error)
+        with self._condition:
+            try:
+                self._queue.remove(job)
+            except ValueError:
+                return  # running or finished: the device thread sees the stop flag
+        self._settle(job, JobState.CANCELLED, error=error)
+
+    async def wait(self, job: Job) -> GenerationOutput:
+        """Await a job; if the awaiting handler is cancelled (client gone), so is the job."""
+        try:
+            return await asyncio.wait_for(asyncio.shield(job.future), timeout=max(0.0, job.deadline - time.monotonic()))
+        except TimeoutError:
+            self.cancel(job, timeout_error(job.timeout_s))
+            raise timeout_error(job.timeout_s) from None
+        except asyncio.CancelledError:
+            self.cancel(job)
+            raise
+
+    def _settle(self, job: Job, state: JobState, output: GenerationOutput | None = None, error: ApiError | None = None) -> None:
+        """Record the outcome and resolve the future on the loop (callable from any thread)."""
+        job.state = state
+        self.outcomes[state.value] += 1
+
+        def resolve() -> None:
+            if job.future.done():
+                return
+            if error is not None:
+                job.future.set_exception(error)
+            else:
+                job.future.set_result(output)  # type: ignore[arg-type]
+
+        assert self._loop is not None
+        try:
+            on_loop = asyncio.get_running_loop() is self._loop
+        except RuntimeError:  # the device thread has no loop
+            on_loop = False
+        if on_loop:
+            resolve()
+        else:
+            self._loop.call_soon_threadsafe(resolve)
+
+    # ---- device thread ----------------------------------------------------
+
+    def _run(self) -> None:
+        self.device = device.choose_device(self._device_preference)
+        self.report = device.report(self.device)
+        for name in self._preload:
+            try:
+                self._registry.ensure_loaded(self._registry.resolve(name))
+            except ApiError:
+                pass  # recorded in the registry; /health reports it
+        self.report = device.report(self.device)
+        while (batch := self._next_batch()) is not None:
+            for job in batch:
+                self._execute(job)
+            self.report = device.report(self.device)
+
+    def _next_batch(self) -> list[Job] | None:
+        with self._condition:
+            while True:
+                while not self._queue and not self._stopping:
+                    self._condition.wait()
+                if self._stopping:
+                    return None
+                job = self._queue.popleft()
+                if job.should_stop():  # expired while waiting
+                    self._settle(job, JobState.FAILED, error=job.stop_error)
+                    continue
+                job.state = JobState.RUNNING
+                self.running = job
+                return [job]
+
+    def _execute(self, job: Job) -> None:
+        job.started_at = time.monotonic()
+        try:
+            self._registry.ensure_loaded(job.generator)
+            output = self._generate(job)
+        except GenerationInterrupted:
+            error = job.stop_error or cancelled_error()
+            self._settle(job, JobState.CANCELLED if error.code == "CANCELLED" else JobState.FAILED, error=error)
+        except ApiError as error:
+            self._settle(job, JobState.FAILED, error=error)
+        except Exception as error:
+            self._settle(job, JobState.FAILED, error=self._failure(job, error))
+        else:
+            self._settle(job, JobState.SUCCEEDED, output=output)
+        finally:
+            self.running = None
+            elapsed = time.monotonic() - job.started_at
+            self.seconds_per_job = 0.8 * self.seconds_per_job + 0.2 * elapsed
+
+    def _generate(self, job: Job) -> GenerationOutput:
+        def on_step(progress: StepProgress) -> bool:
+            job.step = progress.step
+            return job.should_stop()
+
+        started = time.perf_counter()
+        images = job.generator.generate([job.request], on_step)[0]
+        generation_time = time.perf_counter() - started
+        assert job.started_at is not None
+        return GenerationOutput(
+            images=images,
+            seeds=job.request.seeds,
+            generation_time=generation_time,
+            queue_time=job.started_at - job.submitted_at,
+            vram_used=device.generation_memory_gb(self.device),
+            runtime=job.generator.runtime_info(),
+        )
+
+    def _failure(self, job: Job, error: Exception) -> ApiError:
+        if device.is_out_of_memory(error):
+            # Only this job fails: drop the cached blocks so the next one has room.
+            device.free_cache(self.device)
+            log.warning("out of memory generating with %s; cache freed", job.generator.name)
+            return ApiError(
+                503,
+                "OUT_OF_MEMORY",
+                "The device ran out of memory for this generation; try a smaller size or fewer images",
+                headers={"Retry-After": str(self.retry_after_s())},
+            )
+        log.exception("generation with %s failed", job.generator.name)
+        return ApiError(500, "INTERNAL_ERROR", "Generation failed")

@@ -1,0 +1,136 @@
+"""The typed interface between the service and its generator plugins.
+
+A generator is registered by a plugin (see `imagine.hookspecs`). Local ones run
+entirely on the device thread: `load`, `unload` and `generate` are only ever
+called there, so they may use torch freely and need no locks of their own.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+
+@dataclass(frozen=True)
+class LoraWeight:
+    name: str
+    weight: float
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One validated request, with every default filled in for its model."""
+
+    prompt: str
+    negative_prompt: str
+    model: str
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    num_images: int
+    seed: int
+    scheduler: str
+    loras: tuple[LoraWeight, ...] = ()
+    # Backend-specific fields (Leonardo's model, aspect ratio...) that local models ignore.
+    options: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def seeds(self) -> list[int]:
+        """Image i uses seed + i, so any single image can be reproduced alone."""
+        return [self.seed + index for index in range(self.num_images)]
+
+    def batch_key(self) -> tuple[Any, ...]:
+        """Requests with equal keys can share one pipeline call."""
+        return (self.model, self.width, self.height, self.steps, self.guidance, self.scheduler, self.loras)
+
+
+@dataclass(frozen=True)
+class StepProgress:
+    step: int  # steps done, 1..total
+    total: int
+    # The current latents, for previews; generators that have none pass None.
+    latents: Any = None
+
+
+# Called after every denoising step; returning True stops the run at once.
+StepCallback = Callable[[StepProgress], bool]
+
+
+class GenerationInterrupted(Exception):
+    """The step callback asked the generator to stop."""
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    steps: int
+    guidance: float
+    width: int
+    height: int
+    scheduler: str
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    min_size: int
+    max_size: int
+    min_steps: int = 1
+    max_steps: int = 100
+    # When set, only these step counts are valid (e.g. one per distilled checkpoint).
+    step_choices: tuple[int, ...] | None = None
+    max_guidance: float = 20.0
+    schedulers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What /models tells a user about a generator."""
+
+    description: str
+    defaults: ModelDefaults
+    limits: ModelLimits
+    vram_required: str
+    aliases: tuple[str, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Generator(abc.ABC):
+    """A text-to-image backend. Subclasses set `name` and `card`."""
+
+    name: str
+    card: ModelCard
+    #: True for generators that need the device thread; False for cloud clients.
+    uses_device: bool = True
+
+    @property
+    @abc.abstractmethod
+    def loaded(self) -> bool:
+        """True while the weights are in memory and `generate` can run."""
+
+    @abc.abstractmethod
+    def load(self) -> None:
+        """Bring the weights into memory (device thread)."""
+
+    @abc.abstractmethod
+    def unload(self) -> None:
+        """Release every reference to the weights (device thread)."""
+
+    @abc.abstractmethod
+    def generate(self, requests: Sequence[GenerationRequest], on_step: StepCallback) -> list[list[Image.Image]]:
+        """Run compatible requests (equal `batch_key`) together; one image list per request.
+
+        Raises GenerationInterrupted when `on_step` returned True.
+        """
+
+    def runtime_info(self) -> dict[str, Any]:
+        """Device and dtype while loaded, for /models and the JSON result."""
+        return {}
+
+    def validate(self, request: GenerationRequest) -> list[dict[str, Any]]:
+        """Checks beyond the card's limits, as `{"loc", "msg"}` field errors."""
+        return []

@@ -1,0 +1,24 @@
+"""Every typed key stored on the application or on a request."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+from aiohttp import web
+
+from imagine.auth import Principal, TokenVerifier
+from imagine.executor import DeviceExecutor
+from imagine.models import ModelRegistry
+from imagine.ratelimit import BucketDecision, IPNetwork, RateLimiter
+from imagine.settings import Settings
+
+settings_key = web.AppKey("settings", Settings)
+verifier_key = web.AppKey("verifier", TokenVerifier)
+limiter_key = web.AppKey("limiter", RateLimiter)
+registry_key = web.AppKey("registry", ModelRegistry)
+executor_key = web.AppKey("executor", DeviceExecutor)
+trusted_networks_key = web.AppKey("trusted_networks", tuple[IPNetwork, ...])
+encode_pool_key = web.AppKey("encode_pool", ThreadPoolExecutor)
+
+principal_key = web.RequestKey("principal", Principal)
+rate_decisions_key = web.RequestKey("rate_decisions", list[BucketDecision])

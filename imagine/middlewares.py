@@ -1,0 +1,183 @@
+"""Cross-cutting request handling, outermost first: CORS, errors, rate limits, auth.
+
+The order matters: the per-IP and global buckets run before token
+verification so that a flood never reaches the JWT code, and the error
+middleware sits outside both so that a refusal from either is contract JSON.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+
+from aiohttp import web
+
+from imagine.auth import PUBLIC_ATTRIBUTE, SCOPE_ATTRIBUTE, InvalidToken
+from imagine.errors import ApiError, error_body
+from imagine.keys import (
+    limiter_key,
+    principal_key,
+    rate_decisions_key,
+    settings_key,
+    trusted_networks_key,
+    verifier_key,
+)
+from imagine.ratelimit import BucketDecision, client_ip, most_restrictive
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# Headers a browser script may read from our responses.
+EXPOSED_HEADERS = (
+    "X-Seed, X-Model, X-Generation-Time, X-Image-Id, Content-Disposition, Retry-After, "
+    "RateLimit-Limit, RateLimit-Remaining, RateLimit-Reset, WWW-Authenticate"
+)
+
+_HTTP_CODES = {
+    400: "VALIDATION_ERROR",
+    401: "AUTHENTICATION_ERROR",
+    403: "FORBIDDEN",
+    404: "NOT_FOUND",
+    405: "METHOD_NOT_ALLOWED",
+    413: "PAYLOAD_TOO_LARGE",
+}
+
+
+def _http_message(error: web.HTTPException, request: web.Request) -> str:
+    if error.status == 404:
+        return "Not found"
+    if error.status == 405:
+        return f"Method {request.method} not allowed"
+    if error.status == 413:
+        return f"Request body larger than {request.app[settings_key].server.max_body_bytes} bytes"
+    return error.reason
+
+
+@web.middleware
+async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    origins = request.app[settings_key].server.cors_origins
+    origin = request.headers.get("Origin")
+    allowed = origin is not None and ("*" in origins or origin in origins)
+    if request.method == "OPTIONS" and allowed and "Access-Control-Request-Method" in request.headers:
+        # A preflight carries no token by design: answer it before auth.
+        response: web.StreamResponse = web.Response(status=204)
+        response.headers["Access-Control-Allow-Methods"] = "GET, POST, DELETE, OPTIONS"
+        response.headers["Access-Control-Allow-Headers"] = request.headers.get(
+            "Access-Control-Request-Headers", "Authorization, Content-Type"
+        )
+        response.headers["Access-Control-Max-Age"] = "600"
+    else:
+        response = await handler(request)
+    if allowed:
+        # Bearer tokens, not cookies, carry identity, so "*" is safe here.
+        response.headers["Access-Control-Allow-Origin"] = "*" if "*" in origins else origin  # type: ignore[assignment]
+        response.headers["Access-Control-Expose-Headers"] = EXPOSED_HEADERS
+        if "*" not in origins:
+            response.headers["Vary"] = "Origin"
+    return response
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure leaves as the contract's error JSON, and never with a stack trace."""
+    try:
+        return await handler(request)
+    except ApiError as error:
+        return error.response()
+    except web.HTTPException as error:
+        if error.status < 400:
+            raise
+        code = _HTTP_CODES.get(error.status, "INTERNAL_ERROR" if error.status >= 500 else "VALIDATION_ERROR")
+        headers = {key: value for key, value in error.headers.items() if key.lower() == "allow"}
+        return web.json_response(error_body(code, _http_message(error, request)), status=error.status, headers=headers)
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return web.json_response(error_body("INTERNAL_ERROR", "Internal server error"), status=500)
+
+
+def _is_public(request: web.Request) -> bool:
+    return getattr(request.match_info.handler, PUBLIC_ATTRIBUTE, False)
+
+
+def _unmatched(request: web.Request) -> bool:
+    """404 and 405 answer without a token: there is nothing behind them to protect."""
+    return request.match_info.http_exception is not None
+
+
+@web.middleware
+async def ratelimit_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The per-IP and global buckets, and RateLimit-* headers on every limited response."""
+    limiter = request.app[limiter_key]
+    if not limiter.enabled or request.path == request.app[settings_key].server.base_path + "/livez":
+        return await handler(request)
+    trusted = request.app[trusted_networks_key]
+    ip = client_ip(request.remote, request.headers.get("X-Forwarded-For"), trusted)
+    decisions = await limiter.before_auth(ip)
+    request[rate_decisions_key] = decisions
+    if not all(decision.allowed for decision in decisions):
+        raise _rate_limited(decisions)
+    try:
+        response = await handler(request)
+    except ApiError as error:
+        _add_rate_headers(error.headers, request)
+        raise
+    _add_rate_headers(response.headers, request)
+    return response
+
+
+def _rate_limited(decisions: list[BucketDecision]) -> ApiError:
+    refused = most_restrictive(decisions)
+    assert refused is not None
+    return ApiError(
+        429,
+        "RATE_LIMIT_EXCEEDED",
+        "Rate limit exceeded",
+        details={"bucket": refused.bucket},
+        headers=refused.headers(),
+    )
+
+
+def _add_rate_headers(headers: MutableMapping[str, str], request: web.Request) -> None:
+    binding = most_restrictive(request.get(rate_decisions_key, []))
+    if binding is not None:
+        for key, value in binding.headers().items():
+            headers.setdefault(key, value)
+
+
+def _unauthorized(reason: str | None, token_sent: bool) -> ApiError:
+    challenge = 'Bearer error="invalid_token"' if token_sent else "Bearer"
+    return ApiError(
+        401,
+        "AUTHENTICATION_ERROR",
+        "Invalid token",
+        details={"reason": reason} if reason else None,
+        headers={"WWW-Authenticate": challenge},
+    )
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Bearer token, then the route's scope, then the caller's own bucket."""
+    if request.method == "OPTIONS" or _is_public(request) or _unmatched(request):
+        return await handler(request)
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise _unauthorized("missing bearer token" if not header else "malformed Authorization header", bool(header))
+    try:
+        principal = request.app[verifier_key].verify(token.strip())
+    except InvalidToken as error:
+        raise _unauthorized(str(error), True) from None
+    request[principal_key] = principal
+    needed = getattr(request.match_info.handler, SCOPE_ATTRIBUTE, frozenset())
+    if needed and not needed & principal.scopes:
+        raise ApiError(403, "FORBIDDEN", f"This token lacks the scope {' or '.join(sorted(needed))}")
+    limiter = request.app[limiter_key]
+    if limiter.enabled:
+        decision = await limiter.for_subject(principal.sub)
+        request.setdefault(rate_decisions_key, []).append(decision)
+        if not decision.allowed:
+            raise _rate_limited([decision])
+    return await handler(request)
+

@@ -1,0 +1,59 @@
+"""The plugin manager: built-in plugins and the `imagine` entry-point group.
+
+Built-in plugins are loaded exactly like third-party ones, so the same hooks
+serve both; a name or alias claimed twice stops the start with both plugins named.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable
+from typing import Any
+
+import pluggy
+
+from imagine import hookspecs
+from imagine.generators import Generator
+from imagine.settings import Settings
+
+BUILTIN_PLUGINS = ("plugins.sdxl", "plugins.turbo")
+
+
+class PluginError(RuntimeError):
+    """Plugins disagree (a duplicate name) or registered something unusable."""
+
+
+def plugin_manager(extra_plugins: Iterable[Any] = ()) -> pluggy.PluginManager:
+    manager = pluggy.PluginManager(hookspecs.PROJECT)
+    manager.add_hookspecs(hookspecs)
+    for module_name in BUILTIN_PLUGINS:
+        manager.register(importlib.import_module(module_name), name=module_name)
+    manager.load_setuptools_entrypoints(hookspecs.PROJECT)
+    for plugin in extra_plugins:
+        manager.register(plugin)
+    return manager
+
+
+def collect_generators(manager: pluggy.PluginManager, settings: Settings) -> dict[str, Generator]:
+    """Every generator the plugins register, by name; aliases must not clash either."""
+    generators: dict[str, Generator] = {}
+    owners: dict[str, str] = {}  # name or alias -> plugin that claimed it
+    for implementation in manager.hook.register_generators.get_hookimpls():
+        plugin_name = implementation.plugin_name
+
+        def register(generator: Generator, plugin_name: str = plugin_name) -> None:
+            if not isinstance(generator, Generator):
+                raise PluginError(f"plugin {plugin_name} registered {generator!r}, which is not a Generator")
+            for claimed in (generator.name, *generator.card.aliases):
+                if claimed in owners:
+                    raise PluginError(
+                        f"model name '{claimed}' is registered by both {owners[claimed]} and {plugin_name}"
+                    )
+                owners[claimed] = plugin_name
+            generators[generator.name] = generator
+
+        # Called one implementation at a time to know whose registration clashed;
+        # like pluggy itself, pass only the arguments the implementation names.
+        arguments = {"register": register, "settings": settings}
+        implementation.function(**{name: arguments[name] for name in implementation.argnames})
+    return generators

@@ -1,0 +1,171 @@
+"""Request bodies: parsing, field validation, and filling in a model's defaults.
+
+pydantic checks types and ranges field by field (strictly: "512" is not a
+width); what depends on the chosen model (sizes, steps, schedulers) is checked
+once the model is known, and reported in the same `{"loc", "msg"}` form.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+
+from imagine.errors import field_error, validation_error
+from imagine.generators import GenerationRequest, Generator, LoraWeight
+
+MAX_SEED = 4_294_967_295
+Prompt = Annotated[str, StringConstraints(min_length=1, max_length=2000)]
+
+# Seed-compatible aliases: alias -> canonical field.
+ALIASES = {"steps": "num_inference_steps", "guidance": "guidance_scale"}
+
+
+class LoraSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+    weight: float = Field(1.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+
+
+class GenerateBody(BaseModel):
+    """POST /generate, and every route that takes the same body."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: Prompt
+    negative_prompt: str = Field("", max_length=2000)
+    model: str | None = None
+    width: int | None = Field(None, ge=8, le=8192, multiple_of=8)
+    height: int | None = Field(None, ge=8, le=8192, multiple_of=8)
+    img_size: int | None = Field(None, ge=8, le=8192, multiple_of=8)
+    num_inference_steps: int | None = Field(None, ge=1, le=1000)
+    guidance_scale: float | None = Field(None, ge=0.0, le=20.0, allow_inf_nan=False)
+    num_images: int = Field(1, ge=1, le=4)
+    seed: int | None = Field(-1, ge=-1, le=MAX_SEED)
+    loras: list[LoraSpec] = Field(default_factory=list, max_length=8)
+    scheduler: str | None = None
+    leonardo_model: str | None = None
+    aspect_ratio: str | None = None
+    preset_style: str | None = None
+    quality: str | None = None
+    response_format: Literal["png", "json"] | None = None
+    store: bool = True
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, prompt: str) -> str:
+        if not prompt.strip():
+            raise ValueError("must not be blank")
+        return prompt
+
+
+def pydantic_errors(error: ValidationError) -> list[dict[str, Any]]:
+    return [{"loc": ["body", *entry["loc"]], "msg": entry["msg"]} for entry in error.errors(include_url=False)]
+
+
+async def read_json(request: web.Request) -> Any:
+    """The body as JSON; 400 for another content type or malformed JSON (413 is aiohttp's)."""
+    if request.content_type != "application/json":
+        raise validation_error([{"loc": ["header", "Content-Type"], "msg": "must be application/json"}])
+    raw = await request.read()
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise validation_error([{"loc": ["body"], "msg": f"malformed JSON: {error}"}]) from None
+
+
+def _merge_aliases(body: Mapping[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Move seed aliases to their canonical fields; an alias may only repeat its field's value."""
+    merged = dict(body)
+    errors = []
+    for alias, canonical in ALIASES.items():
+        if alias not in merged:
+            continue
+        value = merged.pop(alias)
+        if canonical in merged and merged[canonical] != value:
+            errors.append(field_error(alias, f"conflicts with {canonical}; send one of them"))
+        else:
+            merged[canonical] = value
+    return merged, errors
+
+
+def parse_generate_body(body: Any) -> GenerateBody:
+    if not isinstance(body, dict):
+        raise validation_error([{"loc": ["body"], "msg": "must be a JSON object"}])
+    merged, errors = _merge_aliases(body)
+    try:
+        parsed = GenerateBody.model_validate(merged)
+    except ValidationError as error:
+        errors.extend(pydantic_errors(error))
+        raise validation_error(errors) from None
+    if errors:
+        raise validation_error(errors)
+    if parsed.img_size is not None:
+        for name in ("width", "height"):
+            if getattr(parsed, name) not in (None, parsed.img_size):
+                errors.append(field_error(name, "conflicts with img_size, which sets width and height"))
+    if errors:
+        raise validation_error(errors)
+    return parsed
+
+
+def resolve_request(body: GenerateBody, generator: Generator) -> GenerationRequest:
+    """Fill in the model's defaults and check the values against its limits."""
+    card = generator.card
+    defaults, limits = card.defaults, card.limits
+    width = body.width or body.img_size or defaults.width
+    height = body.height or body.img_size or defaults.height
+    steps = body.num_inference_steps if body.num_inference_steps is not None else defaults.steps
+    guidance = body.guidance_scale if body.guidance_scale is not None else defaults.guidance
+    scheduler = body.scheduler or defaults.scheduler
+    seed = secrets.randbelow(MAX_SEED + 1) if body.seed in (None, -1) else body.seed
+
+    errors = []
+    for name, value in (("width", width), ("height", height)):
+        if not limits.min_size <= value <= limits.max_size:
+            errors.append(field_error(name, f"must be between {limits.min_size} and {limits.max_size} for {generator.name}"))
+    steps_field = "num_inference_steps"
+    if limits.step_choices is not None:
+        if steps not in limits.step_choices:
+            choices = ", ".join(str(choice) for choice in limits.step_choices)
+            errors.append(field_error(steps_field, f"{generator.name} has checkpoints for {choices} steps only"))
+    elif not limits.min_steps <= steps <= limits.max_steps:
+        errors.append(field_error(steps_field, f"must be between {limits.min_steps} and {limits.max_steps} for {generator.name}"))
+    if guidance > limits.max_guidance:
+        errors.append(field_error("guidance_scale", f"must be at most {limits.max_guidance:g} for {generator.name}"))
+    if limits.schedulers and scheduler not in limits.schedulers:
+        errors.append(field_error("scheduler", f"must be one of {', '.join(limits.schedulers)} for {generator.name}"))
+    if body.loras and not card.extra.get("takes_loras"):
+        errors.append(field_error("loras", f"{generator.name} does not take LoRAs"))
+    if errors:
+        raise validation_error(errors)
+
+    options = tuple(
+        (name, value)
+        for name in ("leonardo_model", "aspect_ratio", "preset_style", "quality")
+        if (value := getattr(body, name)) is not None
+    )
+    request = GenerationRequest(
+        prompt=body.prompt,
+        negative_prompt=body.negative_prompt,
+        model=generator.name,
+        width=width,
+        height=height,
+        steps=steps,
+        guidance=guidance,
+        num_images=body.num_images,
+        seed=seed,
+        scheduler=scheduler,
+        loras=tuple(LoraWeight(lora.name, lora.weight) for lora in body.loras),
+        options=options,
+    )
+    errors = generator.validate(request)
+    if errors:
+        raise validation_error(errors)
+    return request
+

@@ -1,0 +1,1 @@
+"""HTTP handlers, one module per resource; each module's `routes(base)` lists its routes."""

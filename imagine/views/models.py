@@ -1,0 +1,65 @@
+"""What models there are, how they are configured, and whether they are loaded."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from imagine.generators import Generator
+from imagine.keys import executor_key, registry_key
+
+
+def local_model(generator: Generator) -> dict[str, Any]:
+    card = generator.card
+    runtime = generator.runtime_info()
+    entry: dict[str, Any] = {
+        "name": generator.name,
+        "description": card.description,
+        "aliases": list(card.aliases),
+        "loaded": generator.loaded,
+        "device": runtime.get("device"),
+        "dtype": runtime.get("dtype"),
+        "defaults": {
+            "steps": card.defaults.steps,
+            "guidance": card.defaults.guidance,
+            "width": card.defaults.width,
+            "height": card.defaults.height,
+            "scheduler": card.defaults.scheduler,
+        },
+        "limits": {
+            "min_size": card.limits.min_size,
+            "max_size": card.limits.max_size,
+            "max_steps": card.limits.max_steps,
+            "step_choices": list(card.limits.step_choices) if card.limits.step_choices else None,
+            "schedulers": list(card.limits.schedulers),
+        },
+        "vram_required": card.vram_required,
+    }
+    return entry
+
+
+async def list_models(request: web.Request) -> web.Response:
+    generators = request.app[registry_key].generators()
+    return web.json_response(
+        {
+            "local_models": {g.name: local_model(g) for g in generators if g.uses_device},
+            "cloud_models": {g.name: {"name": g.name, **g.card.extra} for g in generators if not g.uses_device},
+        }
+    )
+
+
+async def default_model_status(request: web.Request) -> web.Response:
+    registry = request.app[registry_key]
+    generator = registry.resolve(None)
+    return web.json_response(
+        {
+            "loaded": generator.loaded,
+            "lora_available": bool(generator.card.extra.get("takes_loras")),
+            "device": generator.runtime_info().get("device", request.app[executor_key].report.device),
+        }
+    )
+
+
+def routes(base: str) -> list[web.RouteDef]:
+    return [web.get(base + "/models", list_models), web.get(base + "/models/status", default_model_status)]

@@ -1,0 +1,162 @@
+"""Liveness, health, status and information routes."""
+
+from __future__ import annotations
+
+import datetime
+import platform
+from typing import Any
+
+import psutil
+from aiohttp import web
+
+from imagine import device
+from imagine.auth import public
+from imagine.executor import DeviceExecutor
+from imagine.keys import executor_key, registry_key, settings_key
+
+GB = 1024**3
+
+EXAMPLES = [
+    {
+        "name": "Lighthouse",
+        "prompt": "a lighthouse at dusk, dramatic clouds, oil painting",
+        "negative_prompt": "blurry, low quality",
+        "model": "sdxl",
+    },
+    {
+        "name": "Quick sketch",
+        "prompt": "a pencil sketch of a fox curled up asleep",
+        "negative_prompt": "",
+        "model": "sdxl-turbo",
+    },
+    {
+        "name": "Geometric",
+        "prompt": "abstract geometric patterns in vibrant colors, artistic composition",
+        "negative_prompt": "photorealistic, realistic, photographic",
+    },
+    {
+        "name": "Mountains",
+        "prompt": "a serene mountain landscape at sunset, reflections in a lake",
+        "negative_prompt": "low quality, blurry",
+    },
+]
+
+
+def system_info(executor: DeviceExecutor) -> dict[str, Any]:
+    memory = psutil.virtual_memory()
+    report = executor.report
+    return {
+        "cpu_usage": psutil.cpu_percent(interval=None),
+        "available_memory": round(memory.available / GB, 3),
+        "total_memory": round(memory.total / GB, 3),
+        "total_vram": report.vram_total_gb,
+        "available_vram": report.vram_free_gb,
+        "vram_usage": report.vram_used_gb,
+        # On the CPU the models live in ordinary memory: this is what they cost.
+        "process_memory": device.process_memory_gb(),
+        "python_version": platform.python_version(),
+        "torch_version": report.torch_version or None,
+    }
+
+
+@public
+async def livez(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def health(request: web.Request) -> web.Response:
+    registry = request.app[registry_key]
+    executor = request.app[executor_key]
+    failed = registry.failed()
+    model_status = {
+        generator.name: {"loaded": generator.loaded, "error": registry.states[generator.name].error}
+        for generator in registry.generators()
+    }
+    local_failures = [name for name in failed if registry.resolve(name).uses_device]
+    if not executor.alive:
+        status = "unhealthy"
+    elif local_failures or executor.depth >= executor.capacity:
+        status = "degraded"
+    else:
+        status = "healthy"
+    body = {
+        "status": status,
+        "timestamp": datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z"),
+        "model_loaded": any(generator.loaded for generator in registry.generators()),
+        "model_status": model_status,
+        "queue": {"depth": executor.depth, "capacity": executor.capacity},
+    }
+    return web.json_response(body, status=503 if status == "unhealthy" else 200)
+
+
+async def info(request: web.Request) -> web.Response:
+    registry = request.app[registry_key]
+    generator = registry.resolve(request.query.get("model"))
+    card = generator.card
+    return web.json_response(
+        {
+            "model": generator.name,
+            "is_loaded": generator.loaded,
+            "error": registry.states[generator.name].error,
+            "config": {
+                "default_steps": card.defaults.steps,
+                "default_guidance": card.defaults.guidance,
+                "min_img_size": card.limits.min_size,
+                "max_img_size": card.limits.max_size,
+                "default": generator.name == registry.default,
+            },
+            "system_info": system_info(request.app[executor_key]),
+        }
+    )
+
+
+async def status(request: web.Request) -> web.Response:
+    registry = request.app[registry_key]
+    executor = request.app[executor_key]
+    report = executor.report
+    generators = registry.generators()
+    return web.json_response(
+        {
+            "status": "running",
+            "device": report.device,
+            "device_name": report.device_name,
+            "vram_total": report.vram_total_gb,
+            "vram_used": report.vram_used_gb,
+            "vram_free": report.vram_free_gb,
+            "model_loaded": any(generator.loaded for generator in generators),
+            "current_model": registry.current,
+            "current_generator_type": (
+                None if registry.current is None else ("local" if registry.resolve(registry.current).uses_device else "api")
+            ),
+            "available_models": {
+                g.name: {"name": g.name, "description": g.card.description, "vram_required": g.card.vram_required}
+                for g in generators
+                if g.uses_device
+            },
+            "available_generators": {
+                g.name: {"name": g.name, "type": "local" if g.uses_device else "api", "loaded": g.loaded}
+                for g in generators
+            },
+            "models": {g.name: g.loaded for g in generators},
+            "gpu_available": report.gpu_available,
+            "gpu_backend": report.gpu_backend,
+            "system_info": system_info(executor),
+        }
+    )
+
+
+async def examples(request: web.Request) -> web.Response:
+    names = set(request.app[registry_key].names)
+    # An example without a model runs on the default; drop those naming a model we lack.
+    usable = [example for example in EXAMPLES if example.get("model") is None or example["model"] in names]
+    return web.json_response({"examples": usable})
+
+
+def routes(base: str) -> list[web.RouteDef]:
+    return [
+        web.get(base + "/livez", livez),
+        web.get(base + "/health", health),
+        web.get(base + "/info", info),
+        web.get(base + "/status", status),
+        web.get(base + "/examples", examples),
+    ]

@@ -1,0 +1,167 @@
+"""What the diffusers-backed generators share: loading, schedulers, seeded batched calls.
+
+torch and diffusers are imported inside the methods, which run on the device
+thread only; importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from imagine import device
+from imagine.generators import (
+    GenerationInterrupted,
+    GenerationRequest,
+    Generator,
+    ModelCard,
+    StepCallback,
+    StepProgress,
+)
+from imagine.settings import ModelsSettings
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+# Our scheduler names -> diffusers classes, all built from the model's own scheduler config.
+SCHEDULER_CLASSES = {
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler",
+    "ddim": "DDIMScheduler",
+    "pndm": "PNDMScheduler",
+}
+
+# Keys of a [models.<name>] table that adjust the card: an operator can tighten
+# or widen what the real checkpoint is known to do well.
+_CARD_OVERRIDES = {
+    "default_steps": ("defaults", "steps"),
+    "default_guidance": ("defaults", "guidance"),
+    "min_size": ("limits", "min_size"),
+    "max_size": ("limits", "max_size"),
+    "max_steps": ("limits", "max_steps"),
+}
+
+
+def card_with_overrides(card: ModelCard, options: Mapping[str, Any]) -> ModelCard:
+    defaults, limits = card.defaults, card.limits
+    for key, (part, field) in _CARD_OVERRIDES.items():
+        if key in options:
+            if part == "defaults":
+                defaults = dataclasses.replace(defaults, **{field: options[key]})
+            else:
+                limits = dataclasses.replace(limits, **{field: options[key]})
+    if "default_size" in options:
+        defaults = dataclasses.replace(defaults, width=options["default_size"], height=options["default_size"])
+    description = options.get("description", card.description)
+    # A copy of `extra` too: the module-level card is shared by every instance.
+    return dataclasses.replace(card, defaults=defaults, limits=limits, description=description, extra=dict(card.extra))
+
+
+class DiffusersGenerator(Generator):
+    """A generator over one diffusers text-to-image pipeline class."""
+
+    pipeline_class: str  # e.g. "StableDiffusionXLPipeline"
+
+    def __init__(self, name: str, card: ModelCard, source: str, models: ModelsSettings) -> None:
+        self.name = name
+        self.source = source
+        options = models.model_options(name)
+        self.card = card_with_overrides(card, options)
+        self.card.extra.setdefault("base_model", source)
+        self._device_preference = models.device
+        self._dtype_preference = models.dtype
+        self.device = "cpu"
+        self.dtype = "float32"
+        self.pipe: Any = None
+        self._schedulers: dict[str, Any] = {}
+
+    @property
+    def loaded(self) -> bool:
+        return self.pipe is not None
+
+    def load(self) -> None:
+        import diffusers
+        import torch
+
+        self.device = device.choose_device(self._device_preference)
+        self.dtype = device.choose_dtype(self._dtype_preference, self.device)
+        pipeline_class = getattr(diffusers, self.pipeline_class)
+        pipe = pipeline_class.from_pretrained(self.source, torch_dtype=getattr(torch, self.dtype))
+        self.pipe = self.prepare(pipe.to(self.device))
+
+    def prepare(self, pipe: Any) -> Any:
+        """Adjust a freshly loaded pipeline; subclasses swap components here."""
+        pipe.set_progress_bar_config(disable=True)
+        self._schedulers = {}
+        return pipe
+
+    def unload(self) -> None:
+        self.pipe = None
+        self._schedulers = {}
+        device.free_cache(self.device)
+
+    def runtime_info(self) -> dict[str, Any]:
+        return {"device": self.device, "dtype": self.dtype} if self.loaded else {}
+
+    def scheduler(self, name: str) -> Any:
+        if name not in self._schedulers:
+            import diffusers
+
+            scheduler_class = getattr(diffusers, SCHEDULER_CLASSES[name])
+            self._schedulers[name] = scheduler_class.from_config(self.scheduler_config(name))
+        return self._schedulers[name]
+
+    def scheduler_config(self, name: str) -> Mapping[str, Any]:
+        """The config a named scheduler is built from: the checkpoint's own by default."""
+        return self.pipe.scheduler.config
+
+    def call_arguments(self, requests: Sequence[GenerationRequest]) -> dict[str, Any]:
+        """Extra keyword arguments for the pipeline call (LoRA scales, say)."""
+        return {}
+
+    def generate(self, requests: Sequence[GenerationRequest], on_step: StepCallback) -> list[list[Image.Image]]:
+        import torch
+
+        first = requests[0]
+        prompts: list[str] = []
+        negatives: list[str] = []
+        generators = []
+        for request in requests:
+            for seed in request.seeds:
+                prompts.append(request.prompt)
+                negatives.append(request.negative_prompt)
+                # CPU generators give the same noise on every device and, one per
+                # image, the same image whether it runs alone or in a batch.
+                generators.append(torch.Generator("cpu").manual_seed(seed))
+
+        def step_end(pipe: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            if on_step(StepProgress(index + 1, first.steps, tensors.get("latents"))):
+                # Raising skips the remaining steps and the VAE decode, where
+                # pipe._interrupt would still decode latents nobody wants.
+                raise GenerationInterrupted()
+            return tensors
+
+        self.pipe.scheduler = self.scheduler(first.scheduler)
+        with torch.inference_mode():
+            result = self.pipe(
+                prompt=prompts,
+                # None lets SDXL use its zeroed "empty" negative embedding, as it was trained.
+                negative_prompt=negatives if any(negatives) else None,
+                width=first.width,
+                height=first.height,
+                num_inference_steps=first.steps,
+                guidance_scale=first.guidance,
+                generator=generators,
+                callback_on_step_end=step_end,
+                callback_on_step_end_tensor_inputs=["latents"],
+                output_type="pil",
+                **self.call_arguments(requests),
+            )
+        images = list(result.images)
+        split = []
+        for request in requests:
+            split.append(images[: request.num_images])
+            images = images[request.num_images :]
+        return split

@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+
+from imagine.app import create_app
+from imagine.auth import KeyMaterial
+from imagine.demo_models import demo_settings, ensure_demo_models
+from imagine.settings import Settings, load_settings
+
+SECRET = secrets.token_urlsafe(48).encode()
+KEYS = KeyMaterial("HS256", SECRET, SECRET, "environment", "test")
+
+
+def make_token(sub: str = "alice", scope: str | list[str] = "generate", *, secret: bytes = SECRET, **claims: Any) -> str:
+    now = int(time.time())
+    payload = {"sub": sub, "scope": scope, "iat": now, "exp": now + 600, **claims}
+    return jwt.encode(payload, secret, algorithm="HS256")
+
+
+def auth(sub: str = "alice", scope: str | list[str] = "generate", **claims: Any) -> dict[str, str]:
+    return {"Authorization": f"Bearer {make_token(sub, scope, **claims)}"}
+
+
+@pytest.fixture(scope="session")
+def demo_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.getbasetemp() / "demo-models"
+    ensure_demo_models(folder)
+    return folder
+
+
+@pytest.fixture
+def base_settings(tmp_path: Path, demo_folder: Path) -> Settings:
+    """The demo models, small sizes allowed so tests run fast, state in a temporary folder."""
+    settings = load_settings(None, {"IMAGINE_SERVER_STATE_DIR": str(tmp_path / "state")})
+    settings = demo_settings(settings, demo_folder)
+    small = {"min_size": 64, "default_size": 64}
+    options = {name: {**table, **small} for name, table in settings.models.options.items()}
+    # Generous limits: the rate-limit tests set their own.
+    return settings.replace(
+        models={"options": options},
+        ratelimit={"global_burst": 10_000, "ip_burst": 10_000, "subject_burst": 10_000},
+    )
+
+
+@pytest.fixture
+def make_client(aiohttp_client: Callable[..., Any]) -> Callable[..., Any]:
+    async def make(settings: Settings, *, plugins: tuple[Any, ...] = (), **client_kwargs: Any) -> Any:
+        return await aiohttp_client(create_app(settings, keys=KEYS, extra_plugins=plugins), **client_kwargs)
+
+    return make
+
+
+@pytest.fixture
+async def client(make_client: Callable[..., Any], base_settings: Settings) -> Any:
+    return await make_client(base_settings)
