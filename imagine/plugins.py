@@ -7,6 +7,7 @@ serve both; a name or alias claimed twice stops the start with both plugins name
 from __future__ import annotations
 
 import importlib
+import types
 from collections.abc import Iterable
 from typing import Any
 
@@ -30,8 +31,21 @@ def plugin_manager(extra_plugins: Iterable[Any] = ()) -> pluggy.PluginManager:
         manager.register(importlib.import_module(module_name), name=module_name)
     manager.load_setuptools_entrypoints(hookspecs.PROJECT)
     for plugin in extra_plugins:
-        manager.register(plugin)
+        manager.register(plugin, name=_readable_name(manager, plugin))
     return manager
+
+
+def _readable_name(manager: pluggy.PluginManager, plugin: Any) -> str:
+    """Module or class path, so error messages name plugins a person can find."""
+    if isinstance(plugin, types.ModuleType):
+        base = plugin.__name__
+    else:
+        base = f"{type(plugin).__module__}.{type(plugin).__qualname__}"
+    name, number = base, 1
+    while manager.has_plugin(name):
+        number += 1
+        name = f"{base}#{number}"
+    return name
 
 
 def collect_generators(manager: pluggy.PluginManager, settings: Settings) -> dict[str, Generator]:

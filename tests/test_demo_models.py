@@ -28,11 +28,10 @@ PIPELINE_CLASSES = {
 MARKER = ".demo-models-version"
 
 
-@pytest.fixture(scope="module")
-def demo_models(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
-    target = tmp_path_factory.mktemp("demo-models")
-    build_demo_models(target)
-    return target
+@pytest.fixture(scope="session")
+def demo_models(demo_folder: pathlib.Path) -> pathlib.Path:
+    """The session's demo models (built once by ensure_demo_models in conftest)."""
+    return demo_folder
 
 
 def load(demo_models: pathlib.Path, name: str) -> DiffusionPipeline:
