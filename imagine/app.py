@@ -11,21 +11,29 @@ from aiohttp import web
 
 from imagine.auth import KeyMaterial, TokenVerifier, load_key_material
 from imagine.executor import DeviceExecutor
+from imagine.jobs import JobManager
 from imagine.keys import (
     encode_pool_key,
     executor_key,
+    jobs_key,
     limiter_key,
     registry_key,
     settings_key,
     trusted_networks_key,
     verifier_key,
 )
-from imagine.middlewares import auth_middleware, cors_middleware, error_middleware, ratelimit_middleware
+from imagine.middlewares import (
+    add_response_headers,
+    auth_middleware,
+    cors_middleware,
+    error_middleware,
+    ratelimit_middleware,
+)
 from imagine.models import ModelRegistry
 from imagine.plugins import collect_generators, plugin_manager
 from imagine.ratelimit import MemoryBucketStore, RateLimiter, parse_networks
 from imagine.settings import Settings, SettingsError
-from imagine.views import generate, models, system
+from imagine.views import generate, jobs, models, system
 
 
 def _registry(settings: Settings, extra_plugins: Iterable[Any]) -> ModelRegistry:
@@ -43,6 +51,13 @@ async def _device_executor(app: web.Application) -> AsyncIterator[None]:
     app[executor_key].start()
     yield
     await app[executor_key].stop()
+
+
+async def _jobs(app: web.Application) -> AsyncIterator[None]:
+    jobs = app[settings_key].jobs
+    app[jobs_key] = JobManager(ttl_s=jobs.ttl_s, max_per_subject=jobs.max_per_subject)
+    yield
+    await app[jobs_key].close()
 
 
 async def _encode_pool(app: web.Application) -> AsyncIterator[None]:
@@ -72,9 +87,11 @@ def create_app(
         max_queue=settings.queue.max_size,
         device_preference=settings.models.device,
         preload=settings.models.preload,
+        preview_every=settings.jobs.preview_every,
     )
-    app.cleanup_ctx.extend([_encode_pool, _device_executor])
+    app.on_response_prepare.append(add_response_headers)
+    app.cleanup_ctx.extend([_encode_pool, _device_executor, _jobs])
     base = settings.server.base_path
-    for module in (system, models, generate):
+    for module in (system, models, generate, jobs):
         app.router.add_routes(module.routes(base))
     return app

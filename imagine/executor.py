@@ -20,7 +20,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from imagine import device
 from imagine.errors import ApiError
@@ -59,6 +59,18 @@ def timeout_error(timeout_s: float) -> ApiError:
     return ApiError(504, "TIMEOUT", f"The generation did not finish within {timeout_s:g} s")
 
 
+class JobObserver(Protocol):
+    """Told, on the event loop, how a job moves through the queue and the device."""
+
+    wants_preview: bool
+
+    def queued(self, position: int, eta_s: float) -> None: ...
+
+    def started(self) -> None: ...
+
+    def progress(self, step: int, total: int, preview: Image.Image | None) -> None: ...
+
+
 @dataclass(eq=False)
 class Job:
     request: GenerationRequest
@@ -73,6 +85,7 @@ class Job:
     # Set by any thread to stop the job; `stop_error` says why.
     _stop: threading.Event = field(default_factory=threading.Event)
     stop_error: ApiError | None = None
+    observer: JobObserver | None = None
 
     @property
     def deadline(self) -> float:
@@ -94,8 +107,17 @@ class Job:
 
 
 class DeviceExecutor:
-    def __init__(self, registry: ModelRegistry, *, max_queue: int, device_preference: str, preload: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        *,
+        max_queue: int,
+        device_preference: str,
+        preload: Sequence[str] = (),
+        preview_every: int = 5,
+    ) -> None:
         self._registry = registry
+        self._preview_every = preview_every
         self.capacity = max_queue
         self._device_preference = device_preference
         self._preload = tuple(preload)
@@ -107,8 +129,10 @@ class DeviceExecutor:
         self.device = "cpu"
         self.report = device.UNPROBED
         self.running: Job | None = None
-        # Mean seconds per job (moving average), for Retry-After and ETAs.
+        # Mean seconds per job (moving average), overall for Retry-After and
+        # per model for ETAs; a model not measured yet borrows the overall figure.
         self.seconds_per_job = 1.0
+        self._seconds_by_model: dict[str, float] = {}
         self.outcomes: collections.Counter[str] = collections.Counter()
 
     # ---- event-loop side -------------------------------------------------
@@ -143,12 +167,14 @@ class DeviceExecutor:
     def retry_after_s(self) -> int:
         return max(1, math.ceil((self.depth + 1) * self.seconds_per_job))
 
-    def submit(self, request: GenerationRequest, generator: Generator, timeout_s: float) -> Job:
+    def submit(
+        self, request: GenerationRequest, generator: Generator, timeout_s: float, observer: JobObserver | None = None
+    ) -> Job:
         assert self._loop is not None, "executor not started"
         future: asyncio.Future[GenerationOutput] = self._loop.create_future()
         # Nobody may be left to await a cancelled job: mark its error as seen.
         future.add_done_callback(lambda done: done.cancelled() or done.exception())
-        job = Job(request=request, generator=generator, timeout_s=timeout_s, future=future)
+        job = Job(request=request, generator=generator, timeout_s=timeout_s, future=future, observer=observer)
         with self._condition:
             if len(self._queue) >= self.capacity:
                 raise ApiError(
@@ -160,6 +186,8 @@ class DeviceExecutor:
                 )
             self._queue.append(job)
             self._condition.notify()
+        if observer is not None:
+            observer.queued(self.position(job), self.eta_s(job))
         return job
 
     def position(self, job: Job) -> int:
@@ -169,6 +197,32 @@ class DeviceExecutor:
                 return self._queue.index(job) + 1
             except ValueError:
                 return 0
+
+    def _estimate_s(self, job: Job) -> float:
+        return self._seconds_by_model.get(job.request.model, self.seconds_per_job)
+
+    def eta_s(self, job: Job) -> float:
+        """Seconds until `job` is done: the jobs ahead, what is left of the running one, its own."""
+        with self._condition:
+            queued = list(self._queue)
+        ahead = queued[: queued.index(job)] if job in queued else []
+        eta = sum(self._estimate_s(other) for other in ahead) + self._estimate_s(job)
+        running = self.running
+        if running is not None and running is not job and running.started_at is not None:
+            eta += max(0.0, self._estimate_s(running) - (time.monotonic() - running.started_at))
+        return round(eta, 2)
+
+    def _announce_positions(self) -> None:
+        """On the loop, after a job left the queue: everyone behind it moved up."""
+        with self._condition:
+            waiting = list(self._queue)
+        for job in waiting:
+            if job.observer is not None:
+                job.observer.queued(self.position(job), self.eta_s(job))
+
+    def _on_loop(self, callback: Any, *arguments: Any) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(callback, *arguments)
 
     def cancel(self, job: Job, error: ApiError | None = None) -> None:
         """Stop a job: dropped now if queued, at its next step if running."""
@@ -180,6 +234,7 @@ class DeviceExecutor:
             except ValueError:
                 return  # running or finished: the device thread sees the stop flag
         self._settle(job, JobState.CANCELLED, error=error)
+        self._announce_positions()
 
     async def wait(self, job: Job) -> GenerationOutput:
         """Await a job; if the awaiting handler is cancelled (client gone), so is the job."""
@@ -244,6 +299,9 @@ class DeviceExecutor:
                     continue
                 job.state = JobState.RUNNING
                 self.running = job
+                self._on_loop(self._announce_positions)
+                if job.observer is not None:
+                    self._on_loop(job.observer.started)
                 return [job]
 
     def _execute(self, job: Job) -> None:
@@ -264,10 +322,19 @@ class DeviceExecutor:
             self.running = None
             elapsed = time.monotonic() - job.started_at
             self.seconds_per_job = 0.8 * self.seconds_per_job + 0.2 * elapsed
+            model = job.request.model
+            self._seconds_by_model[model] = 0.8 * self._seconds_by_model.get(model, elapsed) + 0.2 * elapsed
 
     def _generate(self, job: Job) -> GenerationOutput:
+        observer = job.observer
+
         def on_step(progress: StepProgress) -> bool:
             job.step = progress.step
+            if observer is not None:
+                preview = None
+                if observer.wants_preview and progress.latents is not None and progress.step % self._preview_every == 0:
+                    preview = job.generator.latent_preview(progress.latents)
+                self._on_loop(observer.progress, progress.step, progress.total, preview)
             return job.should_stop()
 
         started = time.perf_counter()

@@ -131,6 +131,10 @@ class Generator(abc.ABC):
         """Device and dtype while loaded, for /models and the JSON result."""
         return {}
 
+    def latent_preview(self, latents: Any) -> Image.Image | None:
+        """A small picture of the work in progress (device thread), or None if not supported."""
+        return None
+
     def validate(self, request: GenerationRequest) -> list[dict[str, Any]]:
         """Checks beyond the card's limits, as `{"loc", "msg"}` field errors."""
         return []

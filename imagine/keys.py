@@ -8,6 +8,7 @@ from aiohttp import web
 
 from imagine.auth import Principal, TokenVerifier
 from imagine.executor import DeviceExecutor
+from imagine.jobs import JobManager
 from imagine.models import ModelRegistry
 from imagine.ratelimit import BucketDecision, IPNetwork, RateLimiter
 from imagine.settings import Settings
@@ -17,6 +18,7 @@ verifier_key = web.AppKey("verifier", TokenVerifier)
 limiter_key = web.AppKey("limiter", RateLimiter)
 registry_key = web.AppKey("registry", ModelRegistry)
 executor_key = web.AppKey("executor", DeviceExecutor)
+jobs_key = web.AppKey("jobs", JobManager)
 trusted_networks_key = web.AppKey("trusted_networks", tuple[IPNetwork, ...])
 encode_pool_key = web.AppKey("encode_pool", ThreadPoolExecutor)
 

@@ -8,7 +8,7 @@ middleware sits outside both so that a refusal from either is contract JSON.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -54,28 +54,48 @@ def _http_message(error: web.HTTPException, request: web.Request) -> str:
     return error.reason
 
 
-@web.middleware
-async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+def _allowed_origin(request: web.Request) -> str | None:
     origins = request.app[settings_key].server.cors_origins
     origin = request.headers.get("Origin")
-    allowed = origin is not None and ("*" in origins or origin in origins)
-    if request.method == "OPTIONS" and allowed and "Access-Control-Request-Method" in request.headers:
-        # A preflight carries no token by design: answer it before auth.
-        response: web.StreamResponse = web.Response(status=204)
-        response.headers["Access-Control-Allow-Methods"] = "GET, POST, DELETE, OPTIONS"
-        response.headers["Access-Control-Allow-Headers"] = request.headers.get(
-            "Access-Control-Request-Headers", "Authorization, Content-Type"
+    if origin is None or not ("*" in origins or origin in origins):
+        return None
+    # Bearer tokens, not cookies, carry identity, so "*" is safe here.
+    return "*" if "*" in origins else origin
+
+
+@web.middleware
+async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Answer preflights before auth (they carry no token by design)."""
+    if (
+        request.method == "OPTIONS"
+        and "Access-Control-Request-Method" in request.headers
+        and _allowed_origin(request) is not None
+    ):
+        return web.Response(
+            status=204,
+            headers={
+                "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
+                "Access-Control-Allow-Headers": request.headers.get(
+                    "Access-Control-Request-Headers", "Authorization, Content-Type"
+                ),
+                "Access-Control-Max-Age": "600",
+            },
         )
-        response.headers["Access-Control-Max-Age"] = "600"
-    else:
-        response = await handler(request)
-    if allowed:
-        # Bearer tokens, not cookies, carry identity, so "*" is safe here.
-        response.headers["Access-Control-Allow-Origin"] = "*" if "*" in origins else origin  # type: ignore[assignment]
+    return await handler(request)
+
+
+async def add_response_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """CORS and RateLimit-* headers, added as headers go out: streamed responses too."""
+    origin = _allowed_origin(request)
+    if origin is not None:
+        response.headers["Access-Control-Allow-Origin"] = origin
         response.headers["Access-Control-Expose-Headers"] = EXPOSED_HEADERS
-        if "*" not in origins:
+        if origin != "*":
             response.headers["Vary"] = "Origin"
-    return response
+    binding = most_restrictive(request.get(rate_decisions_key, []))
+    if binding is not None:
+        for key, value in binding.headers().items():
+            response.headers.setdefault(key, value)
 
 
 @web.middleware
@@ -107,7 +127,7 @@ def _unmatched(request: web.Request) -> bool:
 
 @web.middleware
 async def ratelimit_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """The per-IP and global buckets, and RateLimit-* headers on every limited response."""
+    """The per-IP and global buckets; `add_response_headers` reports them on the way out."""
     limiter = request.app[limiter_key]
     if not limiter.enabled or request.path == request.app[settings_key].server.base_path + "/livez":
         return await handler(request)
@@ -117,13 +137,7 @@ async def ratelimit_middleware(request: web.Request, handler: Handler) -> web.St
     request[rate_decisions_key] = decisions
     if not all(decision.allowed for decision in decisions):
         raise _rate_limited(decisions)
-    try:
-        response = await handler(request)
-    except ApiError as error:
-        _add_rate_headers(error.headers, request)
-        raise
-    _add_rate_headers(response.headers, request)
-    return response
+    return await handler(request)
 
 
 def _rate_limited(decisions: list[BucketDecision]) -> ApiError:
@@ -136,13 +150,6 @@ def _rate_limited(decisions: list[BucketDecision]) -> ApiError:
         details={"bucket": refused.bucket},
         headers=refused.headers(),
     )
-
-
-def _add_rate_headers(headers: MutableMapping[str, str], request: web.Request) -> None:
-    binding = most_restrictive(request.get(rate_decisions_key, []))
-    if binding is not None:
-        for key, value in binding.headers().items():
-            headers.setdefault(key, value)
 
 
 def _unauthorized(reason: str | None, token_sent: bool) -> ApiError:

@@ -55,6 +55,8 @@ class GenerateBody(BaseModel):
     quality: str | None = None
     response_format: Literal["png", "json"] | None = None
     store: bool = True
+    # Jobs only: progress events carry a low-resolution preview.
+    preview: bool = False
 
     @field_validator("prompt")
     @classmethod

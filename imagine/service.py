@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
 from imagine.auth import Principal
-from imagine.executor import GenerationOutput
+from imagine.executor import GenerationOutput, JobObserver
 from imagine.generators import GenerationRequest, Generator
 from imagine.keys import encode_pool_key, executor_key, settings_key
 from imagine.png import encode_png, parameters_text
@@ -25,10 +26,13 @@ class Generated:
     ids: list[str]  # gallery ids; empty when not stored
 
 
-async def run_generation(app: web.Application, request: GenerationRequest, generator: Generator) -> GenerationOutput:
+def run_generation(
+    app: web.Application, request: GenerationRequest, generator: Generator, observer: JobObserver | None = None
+) -> Coroutine[Any, Any, GenerationOutput]:
+    """Queue the work now (a full queue is refused at once, 503); the coroutine awaits it."""
     executor = app[executor_key]
-    job = executor.submit(request, generator, app[settings_key].queue.timeout_s)
-    return await executor.wait(job)
+    job = executor.submit(request, generator, app[settings_key].queue.timeout_s, observer)
+    return executor.wait(job)
 
 
 async def encode_images(app: web.Application, request: GenerationRequest, output: GenerationOutput) -> list[bytes]:
@@ -43,12 +47,30 @@ async def encode_images(app: web.Application, request: GenerationRequest, output
     )
 
 
+def start(
+    app: web.Application,
+    principal: Principal,
+    request: GenerationRequest,
+    generator: Generator,
+    *,
+    store: bool,
+    observer: JobObserver | None = None,
+) -> Coroutine[Any, Any, Generated]:
+    """Queue a generation now; the returned coroutine finishes it (encode, store)."""
+    running = run_generation(app, request, generator, observer)
+
+    async def finish() -> Generated:
+        output = await running
+        pngs = await encode_images(app, request, output)
+        return Generated(request, generator, output, pngs, ids=[])
+
+    return finish()
+
+
 async def generate(
     app: web.Application, principal: Principal, request: GenerationRequest, generator: Generator, *, store: bool
 ) -> Generated:
-    output = await run_generation(app, request, generator)
-    pngs = await encode_images(app, request, output)
-    return Generated(request, generator, output, pngs, ids=[])
+    return await start(app, principal, request, generator, store=store)
 
 
 def data_url(png: bytes) -> str:

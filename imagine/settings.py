@@ -106,6 +106,23 @@ class QueueSettings:
 
 
 @dataclass(frozen=True)
+class JobsSettings:
+    # Finished jobs are kept this long for GET /jobs/{id}; the images stay in the gallery.
+    ttl_s: float = 3600.0
+    max_per_subject: int = 100
+    # A progress event carries a latent preview every this many steps (when asked for).
+    preview_every: int = 5
+    # Seconds between keep-alive comments on an idle event stream.
+    keepalive_s: float = 15.0
+
+    def __post_init__(self) -> None:
+        if self.ttl_s <= 0 or self.keepalive_s <= 0:
+            raise SettingsError("jobs.ttl_s and jobs.keepalive_s must be positive")
+        if self.max_per_subject < 1 or self.preview_every < 1:
+            raise SettingsError("jobs.max_per_subject and jobs.preview_every must be at least 1")
+
+
+@dataclass(frozen=True)
 class OutputSettings:
     # zlib level for PNG responses: 1 is about five times faster than 6 at 1024px.
     png_compress_level: int = 1
@@ -151,6 +168,7 @@ class Settings:
     auth: AuthSettings = field(default_factory=AuthSettings)
     ratelimit: RateLimitSettings = field(default_factory=RateLimitSettings)
     queue: QueueSettings = field(default_factory=QueueSettings)
+    jobs: JobsSettings = field(default_factory=JobsSettings)
     output: OutputSettings = field(default_factory=OutputSettings)
     models: ModelsSettings = field(default_factory=ModelsSettings)
 

@@ -33,6 +33,23 @@ SCHEDULER_CLASSES = {
     "pndm": "PNDMScheduler",
 }
 
+# Fixed linear maps from the 4 latent channels to RGB (rows: channels), fitted by
+# the community for live previews: a preview costs one tiny matmul, no VAE call.
+LATENT_RGB_SDXL = (
+    (0.3651, 0.4232, 0.4341),
+    (-0.2533, -0.0042, 0.1068),
+    (0.1076, 0.1111, -0.0362),
+    (-0.3165, -0.2492, -0.2188),
+)
+LATENT_RGB_BIAS_SDXL = (0.1084, -0.0175, -0.0011)
+LATENT_RGB_SD15 = (
+    (0.3512, 0.2297, 0.3227),
+    (0.3250, 0.4974, 0.2350),
+    (-0.2829, 0.1762, 0.2721),
+    (-0.2120, -0.2616, -0.7177),
+)
+LATENT_RGB_BIAS_SD15 = (0.0, 0.0, 0.0)
+
 # Keys of a [models.<name>] table that adjust the card: an operator can tighten
 # or widen what the real checkpoint is known to do well.
 _CARD_OVERRIDES = {
@@ -63,6 +80,8 @@ class DiffusersGenerator(Generator):
     """A generator over one diffusers text-to-image pipeline class."""
 
     pipeline_class: str  # e.g. "StableDiffusionXLPipeline"
+    latent_rgb: tuple[tuple[float, float, float], ...] = LATENT_RGB_SDXL
+    latent_rgb_bias: tuple[float, float, float] = LATENT_RGB_BIAS_SDXL
 
     def __init__(self, name: str, card: ModelCard, source: str, models: ModelsSettings) -> None:
         self.name = name
@@ -104,6 +123,17 @@ class DiffusersGenerator(Generator):
 
     def runtime_info(self) -> dict[str, Any]:
         return {"device": self.device, "dtype": self.dtype} if self.loaded else {}
+
+    def latent_preview(self, latents: Any) -> Image.Image:
+        import torch
+        from PIL import Image
+
+        factors = torch.tensor(self.latent_rgb, dtype=torch.float32)
+        bias = torch.tensor(self.latent_rgb_bias, dtype=torch.float32)
+        first = latents[0].detach().float().cpu()  # (channels, height, width)
+        rgb = torch.einsum("chw,cr->hwr", first, factors) + bias
+        pixels = ((rgb + 1) / 2).clamp(0, 1).mul(255).to(torch.uint8).numpy()
+        return Image.fromarray(pixels, "RGB")
 
     def scheduler(self, name: str) -> Any:
         if name not in self._schedulers:
