@@ -57,22 +57,28 @@ def _banner(settings: Settings, keys: KeyMaterial, host: str, port: int, demo_fo
     return "\n".join(lines)
 
 
+def _with_models(settings: Settings) -> tuple[Settings, Path | None]:
+    """The demo models stand in when no weights are configured (built on first use)."""
+    from imagine.demo_models import demo_settings, ensure_demo_models
+
+    if settings.models.has_sources:
+        return settings, None
+    demo_folder = Path(settings.server.cache_dir) / "demo-models"
+    print(f"No model weights configured: using the demo models in {demo_folder}", flush=True)
+    if ensure_demo_models(demo_folder):
+        print("Built the demo models (first run).", flush=True)
+    return demo_settings(settings, demo_folder), demo_folder
+
+
 def serve(arguments: argparse.Namespace) -> int:
     from aiohttp import web
 
     from imagine.app import create_app
-    from imagine.demo_models import demo_settings, ensure_demo_models
 
     settings, keys = _settings_and_keys(arguments.config)
     host = arguments.host or settings.server.host
     port = arguments.port or settings.server.port
-    demo_folder = None
-    if not settings.models.has_sources:
-        demo_folder = Path(settings.server.cache_dir) / "demo-models"
-        print(f"No model weights configured: using the demo models in {demo_folder}", flush=True)
-        if ensure_demo_models(demo_folder):
-            print("Built the demo models (first run).", flush=True)
-        settings = demo_settings(settings, demo_folder)
+    settings, demo_folder = _with_models(settings)
     app = create_app(settings, keys=keys)
     banner = _banner(settings, keys, host, port, demo_folder)
     # handler_cancellation: a client that hangs up cancels its handler, and so its job.
@@ -105,6 +111,13 @@ def demo_models(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def bench(arguments: argparse.Namespace) -> int:
+    from imagine import bench as benchmark
+
+    settings, _ = _with_models(load_settings(_config_path(arguments.config)))
+    return benchmark.run(settings, arguments)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imagine", description="Self-hosted text-to-image service")
     parser.add_argument("--version", action="version", version=f"imagine {__version__}")
@@ -127,6 +140,12 @@ def _parser() -> argparse.ArgumentParser:
     demo_parser = commands.add_parser("demo-models", help="write tiny random-weight models in the real layouts")
     demo_parser.add_argument("directory", help="folder to write them to")
     demo_parser.set_defaults(run=demo_models)
+
+    from imagine.bench import add_arguments
+
+    bench_parser = commands.add_parser("bench", help="measure the service against the bare pipeline; prints a table")
+    add_arguments(bench_parser)
+    bench_parser.set_defaults(run=bench)
     return parser
 
 

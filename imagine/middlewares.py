@@ -30,7 +30,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # Headers a browser script may read from our responses.
 EXPOSED_HEADERS = (
-    "X-Seed, X-Model, X-Generation-Time, X-Image-Id, Content-Disposition, Retry-After, "
+    "X-Seed, X-Model, X-Generation-Time, X-Image-Id, Content-Disposition, Retry-After, Server-Timing, "
     "RateLimit-Limit, RateLimit-Remaining, RateLimit-Reset, WWW-Authenticate"
 )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,12 @@ class Generated:
     output: GenerationOutput
     pngs: list[bytes]
     ids: list[str]  # gallery ids; empty when not stored
+    encode_time: float = 0.0
+
+    def server_timing(self) -> str:
+        """Where the time went, as a Server-Timing header (milliseconds) that tools display."""
+        parts = {"queue": self.output.queue_time, "device": self.output.generation_time, "encode": self.encode_time}
+        return ", ".join(f"{name};dur={seconds * 1000:.2f}" for name, seconds in parts.items())
 
 
 def run_generation(
@@ -61,8 +68,9 @@ def start(
 
     async def finish() -> Generated:
         output = await running
+        encoding = time.perf_counter()
         pngs = await encode_images(app, request, output)
-        return Generated(request, generator, output, pngs, ids=[])
+        return Generated(request, generator, output, pngs, ids=[], encode_time=time.perf_counter() - encoding)
 
     return finish()
 

@@ -106,6 +106,21 @@ class QueueSettings:
 
 
 @dataclass(frozen=True)
+class BatchSettings:
+    # Images per pipeline call; compatible queued requests share one call up to this.
+    max_size: int = 4
+    # How long the device may wait for more compatible requests; 0 batches only
+    # what is already queued, so a lone request never waits.
+    max_wait_ms: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.max_size < 1:
+            raise SettingsError("batch.max_size must be at least 1")
+        if not 0 <= self.max_wait_ms <= 10_000:
+            raise SettingsError("batch.max_wait_ms must be between 0 and 10000")
+
+
+@dataclass(frozen=True)
 class JobsSettings:
     # Finished jobs are kept this long for GET /jobs/{id}; the images stay in the gallery.
     ttl_s: float = 3600.0
@@ -169,6 +184,7 @@ class Settings:
     ratelimit: RateLimitSettings = field(default_factory=RateLimitSettings)
     queue: QueueSettings = field(default_factory=QueueSettings)
     jobs: JobsSettings = field(default_factory=JobsSettings)
+    batch: BatchSettings = field(default_factory=BatchSettings)
     output: OutputSettings = field(default_factory=OutputSettings)
     models: ModelsSettings = field(default_factory=ModelsSettings)
 

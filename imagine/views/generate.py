@@ -34,12 +34,15 @@ async def generate(request: web.Request) -> web.Response:
         payload = await asyncio.get_running_loop().run_in_executor(
             app[encode_pool_key], lambda: json.dumps(service.result_json(generated)).encode()
         )
-        return web.Response(body=payload, content_type="application/json")
+        return web.Response(
+            body=payload, content_type="application/json", headers={"Server-Timing": generated.server_timing()}
+        )
     seed = generated.output.seeds[0]
     headers = {
         "X-Seed": str(seed),
         "X-Model": generation.model,
         "X-Generation-Time": f"{generated.output.generation_time:.3f}",
+        "Server-Timing": generated.server_timing(),
         "Content-Disposition": f'inline; filename="{generated.ids[0] if generated.ids else f"{generation.model}-{seed}"}.png"',
     }
     if generated.ids:
