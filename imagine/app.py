@@ -88,6 +88,8 @@ def create_app(
         device_preference=settings.models.device,
         preload=settings.models.preload,
         preview_every=settings.jobs.preview_every,
+        batch_max_images=settings.batch.max_size,
+        batch_max_wait_ms=settings.batch.max_wait_ms,
     )
     app.on_response_prepare.append(add_response_headers)
     app.cleanup_ctx.extend([_encode_pool, _device_executor, _jobs])

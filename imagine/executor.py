@@ -4,8 +4,9 @@ Handlers submit a `Job` and await its future; the thread resolves it with
 `loop.call_soon_threadsafe`, so nothing blocking ever runs on the event loop.
 The queue is bounded, every job has a deadline, and a job can be stopped at
 any time: removed if still queued, interrupted at its next denoising step if
-running. Jobs are taken in batches (today of one) so that compatible requests
-can later share a pipeline call without changing this structure.
+running. Compatible queued jobs run as one batch (see `imagine.batching`);
+a member stopped mid-run is answered at once and its images discarded, while
+the others go on.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any, Protocol
 
 from imagine import device
+from imagine.batching import FairBatcher
 from imagine.errors import ApiError
 from imagine.generators import GenerationInterrupted, GenerationRequest, Generator, StepProgress
 from imagine.models import ModelRegistry
@@ -86,6 +88,15 @@ class Job:
     _stop: threading.Event = field(default_factory=threading.Event)
     stop_error: ApiError | None = None
     observer: JobObserver | None = None
+    owner: str = ""  # the subject, for fair turns between callers
+
+    @property
+    def images(self) -> int:
+        return self.request.num_images
+
+    @property
+    def batch_key(self) -> tuple[Any, ...]:
+        return (self.generator.name, *self.request.batch_key())
 
     @property
     def deadline(self) -> float:
@@ -115,9 +126,14 @@ class DeviceExecutor:
         device_preference: str,
         preload: Sequence[str] = (),
         preview_every: int = 5,
+        batch_max_images: int = 1,
+        batch_max_wait_ms: float = 0.0,
     ) -> None:
         self._registry = registry
         self._preview_every = preview_every
+        self._batch_max_images = batch_max_images
+        self._batch_max_wait_s = batch_max_wait_ms / 1000
+        self._batcher = FairBatcher()
         self.capacity = max_queue
         self._device_preference = device_preference
         self._preload = tuple(preload)
@@ -128,12 +144,13 @@ class DeviceExecutor:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.device = "cpu"
         self.report = device.UNPROBED
-        self.running: Job | None = None
+        self.running: list[Job] = []
         # Mean seconds per job (moving average), overall for Retry-After and
         # per model for ETAs; a model not measured yet borrows the overall figure.
         self.seconds_per_job = 1.0
         self._seconds_by_model: dict[str, float] = {}
         self.outcomes: collections.Counter[str] = collections.Counter()
+        self.batch_sizes: collections.Counter[int] = collections.Counter()  # jobs per pipeline call
 
     # ---- event-loop side -------------------------------------------------
 
@@ -151,8 +168,8 @@ class DeviceExecutor:
         shutting_down = ApiError(503, "SERVICE_UNAVAILABLE", "The service is shutting down")
         for job in abandoned:
             self._settle(job, JobState.CANCELLED, error=shutting_down)
-        if self.running is not None:
-            self.running.request_stop(shutting_down)
+        for job in self.running:
+            job.request_stop(shutting_down)
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
 
@@ -168,13 +185,18 @@ class DeviceExecutor:
         return max(1, math.ceil((self.depth + 1) * self.seconds_per_job))
 
     def submit(
-        self, request: GenerationRequest, generator: Generator, timeout_s: float, observer: JobObserver | None = None
+        self,
+        request: GenerationRequest,
+        generator: Generator,
+        timeout_s: float,
+        observer: JobObserver | None = None,
+        owner: str = "",
     ) -> Job:
         assert self._loop is not None, "executor not started"
         future: asyncio.Future[GenerationOutput] = self._loop.create_future()
         # Nobody may be left to await a cancelled job: mark its error as seen.
         future.add_done_callback(lambda done: done.cancelled() or done.exception())
-        job = Job(request=request, generator=generator, timeout_s=timeout_s, future=future, observer=observer)
+        job = Job(request=request, generator=generator, timeout_s=timeout_s, future=future, observer=observer, owner=owner)
         with self._condition:
             if len(self._queue) >= self.capacity:
                 raise ApiError(
@@ -208,8 +230,8 @@ class DeviceExecutor:
         ahead = queued[: queued.index(job)] if job in queued else []
         eta = sum(self._estimate_s(other) for other in ahead) + self._estimate_s(job)
         running = self.running
-        if running is not None and running is not job and running.started_at is not None:
-            eta += max(0.0, self._estimate_s(running) - (time.monotonic() - running.started_at))
+        if running and job not in running and running[0].started_at is not None:
+            eta += max(0.0, self._estimate_s(running[0]) - (time.monotonic() - running[0].started_at))
         return round(eta, 2)
 
     def _announce_positions(self) -> None:
@@ -282,8 +304,7 @@ class DeviceExecutor:
                 pass  # recorded in the registry; /health reports it
         self.report = device.report(self.device)
         while (batch := self._next_batch()) is not None:
-            for job in batch:
-                self._execute(job)
+            self._execute(batch)
             self.report = device.report(self.device)
 
     def _next_batch(self) -> list[Job] | None:
@@ -293,73 +314,125 @@ class DeviceExecutor:
                     self._condition.wait()
                 if self._stopping:
                     return None
-                job = self._queue.popleft()
-                if job.should_stop():  # expired while waiting
-                    self._settle(job, JobState.FAILED, error=job.stop_error)
+                batch = self._batcher.take(self._queue, self._batch_max_images)
+                self._wait_for_company(batch)
+                live = []
+                for job in batch:
+                    if job.should_stop():  # expired while waiting
+                        self._settle(job, JobState.FAILED, error=job.stop_error)
+                    else:
+                        live.append(job)
+                if not live:
                     continue
-                job.state = JobState.RUNNING
-                self.running = job
+                for job in live:
+                    job.state = JobState.RUNNING
+                    if job.observer is not None:
+                        self._on_loop(job.observer.started)
+                self.running = live
                 self._on_loop(self._announce_positions)
-                if job.observer is not None:
-                    self._on_loop(job.observer.started)
-                return [job]
+                return live
 
-    def _execute(self, job: Job) -> None:
-        job.started_at = time.monotonic()
+    def _wait_for_company(self, batch: list[Job]) -> None:
+        """With batch.max_wait_ms, give compatible requests a moment to arrive (lock held)."""
+        deadline = time.monotonic() + self._batch_max_wait_s
+        while (room := self._batch_max_images - sum(job.images for job in batch)) > 0:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._stopping:
+                return
+            self._condition.wait(remaining)
+            joining = self._batcher.compatible(self._queue, batch[0].batch_key, room)
+            for job in joining:
+                self._queue.remove(job)
+            batch.extend(joining)
+
+    def _execute(self, batch: list[Job]) -> None:
+        started_at = time.monotonic()
+        generator = batch[0].generator
+        for job in batch:
+            job.started_at = started_at
         try:
-            self._registry.ensure_loaded(job.generator)
-            output = self._generate(job)
+            self._registry.ensure_loaded(generator)
+            outputs = self._generate(batch)
         except GenerationInterrupted:
-            error = job.stop_error or cancelled_error()
-            self._settle(job, JobState.CANCELLED if error.code == "CANCELLED" else JobState.FAILED, error=error)
+            pass  # every member was stopped, and settled as it stopped
         except ApiError as error:
-            self._settle(job, JobState.FAILED, error=error)
+            self._settle_all(batch, JobState.FAILED, error)
         except Exception as error:
-            self._settle(job, JobState.FAILED, error=self._failure(job, error))
+            self._settle_all(batch, JobState.FAILED, self._failure(generator, error))
+        else:
+            for job, output in zip(batch, outputs, strict=True):
+                self._settle_unless_stopped(job, output)
+        finally:
+            self.running = []
+            per_job = (time.monotonic() - started_at) / len(batch)
+            self.seconds_per_job = 0.8 * self.seconds_per_job + 0.2 * per_job
+            model = generator.name
+            self._seconds_by_model[model] = 0.8 * self._seconds_by_model.get(model, per_job) + 0.2 * per_job
+
+    def _settle_all(self, batch: list[Job], state: JobState, error: ApiError) -> None:
+        for job in batch:
+            if not job.future.done() and job.state is JobState.RUNNING:
+                self._settle(job, state, error=error)
+
+    def _settle_stopped(self, job: Job) -> None:
+        error = job.stop_error or cancelled_error()
+        self._settle(job, JobState.CANCELLED if error.code == "CANCELLED" else JobState.FAILED, error=error)
+
+    def _settle_unless_stopped(self, job: Job, output: GenerationOutput) -> None:
+        if job.state is not JobState.RUNNING:
+            return  # left the batch when it was stopped
+        if job.should_stop():
+            self._settle_stopped(job)
         else:
             self._settle(job, JobState.SUCCEEDED, output=output)
-        finally:
-            self.running = None
-            elapsed = time.monotonic() - job.started_at
-            self.seconds_per_job = 0.8 * self.seconds_per_job + 0.2 * elapsed
-            model = job.request.model
-            self._seconds_by_model[model] = 0.8 * self._seconds_by_model.get(model, elapsed) + 0.2 * elapsed
 
-    def _generate(self, job: Job) -> GenerationOutput:
-        observer = job.observer
+    def _generate(self, batch: list[Job]) -> list[GenerationOutput]:
+        generator = batch[0].generator
 
         def on_step(progress: StepProgress) -> bool:
-            job.step = progress.step
-            if observer is not None:
-                preview = None
-                if observer.wants_preview and progress.latents is not None and progress.step % self._preview_every == 0:
-                    preview = job.generator.latent_preview(progress.latents)
-                self._on_loop(observer.progress, progress.step, progress.total, preview)
-            return job.should_stop()
+            for job in batch:
+                if job.state is not JobState.RUNNING:
+                    continue
+                job.step = progress.step
+                if job.should_stop():
+                    # It leaves the batch now: its caller hears at once, the others go on.
+                    self._settle_stopped(job)
+                    continue
+                if job.observer is not None:
+                    preview = None
+                    if job.observer.wants_preview and progress.latents is not None and progress.step % self._preview_every == 0:
+                        preview = generator.latent_preview(progress.latents)
+                    self._on_loop(job.observer.progress, progress.step, progress.total, preview)
+            return all(job.state is not JobState.RUNNING for job in batch)
 
+        self.batch_sizes[len(batch)] += 1
         started = time.perf_counter()
-        images = job.generator.generate([job.request], on_step)[0]
+        images = generator.generate([job.request for job in batch], on_step)
         generation_time = time.perf_counter() - started
-        assert job.started_at is not None
-        return GenerationOutput(
-            images=images,
-            seeds=job.request.seeds,
-            generation_time=generation_time,
-            queue_time=job.started_at - job.submitted_at,
-            vram_used=device.generation_memory_gb(self.device),
-            runtime=job.generator.runtime_info(),
-        )
+        vram_used = device.generation_memory_gb(self.device)
+        runtime = generator.runtime_info()
+        return [
+            GenerationOutput(
+                images=job_images,
+                seeds=job.request.seeds,
+                generation_time=generation_time,
+                queue_time=(job.started_at or 0.0) - job.submitted_at,
+                vram_used=vram_used,
+                runtime=runtime,
+            )
+            for job, job_images in zip(batch, images, strict=True)
+        ]
 
-    def _failure(self, job: Job, error: Exception) -> ApiError:
+    def _failure(self, generator: Generator, error: Exception) -> ApiError:
         if device.is_out_of_memory(error):
             # Only this job fails: drop the cached blocks so the next one has room.
             device.free_cache(self.device)
-            log.warning("out of memory generating with %s; cache freed", job.generator.name)
+            log.warning("out of memory generating with %s; cache freed", generator.name)
             return ApiError(
                 503,
                 "OUT_OF_MEMORY",
                 "The device ran out of memory for this generation; try a smaller size or fewer images",
                 headers={"Retry-After": str(self.retry_after_s())},
             )
-        log.exception("generation with %s failed", job.generator.name)
+        log.exception("generation with %s failed", generator.name)
         return ApiError(500, "INTERNAL_ERROR", "Generation failed")

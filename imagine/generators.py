@@ -46,8 +46,12 @@ class GenerationRequest:
         return [self.seed + index for index in range(self.num_images)]
 
     def batch_key(self) -> tuple[Any, ...]:
-        """Requests with equal keys can share one pipeline call."""
-        return (self.model, self.width, self.height, self.steps, self.guidance, self.scheduler, self.loras)
+        """Requests with equal keys can share one pipeline call.
+
+        Whether a negative prompt is empty counts too: SDXL encodes an empty
+        one as zeros, which only works for a whole call at once.
+        """
+        return (self.model, self.width, self.height, self.steps, self.guidance, self.scheduler, self.loras, bool(self.negative_prompt))
 
 
 @dataclass(frozen=True)

@@ -34,11 +34,15 @@ class Generated:
 
 
 def run_generation(
-    app: web.Application, request: GenerationRequest, generator: Generator, observer: JobObserver | None = None
+    app: web.Application,
+    principal: Principal,
+    request: GenerationRequest,
+    generator: Generator,
+    observer: JobObserver | None = None,
 ) -> Coroutine[Any, Any, GenerationOutput]:
     """Queue the work now (a full queue is refused at once, 503); the coroutine awaits it."""
     executor = app[executor_key]
-    job = executor.submit(request, generator, app[settings_key].queue.timeout_s, observer)
+    job = executor.submit(request, generator, app[settings_key].queue.timeout_s, observer, owner=principal.sub)
     return executor.wait(job)
 
 
@@ -64,7 +68,7 @@ def start(
     observer: JobObserver | None = None,
 ) -> Coroutine[Any, Any, Generated]:
     """Queue a generation now; the returned coroutine finishes it (encode, store)."""
-    running = run_generation(app, request, generator, observer)
+    running = run_generation(app, principal, request, generator, observer)
 
     async def finish() -> Generated:
         output = await running

@@ -41,6 +41,7 @@ class SlowGenerator(Generator):
         self.steps_run = 0
         self.started = threading.Event()
         self.finished_runs: list[str] = []  # "completed" or "interrupted", one per run
+        self.batches: list[list[str]] = []  # the prompts of each call, in order
 
     @property
     def loaded(self) -> bool:
@@ -54,6 +55,7 @@ class SlowGenerator(Generator):
 
     def generate(self, requests: Sequence[GenerationRequest], on_step: StepCallback) -> list[list[Image.Image]]:
         self.started.set()
+        self.batches.append([r.prompt for r in requests])
         request = requests[0]
         for step in range(1, request.steps + 1):
             time.sleep(self.step_seconds)

@@ -131,9 +131,10 @@ async def test_cancel_while_queued_never_runs_it(make_client, base_settings) -> 
 async def test_queued_events_report_the_position_moving_up(make_client, base_settings) -> None:
     plugin = SlowPlugin(step_seconds=0.01)
     client = await make_client(base_settings, plugins=(plugin,))
+    # Different step counts: the jobs cannot share a batch, so they queue one behind another.
     await submit(client, {"prompt": "a", "model": "slow", "steps": 20})
-    await submit(client, {"prompt": "b", "model": "slow", "steps": 20})
-    _, third = await submit(client, {"prompt": "c", "model": "slow", "steps": 20})
+    await submit(client, {"prompt": "b", "model": "slow", "steps": 21})
+    _, third = await submit(client, {"prompt": "c", "model": "slow", "steps": 22})
     events = only_events(await read_events(await client.get(f"{JOBS}/{third['id']}/events", headers=auth())))
     positions = [event["data"]["position"] for event in events if event["event"] == "queued"]
     assert positions == sorted(positions, reverse=True) and positions[-1] == 1 and len(positions) >= 2

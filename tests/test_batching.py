@@ -1,0 +1,136 @@
+"""Dynamic batching: compatible requests share a pipeline call, fairly, without changing anyone's image."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+import io
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from imagine.batching import FairBatcher
+from imagine.keys import executor_key
+from tests.conftest import auth
+from tests.slow_plugin import SlowPlugin
+
+URL = "/imagine/generate"
+
+
+@dataclass(eq=False)
+class Waiting:
+    owner: str
+    images: int = 1
+    batch_key: str = "same"
+
+
+def test_a_heavy_subject_delays_a_light_one_by_at_most_one_batch() -> None:
+    batcher = FairBatcher()
+    queue = collections.deque([Waiting("heavy", batch_key=f"k{n}") for n in range(50)])
+    light = Waiting("light", batch_key="other")
+    queue.append(light)
+    batches = [batcher.take(queue, 4)]
+    batches.append(batcher.take(queue, 4))
+    assert light in batches[0] + batches[1]
+
+
+def test_batches_fill_round_robin_across_subjects() -> None:
+    batcher = FairBatcher()
+    heavy = [Waiting("heavy") for _ in range(10)]
+    light = Waiting("light")
+    queue = collections.deque([*heavy, light])
+    batch = batcher.take(queue, 4)
+    assert batch == [heavy[0], light, heavy[1], heavy[2]]
+    # The next batch starts with whoever waited longest for a turn.
+    queue.append(other := Waiting("other"))
+    assert batcher.take(queue, 4)[0] is other
+
+
+def test_only_compatible_jobs_share_a_batch_and_images_count() -> None:
+    batcher = FairBatcher()
+    queue = collections.deque([Waiting("a", images=2), Waiting("b", batch_key="x"), Waiting("c", images=3), Waiting("d", images=2)])
+    batch = batcher.take(queue, 4)
+    assert [job.owner for job in batch] == ["a", "d"]  # c's three images do not fit beside a's two
+    assert [job.owner for job in queue] == ["b", "c"]
+
+
+async def block_device(client, plugin: SlowPlugin, steps: int = 15) -> asyncio.Task:
+    """Keep the device busy with another model, so the next requests queue up together."""
+    task = asyncio.create_task(client.post(URL, json={"prompt": "busy", "model": "slow", "steps": steps}, headers=auth("blocker")))
+    await asyncio.to_thread(plugin.generator.started.wait, 10)
+    return task
+
+
+async def test_a_batched_image_matches_the_same_request_run_alone(make_client, base_settings) -> None:
+    plugin = SlowPlugin(step_seconds=0.05)
+    client = await make_client(base_settings.replace(batch={"max_size": 4}), plugins=(plugin,))
+    executor = client.app[executor_key]
+    bodies = [
+        {"prompt": "a fox", "seed": 1, "steps": 3},
+        {"prompt": "a castle", "seed": 2, "steps": 3},
+        {"prompt": "a boat", "seed": 3, "steps": 3, "num_images": 2, "response_format": "json"},
+    ]
+    blocker = await block_device(client, plugin)
+    together = await asyncio.gather(*(client.post(URL, json=body, headers=auth(f"user{n}")) for n, body in enumerate(bodies)))
+    await blocker
+    assert executor.batch_sizes[3] == 1  # the three requests ran as one pipeline call
+
+    for body, response in zip(bodies, together, strict=True):
+        alone = await client.post(URL, json=body, headers=auth())
+        assert response.status == alone.status == 200
+        if body.get("response_format") == "json":
+            batched_images = (await response.json())["images"]
+            alone_images = (await alone.json())["images"]
+            pairs = [(decode(a), decode(b)) for a, b in zip(batched_images, alone_images, strict=True)]
+        else:
+            pairs = [(pixels(await response.read()), pixels(await alone.read()))]
+        for batched, single in pairs:
+            # CPU convolutions pick their blocking by batch size, so a float may
+            # round the other way: at most one level, on a sliver of pixels.
+            difference = np.abs(batched.astype(int) - single.astype(int))
+            assert difference.max() <= 1
+            assert (difference > 0).mean() < 0.001
+
+
+async def test_a_cancelled_member_leaves_without_stopping_the_others(make_client, base_settings) -> None:
+    plugin = SlowPlugin(step_seconds=0.02)
+    client = await make_client(base_settings.replace(batch={"max_size": 4}), plugins=(plugin,))
+    executor = client.app[executor_key]
+    blocker = await block_device(client, plugin, steps=10)
+    body = {"prompt": "slow", "model": "slow", "steps": 60}
+    staying = asyncio.create_task(client.post(URL, json=body, headers=auth("stays")))
+    leaving = asyncio.create_task(client.post(URL, json=body, headers=auth("leaves")))
+    await blocker
+    while not executor.running or len(executor.running) < 2:
+        await asyncio.sleep(0.01)
+    leaving.cancel()
+    response = await staying
+    assert response.status == 200
+    assert executor.outcomes["cancelled"] == 1
+    assert plugin.generator.finished_runs == ["completed", "completed"]  # the batch ran to the end
+
+
+async def test_heavy_subject_does_not_starve_another(make_client, base_settings) -> None:
+    plugin = SlowPlugin(step_seconds=0.01)
+    client = await make_client(base_settings.replace(batch={"max_size": 2}), plugins=(plugin,))
+    blocker = await block_device(client, plugin, steps=10)
+    heavy = [
+        asyncio.create_task(client.post(URL, json={"prompt": f"heavy {n}", "model": "slow", "steps": 5 + n}, headers=auth("heavy")))
+        for n in range(8)
+    ]
+    await asyncio.sleep(0.05)
+    light = asyncio.create_task(client.post(URL, json={"prompt": "light", "model": "slow", "steps": 3}, headers=auth("light")))
+    await asyncio.gather(blocker, light, *heavy)
+    order = [prompts for prompts in plugin.generator.batches]
+    position = next(index for index, prompts in enumerate(order) if "light" in prompts)
+    assert position <= 2  # the blocker, at most one heavy batch, then light
+
+
+def pixels(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+
+
+def decode(data_url: str) -> np.ndarray:
+    return pixels(base64.b64decode(data_url.split(",", 1)[1]))
