@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
 from imagine.auth import Principal
-from imagine.executor import GenerationOutput
-from imagine.generators import GenerationRequest, Generator
+from imagine.executor import GenerationOutput, timeout_error
+from imagine.generators import CloudGenerator, GenerationRequest, Generator
 from imagine.keys import encode_pool_key, executor_key, settings_key
 from imagine.png import encode_png, parameters_text
 
@@ -26,9 +27,31 @@ class Generated:
 
 
 async def run_generation(app: web.Application, request: GenerationRequest, generator: Generator) -> GenerationOutput:
+    timeout_s = app[settings_key].queue.timeout_s
+    if isinstance(generator, CloudGenerator):
+        return await _run_remote(request, generator, timeout_s)
     executor = app[executor_key]
-    job = executor.submit(request, generator, app[settings_key].queue.timeout_s)
+    job = executor.submit(request, generator, timeout_s)
     return await executor.wait(job)
+
+
+async def _run_remote(request: GenerationRequest, generator: CloudGenerator, timeout_s: float) -> GenerationOutput:
+    """A cloud call waits on the network, not the device: await it here, so the GPU queue keeps moving."""
+    started = time.perf_counter()
+    try:
+        async with asyncio.timeout(timeout_s):
+            remote = await generator.generate_remote(request)
+    except TimeoutError:
+        raise timeout_error(timeout_s) from None
+    elapsed = time.perf_counter() - started
+    return GenerationOutput(
+        images=remote.images,
+        seeds=remote.seeds,
+        generation_time=elapsed - remote.queue_time,
+        queue_time=remote.queue_time,
+        vram_used=0.0,
+        runtime=generator.runtime_info(),
+    )
 
 
 async def encode_images(app: web.Application, request: GenerationRequest, output: GenerationOutput) -> list[bytes]:
