@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
+import aiohttp
 from aiohttp import web
 
 from imagine.auth import Principal, TokenVerifier
+from imagine.cloud_keys import CloudKeys
 from imagine.executor import DeviceExecutor
 from imagine.models import ModelRegistry
 from imagine.ratelimit import BucketDecision, IPNetwork, RateLimiter
@@ -19,6 +21,8 @@ registry_key = web.AppKey("registry", ModelRegistry)
 executor_key = web.AppKey("executor", DeviceExecutor)
 trusted_networks_key = web.AppKey("trusted_networks", tuple[IPNetwork, ...])
 encode_pool_key = web.AppKey("encode_pool", ThreadPoolExecutor)
+client_session_key = web.AppKey("client_session", aiohttp.ClientSession)
+cloud_keys_key = web.AppKey("cloud_keys", CloudKeys)
 
 principal_key = web.RequestKey("principal", Principal)
 rate_decisions_key = web.RequestKey("rate_decisions", list[BucketDecision])
