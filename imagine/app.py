@@ -7,12 +7,18 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
+from imagine import __version__
 from imagine.auth import KeyMaterial, TokenVerifier, load_key_material
+from imagine.cloud_keys import CloudKeys
 from imagine.executor import DeviceExecutor
+from imagine.generators import CloudGenerator
 from imagine.jobs import JobManager
 from imagine.keys import (
+    client_session_key,
+    cloud_keys_key,
     encode_pool_key,
     executor_key,
     jobs_key,
@@ -33,7 +39,7 @@ from imagine.models import ModelRegistry
 from imagine.plugins import collect_generators, plugin_manager
 from imagine.ratelimit import MemoryBucketStore, RateLimiter, parse_networks
 from imagine.settings import Settings, SettingsError
-from imagine.views import generate, jobs, models, system
+from imagine.views import api_keys, generate, jobs, models, system
 
 
 def _registry(settings: Settings, extra_plugins: Iterable[Any]) -> ModelRegistry:
@@ -67,6 +73,21 @@ async def _encode_pool(app: web.Application) -> AsyncIterator[None]:
     app[encode_pool_key].shutdown(wait=True)
 
 
+async def _client_session(app: web.Application) -> AsyncIterator[None]:
+    """One outgoing HTTP session for the whole app, handed to every cloud generator."""
+    session = aiohttp.ClientSession(headers={"User-Agent": f"imagine/{__version__}"})
+    app[client_session_key] = session
+    cloud = [g for g in app[registry_key].generators() if isinstance(g, CloudGenerator)]
+    try:
+        for generator in cloud:
+            await generator.start(session, app[cloud_keys_key].getter(generator.key_spec.service))
+        yield
+    finally:
+        for generator in cloud:
+            await generator.close()
+        await session.close()
+
+
 def create_app(
     settings: Settings, *, keys: KeyMaterial | None = None, extra_plugins: Iterable[Any] = ()
 ) -> web.Application:
@@ -91,9 +112,10 @@ def create_app(
         batch_max_images=settings.batch.max_size,
         batch_max_wait_ms=settings.batch.max_wait_ms,
     )
+    app[cloud_keys_key] = CloudKeys(g.key_spec for g in registry.generators() if isinstance(g, CloudGenerator))
     app.on_response_prepare.append(add_response_headers)
-    app.cleanup_ctx.extend([_encode_pool, _device_executor, _jobs])
+    app.cleanup_ctx.extend([_encode_pool, _device_executor, _client_session, _jobs])
     base = settings.server.base_path
-    for module in (system, models, generate, jobs):
+    for module in (system, models, generate, jobs, api_keys):
         app.router.add_routes(module.routes(base))
     return app

@@ -3,6 +3,8 @@
 A generator is registered by a plugin (see `imagine.hookspecs`). Local ones run
 entirely on the device thread: `load`, `unload` and `generate` are only ever
 called there, so they may use torch freely and need no locks of their own.
+Cloud ones (`CloudGenerator`) are HTTP clients: they run on the event loop and
+never occupy the device thread.
 """
 
 from __future__ import annotations
@@ -12,7 +14,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from imagine.cloud_keys import KeySpec
+
 if TYPE_CHECKING:
+    import aiohttp
     from PIL import Image
 
 
@@ -142,3 +147,65 @@ class Generator(abc.ABC):
     def validate(self, request: GenerationRequest) -> list[dict[str, Any]]:
         """Checks beyond the card's limits, as `{"loc", "msg"}` field errors."""
         return []
+
+    def with_options(self, request: GenerationRequest) -> GenerationRequest:
+        """The validated request with what its backend options decide filled in (e.g. an aspect ratio's size)."""
+        return request
+
+
+@dataclass(frozen=True)
+class RemoteImages:
+    images: list[Image.Image]
+    seeds: list[int]  # one per image, as the remote service reports them
+    queue_time: float  # seconds spent waiting for a free slot at the remote service
+
+
+class CloudGenerator(Generator):
+    """A generator behind a remote HTTP API: it runs on the event loop, never on the device thread.
+
+    The app starts it with its shared client session and a lookup of its API key
+    (`start`), and closes it on shutdown; `imagine.service` awaits
+    `generate_remote` under the job's deadline instead of queueing it for the device.
+    """
+
+    uses_device = False
+    #: Where its API key comes from (POST /api-key service name, environment variable, key file).
+    key_spec: KeySpec
+
+    @abc.abstractmethod
+    async def start(self, session: aiohttp.ClientSession, api_key: Callable[[], str | None]) -> None:
+        """Keep the session and the key lookup for the requests to come."""
+
+    async def close(self) -> None:
+        """Release what `start` acquired; the app closes the shared session itself."""
+
+    @property
+    @abc.abstractmethod
+    def configured(self) -> bool:
+        """True when a key is set, so requests can be sent."""
+
+    @property
+    def loaded(self) -> bool:
+        # Nothing lives in local memory: "loaded" means ready to send requests.
+        return self.configured
+
+    def load(self) -> None:
+        """Nothing to load: the weights live at the provider."""
+
+    def unload(self) -> None:
+        """Nothing to release."""
+
+    def generate(self, requests: Sequence[GenerationRequest], on_step: StepCallback) -> list[list[Image.Image]]:
+        raise TypeError(f"{self.name} is a cloud generator: imagine.service awaits generate_remote instead")
+
+    @abc.abstractmethod
+    async def generate_remote(self, request: GenerationRequest) -> RemoteImages:
+        """Run one request at the provider; cancelled by the caller when the job's deadline passes."""
+
+    @abc.abstractmethod
+    def problem(self) -> str | None:
+        """Why requests would fail now (no key, key rejected), for /health; None when none is known."""
+
+    @abc.abstractmethod
+    def catalog(self) -> dict[str, Any]:
+        """What /models lists for this backend: its models, sizes, styles, quality levels."""

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
+import aiohttp
 from aiohttp import web
 
 from imagine.auth import Principal, TokenVerifier
+from imagine.cloud_keys import CloudKeys
 from imagine.executor import DeviceExecutor
 from imagine.jobs import JobManager
 from imagine.models import ModelRegistry
@@ -21,6 +23,8 @@ executor_key = web.AppKey("executor", DeviceExecutor)
 jobs_key = web.AppKey("jobs", JobManager)
 trusted_networks_key = web.AppKey("trusted_networks", tuple[IPNetwork, ...])
 encode_pool_key = web.AppKey("encode_pool", ThreadPoolExecutor)
+client_session_key = web.AppKey("client_session", aiohttp.ClientSession)
+cloud_keys_key = web.AppKey("cloud_keys", CloudKeys)
 
 principal_key = web.RequestKey("principal", Principal)
 rate_decisions_key = web.RequestKey("rate_decisions", list[BucketDecision])

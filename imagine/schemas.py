@@ -169,5 +169,5 @@ def resolve_request(body: GenerateBody, generator: Generator) -> GenerationReque
     errors = generator.validate(request)
     if errors:
         raise validation_error(errors)
-    return request
+    return generator.with_options(request)
 

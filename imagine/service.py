@@ -12,8 +12,8 @@ from typing import Any
 from aiohttp import web
 
 from imagine.auth import Principal
-from imagine.executor import GenerationOutput, JobObserver
-from imagine.generators import GenerationRequest, Generator
+from imagine.executor import GenerationOutput, JobObserver, timeout_error
+from imagine.generators import CloudGenerator, GenerationRequest, Generator
 from imagine.keys import encode_pool_key, executor_key, settings_key
 from imagine.png import encode_png, parameters_text
 
@@ -40,10 +40,36 @@ def run_generation(
     generator: Generator,
     observer: JobObserver | None = None,
 ) -> Coroutine[Any, Any, GenerationOutput]:
-    """Queue the work now (a full queue is refused at once, 503); the coroutine awaits it."""
+    """Queue local work now (a full queue is refused at once, 503); the coroutine awaits it."""
+    timeout_s = app[settings_key].queue.timeout_s
+    if isinstance(generator, CloudGenerator):
+        return _run_remote(request, generator, timeout_s, observer)
     executor = app[executor_key]
-    job = executor.submit(request, generator, app[settings_key].queue.timeout_s, observer, owner=principal.sub)
+    job = executor.submit(request, generator, timeout_s, observer, owner=principal.sub)
     return executor.wait(job)
+
+
+async def _run_remote(
+    request: GenerationRequest, generator: CloudGenerator, timeout_s: float, observer: JobObserver | None
+) -> GenerationOutput:
+    """A cloud call waits on the network, not the device: await it here, so the GPU queue keeps moving."""
+    if observer is not None:
+        observer.started()
+    started = time.perf_counter()
+    try:
+        async with asyncio.timeout(timeout_s):
+            remote = await generator.generate_remote(request)
+    except TimeoutError:
+        raise timeout_error(timeout_s) from None
+    elapsed = time.perf_counter() - started
+    return GenerationOutput(
+        images=remote.images,
+        seeds=remote.seeds,
+        generation_time=elapsed - remote.queue_time,
+        queue_time=remote.queue_time,
+        vram_used=0.0,
+        runtime=generator.runtime_info(),
+    )
 
 
 async def encode_images(app: web.Application, request: GenerationRequest, output: GenerationOutput) -> list[bytes]:

@@ -178,6 +178,35 @@ class ModelsSettings:
 
 
 @dataclass(frozen=True)
+class LeonardoSettings:
+    base_url: str = "https://cloud.leonardo.ai/api/rest/v1"
+    # Generations in flight at once: Leonardo's own limit for an API key.
+    max_concurrent: int = 10
+    # A name from the model table (see GET /models) or a Leonardo model UUID.
+    default_model: str = "phoenix-1-0"
+    # Where a key set through POST /api-key is kept; default <server.state_dir>/leonardo-api-key.
+    key_file: str = ""
+    # Polling starts at poll_interval_s and backs off to poll_max_interval_s.
+    poll_interval_s: float = 2.0
+    poll_max_interval_s: float = 10.0
+    # Limit for one HTTP call; the whole job is bounded by queue.timeout_s.
+    request_timeout_s: float = 30.0
+    # Retries after a 429 (or a failed poll), waiting retry_base_s * 2^attempt unless told otherwise.
+    max_retries: int = 3
+    retry_base_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.base_url.startswith(("https://", "http://")):
+            raise SettingsError("leonardo.base_url must be an http(s) URL")
+        if self.max_concurrent < 1:
+            raise SettingsError("leonardo.max_concurrent must be at least 1")
+        if not 0 < self.poll_interval_s <= self.poll_max_interval_s:
+            raise SettingsError("leonardo.poll_interval_s must be positive and at most leonardo.poll_max_interval_s")
+        if self.request_timeout_s <= 0 or self.retry_base_s < 0 or self.max_retries < 0:
+            raise SettingsError("leonardo.request_timeout_s must be positive, retry_base_s and max_retries not negative")
+
+
+@dataclass(frozen=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
@@ -187,6 +216,7 @@ class Settings:
     batch: BatchSettings = field(default_factory=BatchSettings)
     output: OutputSettings = field(default_factory=OutputSettings)
     models: ModelsSettings = field(default_factory=ModelsSettings)
+    leonardo: LeonardoSettings = field(default_factory=LeonardoSettings)
 
     def replace(self, **sections: Mapping[str, Any]) -> Settings:
         """A copy with some fields of some sections changed: replace(queue={"max_size": 2})."""

@@ -6,7 +6,7 @@ from typing import Any
 
 from aiohttp import web
 
-from imagine.generators import Generator
+from imagine.generators import CloudGenerator, Generator
 from imagine.keys import executor_key, registry_key
 
 
@@ -39,12 +39,23 @@ def local_model(generator: Generator) -> dict[str, Any]:
     return entry
 
 
+def cloud_model(generator: CloudGenerator) -> dict[str, Any]:
+    """Seed 003's shape: the backend's models, aspect ratios, styles and quality levels, and whether a key is set."""
+    return {
+        "name": generator.name,
+        "description": generator.card.description,
+        "aliases": list(generator.card.aliases),
+        **generator.catalog(),
+        "configured": generator.configured,
+    }
+
+
 async def list_models(request: web.Request) -> web.Response:
     generators = request.app[registry_key].generators()
     return web.json_response(
         {
             "local_models": {g.name: local_model(g) for g in generators if g.uses_device},
-            "cloud_models": {g.name: {"name": g.name, **g.card.extra} for g in generators if not g.uses_device},
+            "cloud_models": {g.name: cloud_model(g) for g in generators if isinstance(g, CloudGenerator)},
         }
     )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import platform
+from collections.abc import Sequence
 from typing import Any
 
 import psutil
@@ -12,7 +13,9 @@ from aiohttp import web
 from imagine import device
 from imagine.auth import public
 from imagine.executor import DeviceExecutor
+from imagine.generators import CloudGenerator, Generator
 from imagine.keys import executor_key, registry_key, settings_key
+from imagine.models import ModelRegistry
 
 GB = 1024**3
 
@@ -64,14 +67,35 @@ async def livez(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+def _local_model_loaded(generators: Sequence[Generator]) -> bool:
+    # A cloud backend holds no weights here: "a model is loaded" speaks of the device.
+    return any(generator.loaded for generator in generators if generator.uses_device)
+
+
+def _model_status(registry: ModelRegistry, generator: Generator) -> dict[str, Any]:
+    if isinstance(generator, CloudGenerator):
+        # Reported, never degrading: a missing or refused cloud key leaves local generation untouched.
+        return {"loaded": generator.loaded, "error": generator.problem(), "configured": generator.configured}
+    return {"loaded": generator.loaded, "error": registry.states[generator.name].error}
+
+
+def _generator_summary(generator: Generator) -> dict[str, Any]:
+    summary: dict[str, Any] = {
+        "name": generator.name,
+        "type": "local" if generator.uses_device else "api",
+        "description": generator.card.description,
+        "loaded": generator.loaded,
+    }
+    if isinstance(generator, CloudGenerator):
+        summary["configured"] = generator.configured
+    return summary
+
+
 async def health(request: web.Request) -> web.Response:
     registry = request.app[registry_key]
     executor = request.app[executor_key]
     failed = registry.failed()
-    model_status = {
-        generator.name: {"loaded": generator.loaded, "error": registry.states[generator.name].error}
-        for generator in registry.generators()
-    }
+    model_status = {generator.name: _model_status(registry, generator) for generator in registry.generators()}
     local_failures = [name for name in failed if registry.resolve(name).uses_device]
     if not executor.alive:
         status = "unhealthy"
@@ -82,7 +106,7 @@ async def health(request: web.Request) -> web.Response:
     body = {
         "status": status,
         "timestamp": datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z"),
-        "model_loaded": any(generator.loaded for generator in registry.generators()),
+        "model_loaded": _local_model_loaded(registry.generators()),
         "model_status": model_status,
         "queue": {"depth": executor.depth, "capacity": executor.capacity},
     }
@@ -123,7 +147,7 @@ async def status(request: web.Request) -> web.Response:
             "vram_total": report.vram_total_gb,
             "vram_used": report.vram_used_gb,
             "vram_free": report.vram_free_gb,
-            "model_loaded": any(generator.loaded for generator in generators),
+            "model_loaded": _local_model_loaded(generators),
             "current_model": registry.current,
             "current_generator_type": (
                 None if registry.current is None else ("local" if registry.resolve(registry.current).uses_device else "api")
@@ -133,10 +157,7 @@ async def status(request: web.Request) -> web.Response:
                 for g in generators
                 if g.uses_device
             },
-            "available_generators": {
-                g.name: {"name": g.name, "type": "local" if g.uses_device else "api", "loaded": g.loaded}
-                for g in generators
-            },
+            "available_generators": {g.name: _generator_summary(g) for g in generators},
             "models": {g.name: g.loaded for g in generators},
             "gpu_available": report.gpu_available,
             "gpu_backend": report.gpu_backend,

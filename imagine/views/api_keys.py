@@ -1,0 +1,55 @@
+"""POST /api-key (seed 003): set a cloud backend's API key at runtime; answered with a masked preview."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
+
+from imagine.auth import requires
+from imagine.cloud_keys import key_preview
+from imagine.errors import ApiError, field_error, validation_error
+from imagine.keys import cloud_keys_key, principal_key
+from imagine.schemas import pydantic_errors, read_json
+
+log = logging.getLogger(__name__)
+
+# Printable ASCII without spaces: it travels in an HTTP header, where anything else could split it.
+ApiKeyText = Annotated[str, StringConstraints(min_length=8, max_length=512, pattern=r"^[\x21-\x7e]+$")]
+
+
+class ApiKeyBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    service: str
+    api_key: ApiKeyText
+
+
+@requires("admin")
+async def set_api_key(request: web.Request) -> web.Response:
+    keys = request.app[cloud_keys_key]
+    raw = await read_json(request)
+    if not isinstance(raw, dict):
+        raise validation_error([{"loc": ["body"], "msg": "must be a JSON object"}])
+    try:
+        body = ApiKeyBody.model_validate(raw)
+    except ValidationError as error:
+        # pydantic_errors keeps only loc and msg: the rejected value (a key, perhaps) is never echoed.
+        raise validation_error(pydantic_errors(error)) from None
+    if body.service not in keys.services:
+        raise validation_error([field_error("service", f"must be one of: {', '.join(keys.services) or 'none configured'}")])
+    try:
+        await keys.set(body.service, body.api_key)
+    except OSError as error:
+        log.error("could not store the %s key in its key file: %s", body.service, error.strerror)
+        raise ApiError(500, "INTERNAL_ERROR", "The API key could not be stored; the previous key stays in use") from None
+    log.info("API key for %s set by %s", body.service, request[principal_key].sub)
+    return web.json_response(
+        {"message": "API key updated successfully", "service": body.service, "key_preview": key_preview(body.api_key)}
+    )
+
+
+def routes(base: str) -> list[web.RouteDef]:
+    return [web.post(base + "/api-key", set_api_key)]
