@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -11,9 +13,11 @@ from aiohttp import web
 
 from imagine.auth import KeyMaterial, TokenVerifier, load_key_material
 from imagine.executor import DeviceExecutor
+from imagine.gallery import GalleryStore, storage_folder
 from imagine.keys import (
     encode_pool_key,
     executor_key,
+    gallery_key,
     limiter_key,
     registry_key,
     settings_key,
@@ -25,7 +29,10 @@ from imagine.models import ModelRegistry
 from imagine.plugins import collect_generators, plugin_manager
 from imagine.ratelimit import MemoryBucketStore, RateLimiter, parse_networks
 from imagine.settings import Settings, SettingsError
-from imagine.views import generate, models, system
+from imagine.views import gallery, generate, models, system
+
+# How often age-based retention runs between generations (each one also applies it).
+RETENTION_SWEEP_S = 600.0
 
 
 def _registry(settings: Settings, extra_plugins: Iterable[Any]) -> ModelRegistry:
@@ -43,6 +50,24 @@ async def _device_executor(app: web.Application) -> AsyncIterator[None]:
     app[executor_key].start()
     yield
     await app[executor_key].stop()
+
+
+async def _gallery(app: web.Application) -> AsyncIterator[None]:
+    store = app[gallery_key]
+    await store.open()
+
+    async def sweep() -> None:
+        while True:
+            await asyncio.sleep(RETENTION_SWEEP_S)
+            await store.apply_retention()
+
+    sweeper = asyncio.create_task(sweep()) if app[settings_key].gallery.max_age_days else None
+    yield
+    if sweeper is not None:
+        sweeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sweeper
+    await store.close()
 
 
 async def _encode_pool(app: web.Application) -> AsyncIterator[None]:
@@ -73,8 +98,15 @@ def create_app(
         device_preference=settings.models.device,
         preload=settings.models.preload,
     )
-    app.cleanup_ctx.extend([_encode_pool, _device_executor])
+    gallery_settings = settings.gallery
+    app[gallery_key] = GalleryStore(
+        storage_folder(settings),
+        max_images=gallery_settings.max_images,
+        max_age_s=gallery_settings.max_age_days * 86400,
+    )
+    # The gallery opens first and closes last: generations in flight may still store.
+    app.cleanup_ctx.extend([_gallery, _encode_pool, _device_executor])
     base = settings.server.base_path
-    for module in (system, models, generate):
+    for module in (system, models, generate, gallery):
         app.router.add_routes(module.routes(base))
     return app

@@ -8,6 +8,7 @@ from aiohttp import web
 
 from imagine.auth import Principal, TokenVerifier
 from imagine.executor import DeviceExecutor
+from imagine.gallery import GalleryStore
 from imagine.models import ModelRegistry
 from imagine.ratelimit import BucketDecision, IPNetwork, RateLimiter
 from imagine.settings import Settings
@@ -19,6 +20,7 @@ registry_key = web.AppKey("registry", ModelRegistry)
 executor_key = web.AppKey("executor", DeviceExecutor)
 trusted_networks_key = web.AppKey("trusted_networks", tuple[IPNetwork, ...])
 encode_pool_key = web.AppKey("encode_pool", ThreadPoolExecutor)
+gallery_key = web.AppKey("gallery", GalleryStore)
 
 principal_key = web.RequestKey("principal", Principal)
 rate_decisions_key = web.RequestKey("rate_decisions", list[BucketDecision])

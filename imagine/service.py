@@ -11,8 +11,9 @@ from aiohttp import web
 
 from imagine.auth import Principal
 from imagine.executor import GenerationOutput
+from imagine.gallery import ImageMetadata
 from imagine.generators import GenerationRequest, Generator
-from imagine.keys import encode_pool_key, executor_key, settings_key
+from imagine.keys import encode_pool_key, executor_key, gallery_key, settings_key
 from imagine.png import encode_png, parameters_text
 
 
@@ -43,12 +44,35 @@ async def encode_images(app: web.Application, request: GenerationRequest, output
     )
 
 
+def image_metadata(request: GenerationRequest, output: GenerationOutput, seed: int) -> ImageMetadata:
+    """What the gallery keeps about one image of a generation."""
+    return ImageMetadata(
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt,
+        model=request.model,
+        seed=seed,
+        width=request.width,
+        height=request.height,
+        steps=request.steps,
+        guidance=request.guidance,
+        scheduler=request.scheduler,
+        loras=tuple((lora.name, lora.weight) for lora in request.loras),
+        generation_time=round(output.generation_time, 3),
+        vram_used=output.vram_used,
+    )
+
+
 async def generate(
     app: web.Application, principal: Principal, request: GenerationRequest, generator: Generator, *, store: bool
 ) -> Generated:
+    """Generate, encode and (unless `store` is False) keep the images in the caller's gallery."""
     output = await run_generation(app, request, generator)
     pngs = await encode_images(app, request, output)
-    return Generated(request, generator, output, pngs, ids=[])
+    ids: list[str] = []
+    if store:
+        images = [(png, image_metadata(request, output, seed)) for png, seed in zip(pngs, output.seeds, strict=True)]
+        ids = await app[gallery_key].add(principal.sub, images)
+    return Generated(request, generator, output, pngs, ids=ids)
 
 
 def data_url(png: bytes) -> str:

@@ -146,6 +146,27 @@ class ModelsSettings:
 
 
 @dataclass(frozen=True)
+class StorageSettings:
+    # Gallery PNGs and their SQLite index; empty = "<server.state_dir>/gallery".
+    # One process (or several on one host) per folder: SQLite needs a local disk.
+    dir: str = ""
+
+
+@dataclass(frozen=True)
+class GallerySettings:
+    # Retention: the oldest images go first once there are more than this; 0 = no limit.
+    max_images: int = 0
+    # Retention: images older than this are removed; 0 = kept forever.
+    max_age_days: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.max_images < 0:
+            raise SettingsError("gallery.max_images must be 0 (no limit) or more")
+        if self.max_age_days < 0:
+            raise SettingsError("gallery.max_age_days must be 0 (forever) or more")
+
+
+@dataclass(frozen=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
@@ -153,6 +174,8 @@ class Settings:
     queue: QueueSettings = field(default_factory=QueueSettings)
     output: OutputSettings = field(default_factory=OutputSettings)
     models: ModelsSettings = field(default_factory=ModelsSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
+    gallery: GallerySettings = field(default_factory=GallerySettings)
 
     def replace(self, **sections: Mapping[str, Any]) -> Settings:
         """A copy with some fields of some sections changed: replace(queue={"max_size": 2})."""
