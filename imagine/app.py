@@ -29,7 +29,7 @@ from imagine.models import ModelRegistry
 from imagine.plugins import collect_generators, plugin_manager
 from imagine.ratelimit import MemoryBucketStore, RateLimiter, parse_networks
 from imagine.settings import Settings, SettingsError
-from imagine.views import gallery, generate, models, system
+from imagine.views import batch, gallery, generate, generate_image, models, system
 
 # How often age-based retention runs between generations (each one also applies it).
 RETENTION_SWEEP_S = 600.0
@@ -107,6 +107,6 @@ def create_app(
     # The gallery opens first and closes last: generations in flight may still store.
     app.cleanup_ctx.extend([_gallery, _encode_pool, _device_executor])
     base = settings.server.base_path
-    for module in (system, models, generate, gallery):
+    for module in (system, models, generate, batch, generate_image, gallery):
         app.router.add_routes(module.routes(base))
     return app
