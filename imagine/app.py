@@ -22,6 +22,7 @@ from imagine.keys import (
     registry_key,
     settings_key,
     trusted_networks_key,
+    url_signer_key,
     verifier_key,
 )
 from imagine.middlewares import auth_middleware, cors_middleware, error_middleware, ratelimit_middleware
@@ -29,7 +30,8 @@ from imagine.models import ModelRegistry
 from imagine.plugins import collect_generators, plugin_manager
 from imagine.ratelimit import MemoryBucketStore, RateLimiter, parse_networks
 from imagine.settings import Settings, SettingsError
-from imagine.views import batch, gallery, generate, generate_image, models, system
+from imagine.signing import UrlSigner, load_url_secret
+from imagine.views import batch, gallery, generate, generate_image, models, openai_images, system
 
 # How often age-based retention runs between generations (each one also applies it).
 RETENTION_SWEEP_S = 600.0
@@ -104,9 +106,10 @@ def create_app(
         max_images=gallery_settings.max_images,
         max_age_s=gallery_settings.max_age_days * 86400,
     )
+    app[url_signer_key] = UrlSigner(load_url_secret(Path(settings.server.state_dir)), gallery_settings.url_ttl_s)
     # The gallery opens first and closes last: generations in flight may still store.
     app.cleanup_ctx.extend([_gallery, _encode_pool, _device_executor])
     base = settings.server.base_path
-    for module in (system, models, generate, batch, generate_image, gallery):
+    for module in (system, models, generate, batch, generate_image, gallery, openai_images):
         app.router.add_routes(module.routes(base))
     return app

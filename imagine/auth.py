@@ -178,11 +178,19 @@ def _principal(claims: Mapping[str, Any]) -> Principal:
 Handler = Callable[..., Awaitable[Any]]
 PUBLIC_ATTRIBUTE = "__imagine_public__"
 SCOPE_ATTRIBUTE = "__imagine_scopes__"
+SIGNED_URL_ATTRIBUTE = "__imagine_signed_url__"
 
 
 def public(handler: Handler) -> Handler:
     """The route answers without a token."""
     setattr(handler, PUBLIC_ATTRIBUTE, True)
+    return handler
+
+
+def signed_url_allowed(handler: Handler) -> Handler:
+    """A request without a token but with URL signature parameters reaches the route,
+    which must verify the signature itself (see `imagine.signing`)."""
+    setattr(handler, SIGNED_URL_ATTRIBUTE, True)
     return handler
 
 

@@ -12,6 +12,7 @@ from imagine.gallery import GalleryStore
 from imagine.models import ModelRegistry
 from imagine.ratelimit import BucketDecision, IPNetwork, RateLimiter
 from imagine.settings import Settings
+from imagine.signing import UrlSigner
 
 settings_key = web.AppKey("settings", Settings)
 verifier_key = web.AppKey("verifier", TokenVerifier)
@@ -21,6 +22,7 @@ executor_key = web.AppKey("executor", DeviceExecutor)
 trusted_networks_key = web.AppKey("trusted_networks", tuple[IPNetwork, ...])
 encode_pool_key = web.AppKey("encode_pool", ThreadPoolExecutor)
 gallery_key = web.AppKey("gallery", GalleryStore)
+url_signer_key = web.AppKey("url_signer", UrlSigner)
 
 principal_key = web.RequestKey("principal", Principal)
 rate_decisions_key = web.RequestKey("rate_decisions", list[BucketDecision])

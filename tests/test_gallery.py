@@ -347,3 +347,25 @@ async def test_listing_thousands_uses_indexes_not_table_scans(tmp_path, monkeypa
         await store.close()
 
 
+
+
+def test_storage_and_gallery_settings_from_the_environment(tmp_path) -> None:
+    from imagine.settings import SettingsError, load_settings
+
+    state = str(tmp_path / "state")
+    defaults = load_settings(None, {"IMAGINE_SERVER_STATE_DIR": state})
+    assert storage_folder(defaults) == Path(state) / "gallery"
+    assert (defaults.gallery.max_images, defaults.gallery.max_age_days) == (0, 0.0)
+    settings = load_settings(
+        None,
+        {
+            "IMAGINE_STORAGE_DIR": str(tmp_path / "images"),
+            "IMAGINE_GALLERY_MAX_IMAGES": "1000",
+            "IMAGINE_GALLERY_MAX_AGE_DAYS": "30",
+        },
+    )
+    assert storage_folder(settings) == tmp_path / "images"
+    assert (settings.gallery.max_images, settings.gallery.max_age_days) == (1000, 30.0)
+    for variable, value in (("IMAGINE_GALLERY_MAX_IMAGES", "-1"), ("IMAGINE_GALLERY_MAX_AGE_DAYS", "-2")):
+        with pytest.raises(SettingsError):
+            load_settings(None, {variable: value})

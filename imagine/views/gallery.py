@@ -16,10 +16,10 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from imagine.auth import Principal, requires
+from imagine.auth import Principal, requires, signed_url_allowed
 from imagine.errors import ApiError, validation_error
 from imagine.gallery import ImageRecord, ListQuery, is_valid_id
-from imagine.keys import gallery_key, principal_key, settings_key
+from imagine.keys import gallery_key, principal_key, settings_key, url_signer_key
 from imagine.urls import gallery_path
 
 MAX_LIMIT = 200
@@ -130,13 +130,21 @@ async def show_image(request: web.Request) -> web.Response:
     return web.json_response(image_json(record, request.app[settings_key].server.base_path))
 
 
+@signed_url_allowed
 @requires("generate", "admin")
 async def image_png(request: web.Request) -> web.Response:
     image_id = request.match_info["image_id"]
     if not is_valid_id(image_id):
         raise not_found()
+    principal = request.get(principal_key)
+    if principal is None:
+        # Let in without a token for its URL signature (see auth.signed_url_allowed): the link is the permission.
+        if not request.app[url_signer_key].verify(image_id, request.query):
+            raise ApiError(403, "FORBIDDEN", "Invalid or expired image link")
+        owner = None
+    else:
+        owner = visible_owner(principal)
     store = request.app[gallery_key]
-    owner = visible_owner(request[principal_key])
     png = await store.read_png(image_id) if await store.get(image_id, owner) is not None else None
     if png is None:
         raise not_found()
