@@ -145,8 +145,10 @@ async def image_png(request: web.Request) -> web.Response:
     else:
         owner = visible_owner(principal)
     store = request.app[gallery_key]
-    png = await store.read_png(image_id) if await store.get(image_id, owner) is not None else None
-    if png is None:
+    if await store.get(image_id, owner) is None:
+        raise not_found()
+    png = await store.read_png(image_id)
+    if png is None:  # deleted since the lookup
         raise not_found()
     return web.Response(
         body=png,
