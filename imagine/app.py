@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,6 +16,7 @@ from imagine import __version__
 from imagine.auth import KeyMaterial, TokenVerifier, load_key_material
 from imagine.cloud_keys import CloudKeys
 from imagine.executor import DeviceExecutor
+from imagine.gallery import GalleryStore, storage_folder
 from imagine.generators import CloudGenerator
 from imagine.jobs import JobManager
 from imagine.keys import (
@@ -21,11 +24,13 @@ from imagine.keys import (
     cloud_keys_key,
     encode_pool_key,
     executor_key,
+    gallery_key,
     jobs_key,
     limiter_key,
     registry_key,
     settings_key,
     trusted_networks_key,
+    url_signer_key,
     verifier_key,
 )
 from imagine.middlewares import (
@@ -39,7 +44,11 @@ from imagine.models import ModelRegistry
 from imagine.plugins import collect_generators, plugin_manager
 from imagine.ratelimit import MemoryBucketStore, RateLimiter, parse_networks
 from imagine.settings import Settings, SettingsError
-from imagine.views import api_keys, generate, jobs, models, system
+from imagine.signing import UrlSigner, load_url_secret
+from imagine.views import api_keys, batch, gallery, generate, generate_image, jobs, models, openai_images, system
+
+# How often age-based retention runs between generations (each one also applies it).
+RETENTION_SWEEP_S = 600.0
 
 
 def _registry(settings: Settings, extra_plugins: Iterable[Any]) -> ModelRegistry:
@@ -64,6 +73,24 @@ async def _jobs(app: web.Application) -> AsyncIterator[None]:
     app[jobs_key] = JobManager(ttl_s=jobs.ttl_s, max_per_subject=jobs.max_per_subject)
     yield
     await app[jobs_key].close()
+
+
+async def _gallery(app: web.Application) -> AsyncIterator[None]:
+    store = app[gallery_key]
+    await store.open()
+
+    async def sweep() -> None:
+        while True:
+            await asyncio.sleep(RETENTION_SWEEP_S)
+            await store.apply_retention()
+
+    sweeper = asyncio.create_task(sweep()) if app[settings_key].gallery.max_age_days else None
+    yield
+    if sweeper is not None:
+        sweeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sweeper
+    await store.close()
 
 
 async def _encode_pool(app: web.Application) -> AsyncIterator[None]:
@@ -113,9 +140,17 @@ def create_app(
         batch_max_wait_ms=settings.batch.max_wait_ms,
     )
     app[cloud_keys_key] = CloudKeys(g.key_spec for g in registry.generators() if isinstance(g, CloudGenerator))
+    gallery_settings = settings.gallery
+    app[gallery_key] = GalleryStore(
+        storage_folder(settings),
+        max_images=gallery_settings.max_images,
+        max_age_s=gallery_settings.max_age_days * 86400,
+    )
+    app[url_signer_key] = UrlSigner(load_url_secret(Path(settings.server.state_dir)), gallery_settings.url_ttl_s)
     app.on_response_prepare.append(add_response_headers)
-    app.cleanup_ctx.extend([_encode_pool, _device_executor, _client_session, _jobs])
+    # The gallery opens first and closes last: generations in flight may still store.
+    app.cleanup_ctx.extend([_gallery, _encode_pool, _device_executor, _client_session, _jobs])
     base = settings.server.base_path
-    for module in (system, models, generate, jobs, api_keys):
+    for module in (system, models, generate, jobs, api_keys, batch, generate_image, gallery, openai_images):
         app.router.add_routes(module.routes(base))
     return app

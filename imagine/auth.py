@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from typing import Any
 import jwt
 
 from imagine.errors import ApiError
+from imagine.private_files import secret_in
 from imagine.settings import AuthSettings
 
 SECRET_ENV = "IMAGINE_JWT_SECRET"
@@ -65,14 +65,7 @@ def _read_file(path: str, what: str) -> bytes:
 def _development_secret(state_dir: Path) -> tuple[bytes, Path]:
     """A random secret kept in the state folder, so demo tokens survive restarts."""
     path = state_dir / DEV_SECRET_FILE
-    if not path.exists():
-        state_dir.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(".tmp")
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(descriptor, "w") as handle:
-            handle.write(secrets.token_urlsafe(48))
-        os.replace(temporary, path)
-    return path.read_bytes().strip(), path
+    return secret_in(path), path
 
 
 def load_key_material(
@@ -178,11 +171,19 @@ def _principal(claims: Mapping[str, Any]) -> Principal:
 Handler = Callable[..., Awaitable[Any]]
 PUBLIC_ATTRIBUTE = "__imagine_public__"
 SCOPE_ATTRIBUTE = "__imagine_scopes__"
+SIGNED_URL_ATTRIBUTE = "__imagine_signed_url__"
 
 
 def public(handler: Handler) -> Handler:
     """The route answers without a token."""
     setattr(handler, PUBLIC_ATTRIBUTE, True)
+    return handler
+
+
+def signed_url_allowed(handler: Handler) -> Handler:
+    """A request without a token but with URL signature parameters reaches the route,
+    which must verify the signature itself (see `imagine.signing`)."""
+    setattr(handler, SIGNED_URL_ATTRIBUTE, True)
     return handler
 
 

@@ -12,10 +12,11 @@ import asyncio
 import logging
 import os
 import stat
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+from imagine.private_files import write_private
 
 log = logging.getLogger(__name__)
 
@@ -50,21 +51,6 @@ def _read_key_file(path: Path) -> str | None:
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         log.warning("the key file %s is readable by other users; chmod 600 it", path)
     return text or None
-
-
-def write_private_file(path: Path, text: str) -> None:
-    """Write atomically (temporary file + rename) with owner-only permissions from the first byte."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)  # mkstemp creates it 0600
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(text + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 class CloudKeys:
@@ -102,6 +88,6 @@ class CloudKeys:
 
     async def set(self, service: str, key: str) -> None:
         """Persist the key (in a thread: file I/O), then use it; if it cannot be kept, nothing changes."""
-        await asyncio.to_thread(write_private_file, self._specs[service].file, key)
+        await asyncio.to_thread(write_private, self._specs[service].file, (key + "\n").encode())
         self._runtime[service] = key
         self._from_file[service] = key

@@ -11,9 +11,11 @@ from imagine.auth import Principal, TokenVerifier
 from imagine.cloud_keys import CloudKeys
 from imagine.executor import DeviceExecutor
 from imagine.jobs import JobManager
+from imagine.gallery import GalleryStore
 from imagine.models import ModelRegistry
 from imagine.ratelimit import BucketDecision, IPNetwork, RateLimiter
 from imagine.settings import Settings
+from imagine.signing import UrlSigner
 
 settings_key = web.AppKey("settings", Settings)
 verifier_key = web.AppKey("verifier", TokenVerifier)
@@ -25,6 +27,8 @@ trusted_networks_key = web.AppKey("trusted_networks", tuple[IPNetwork, ...])
 encode_pool_key = web.AppKey("encode_pool", ThreadPoolExecutor)
 client_session_key = web.AppKey("client_session", aiohttp.ClientSession)
 cloud_keys_key = web.AppKey("cloud_keys", CloudKeys)
+gallery_key = web.AppKey("gallery", GalleryStore)
+url_signer_key = web.AppKey("url_signer", UrlSigner)
 
 principal_key = web.RequestKey("principal", Principal)
 rate_decisions_key = web.RequestKey("rate_decisions", list[BucketDecision])

@@ -8,11 +8,12 @@ middleware sits outside both so that a refusal from either is contract JSON.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 from aiohttp import web
 
-from imagine.auth import PUBLIC_ATTRIBUTE, SCOPE_ATTRIBUTE, InvalidToken
+from imagine.auth import PUBLIC_ATTRIBUTE, SCOPE_ATTRIBUTE, SIGNED_URL_ATTRIBUTE, InvalidToken
 from imagine.errors import ApiError, error_body
 from imagine.keys import (
     limiter_key,
@@ -22,7 +23,9 @@ from imagine.keys import (
     trusted_networks_key,
     verifier_key,
 )
+from imagine.openai_errors import is_openai_route, openai_error_body
 from imagine.ratelimit import BucketDecision, client_ip, most_restrictive
+from imagine.signing import SIGNATURE_PARAMS
 
 log = logging.getLogger(__name__)
 
@@ -104,16 +107,25 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except ApiError as error:
-        return error.response()
+        return _error_response(request, error.status, error.body(), error.headers)
     except web.HTTPException as error:
         if error.status < 400:
             raise
         code = _HTTP_CODES.get(error.status, "INTERNAL_ERROR" if error.status >= 500 else "VALIDATION_ERROR")
         headers = {key: value for key, value in error.headers.items() if key.lower() == "allow"}
-        return web.json_response(error_body(code, _http_message(error, request)), status=error.status, headers=headers)
+        return _error_response(request, error.status, error_body(code, _http_message(error, request)), headers)
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
-        return web.json_response(error_body("INTERNAL_ERROR", "Internal server error"), status=500)
+        return _error_response(request, 500, error_body("INTERNAL_ERROR", "Internal server error"), {})
+
+
+def _error_response(
+    request: web.Request, status: int, body: Mapping[str, Any], headers: Mapping[str, str]
+) -> web.Response:
+    # OpenAI's client libraries read only their own error shape, 401 and 429 included.
+    if is_openai_route(request):
+        body = openai_error_body(status, body)
+    return web.json_response(body, status=status, headers=headers)
 
 
 def _is_public(request: web.Request) -> bool:
@@ -123,6 +135,15 @@ def _is_public(request: web.Request) -> bool:
 def _unmatched(request: web.Request) -> bool:
     """404 and 405 answer without a token: there is nothing behind them to protect."""
     return request.match_info.http_exception is not None
+
+
+def _signed_url_attempt(request: web.Request) -> bool:
+    """No token, but URL signature parameters on a route that takes them: its handler judges the signature."""
+    return (
+        getattr(request.match_info.handler, SIGNED_URL_ATTRIBUTE, False)
+        and "Authorization" not in request.headers
+        and any(name in request.query for name in SIGNATURE_PARAMS)
+    )
 
 
 @web.middleware
@@ -166,7 +187,7 @@ def _unauthorized(reason: str | None, token_sent: bool) -> ApiError:
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Bearer token, then the route's scope, then the caller's own bucket."""
-    if request.method == "OPTIONS" or _is_public(request) or _unmatched(request):
+    if request.method == "OPTIONS" or _is_public(request) or _unmatched(request) or _signed_url_attempt(request):
         return await handler(request)
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")

@@ -126,6 +126,11 @@ def _is_trusted(address: str, trusted: tuple[IPNetwork, ...]) -> bool:
     return any(ip in network for network in trusted)
 
 
+def is_trusted_proxy(peer: str | None, trusted: tuple[IPNetwork, ...]) -> bool:
+    """Whether the TCP peer's forwarding headers (X-Forwarded-*) may be believed."""
+    return peer is not None and _is_trusted(peer, trusted)
+
+
 def client_ip(peer: str | None, forwarded_for: str | None, trusted: tuple[IPNetwork, ...]) -> str:
     """The TCP peer, unless it is a trusted proxy: then the right-most untrusted hop.
 

@@ -13,8 +13,9 @@ from aiohttp import web
 
 from imagine.auth import Principal
 from imagine.executor import GenerationOutput, JobObserver, timeout_error
+from imagine.gallery import ImageMetadata
 from imagine.generators import CloudGenerator, GenerationRequest, Generator
-from imagine.keys import encode_pool_key, executor_key, settings_key
+from imagine.keys import encode_pool_key, executor_key, gallery_key, settings_key
 from imagine.png import encode_png, parameters_text
 
 
@@ -84,6 +85,24 @@ async def encode_images(app: web.Application, request: GenerationRequest, output
     )
 
 
+def image_metadata(request: GenerationRequest, output: GenerationOutput, seed: int) -> ImageMetadata:
+    """What the gallery keeps about one image of a generation."""
+    return ImageMetadata(
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt,
+        model=request.model,
+        seed=seed,
+        width=request.width,
+        height=request.height,
+        steps=request.steps,
+        guidance=request.guidance,
+        scheduler=request.scheduler,
+        loras=tuple((lora.name, lora.weight) for lora in request.loras),
+        generation_time=round(output.generation_time, 3),
+        vram_used=output.vram_used,
+    )
+
+
 def start(
     app: web.Application,
     principal: Principal,
@@ -93,14 +112,20 @@ def start(
     store: bool,
     observer: JobObserver | None = None,
 ) -> Coroutine[Any, Any, Generated]:
-    """Queue a generation now; the returned coroutine finishes it (encode, store)."""
+    """Queue a generation now; the returned coroutine finishes it: encode, and keep the
+    images in the caller's gallery unless `store` is False."""
     running = run_generation(app, principal, request, generator, observer)
 
     async def finish() -> Generated:
         output = await running
         encoding = time.perf_counter()
         pngs = await encode_images(app, request, output)
-        return Generated(request, generator, output, pngs, ids=[], encode_time=time.perf_counter() - encoding)
+        encode_time = time.perf_counter() - encoding
+        ids: list[str] = []
+        if store:
+            images = [(png, image_metadata(request, output, seed)) for png, seed in zip(pngs, output.seeds, strict=True)]
+            ids = await app[gallery_key].add(principal.sub, images)
+        return Generated(request, generator, output, pngs, ids=ids, encode_time=encode_time)
 
     return finish()
 
@@ -108,6 +133,7 @@ def start(
 async def generate(
     app: web.Application, principal: Principal, request: GenerationRequest, generator: Generator, *, store: bool
 ) -> Generated:
+    """Generate, encode and (unless `store` is False) keep the images in the caller's gallery."""
     return await start(app, principal, request, generator, store=store)
 
 

@@ -11,6 +11,7 @@ import dataclasses
 import os
 import tomllib
 import typing
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,10 @@ class ServerSettings:
     state_dir: str = field(default_factory=lambda: _default_dir("XDG_STATE_HOME", ".local/state"))
     # Where the demo models are built on first run.
     cache_dir: str = field(default_factory=lambda: _default_dir("XDG_CACHE_HOME", ".cache"))
+    # How clients reach this service, e.g. "https://images.example.com" (origin
+    # only: base_path is appended). Used for absolute links such as signed
+    # image URLs; empty = the request's own scheme and Host.
+    public_url: str = ""
 
     def __post_init__(self) -> None:
         if not self.base_path.startswith("/") or self.base_path.endswith("/"):
@@ -49,6 +54,10 @@ class ServerSettings:
             raise SettingsError("server.port must be between 1 and 65535")
         if self.max_body_bytes < 1024:
             raise SettingsError("server.max_body_bytes must be at least 1024")
+        if self.public_url:
+            parts = urllib.parse.urlsplit(self.public_url)
+            if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/") or parts.query:
+                raise SettingsError("server.public_url must be an origin such as 'https://images.example.com'")
 
 
 @dataclass(frozen=True)
@@ -207,6 +216,31 @@ class LeonardoSettings:
 
 
 @dataclass(frozen=True)
+class StorageSettings:
+    # Gallery PNGs and their SQLite index; empty = "<server.state_dir>/gallery".
+    # One process (or several on one host) per folder: SQLite needs a local disk.
+    dir: str = ""
+
+
+@dataclass(frozen=True)
+class GallerySettings:
+    # Retention: the oldest images go first once there are more than this; 0 = no limit.
+    max_images: int = 0
+    # Retention: images older than this are removed; 0 = kept forever.
+    max_age_days: float = 0.0
+    # How long a signed image URL (OpenAI `response_format: "url"`) stays valid.
+    url_ttl_s: int = 3600
+
+    def __post_init__(self) -> None:
+        if self.max_images < 0:
+            raise SettingsError("gallery.max_images must be 0 (no limit) or more")
+        if self.max_age_days < 0:
+            raise SettingsError("gallery.max_age_days must be 0 (forever) or more")
+        if not 1 <= self.url_ttl_s <= 7 * 86400:
+            raise SettingsError("gallery.url_ttl_s must be between 1 and 604800 (a week)")
+
+
+@dataclass(frozen=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
@@ -217,6 +251,8 @@ class Settings:
     output: OutputSettings = field(default_factory=OutputSettings)
     models: ModelsSettings = field(default_factory=ModelsSettings)
     leonardo: LeonardoSettings = field(default_factory=LeonardoSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
+    gallery: GallerySettings = field(default_factory=GallerySettings)
 
     def replace(self, **sections: Mapping[str, Any]) -> Settings:
         """A copy with some fields of some sections changed: replace(queue={"max_size": 2})."""

@@ -16,7 +16,6 @@ from imagine.demo_models import (
     DEMO_MODELS_VERSION,
     LIGHTNING_STEPS,
     LORA_NAMES,
-    build_demo_models,
     ensure_demo_models,
 )
 

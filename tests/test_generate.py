@@ -66,7 +66,7 @@ async def test_json_result_with_several_images_uses_seed_plus_i(client) -> None:
     result = await response.json()
     assert result["seed"] == 100
     assert result["seeds"] == [100, 101]
-    assert result["ids"] == []
+    assert len(result["ids"]) == 2  # both kept in the gallery
     assert result["model"] == "sdxl"
     assert result["prompt"] == "a fox"
     assert result["parameters"] == {

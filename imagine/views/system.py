@@ -14,7 +14,7 @@ from imagine import device
 from imagine.auth import public
 from imagine.executor import DeviceExecutor
 from imagine.generators import CloudGenerator, Generator
-from imagine.keys import executor_key, registry_key, settings_key
+from imagine.keys import executor_key, registry_key
 from imagine.models import ModelRegistry
 
 GB = 1024**3

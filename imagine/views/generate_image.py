@@ -1,0 +1,62 @@
+"""POST /generate-image (seed 004): one SDXL image as base64 inside a JSON object."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from imagine import service
+from imagine.auth import check_model_grant, requires
+from imagine.errors import validation_error
+from imagine.keys import principal_key, registry_key
+from imagine.schemas import MAX_SEED, parse_generate_body, pydantic_errors, read_json, resolve_request
+
+MODEL = "sdxl"
+
+
+class GenerateImageBody(BaseModel):
+    """Seed 004's body and ranges; the prompt's own rules are /generate's, checked next."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: str
+    negative_prompt: str = ""
+    steps: int = Field(30, ge=10, le=100)
+    guidance: float = Field(7.5, ge=1.0, le=20.0, allow_inf_nan=False)
+    seed: int | None = Field(-1, ge=-1, le=MAX_SEED)
+
+
+@requires("generate")
+async def generate_image(request: web.Request) -> web.Response:
+    app = request.app
+    raw = await read_json(request)
+    if not isinstance(raw, dict):
+        raise validation_error([{"loc": ["body"], "msg": "must be a JSON object"}])
+    try:
+        seed004 = GenerateImageBody.model_validate(raw)
+    except ValidationError as error:
+        raise validation_error(pydantic_errors(error)) from None
+    # The same fields as /generate under the same names, so its errors read the same.
+    body = parse_generate_body({**seed004.model_dump(), "model": MODEL})
+    generator = app[registry_key].resolve(MODEL)
+    check_model_grant(request[principal_key], generator.name)
+    generation = resolve_request(body, generator)
+    generated = await service.generate(app, request[principal_key], generation, generator, store=True)
+    seed = generated.output.seeds[0]
+    image_base64 = await asyncio.to_thread(lambda: base64.b64encode(generated.pngs[0]).decode("ascii"))
+    return web.json_response(
+        {
+            "success": True,
+            "image_base64": image_base64,
+            "message": f"Image generated successfully! Seed: {seed}",
+            "seed": seed,
+        },
+        headers={"X-Image-Id": generated.ids[0]},
+    )
+
+
+def routes(base: str) -> list[web.RouteDef]:
+    return [web.post(base + "/generate-image", generate_image)]
