@@ -21,6 +21,7 @@ from imagine.keys import (
     verifier_key,
 )
 from imagine.middlewares import auth_middleware, cors_middleware, error_middleware, ratelimit_middleware
+from imagine.memory import GIB
 from imagine.models import ModelRegistry
 from imagine.plugins import collect_generators, plugin_manager
 from imagine.ratelimit import MemoryBucketStore, RateLimiter, parse_networks
@@ -30,7 +31,8 @@ from imagine.views import generate, models, system
 
 def _registry(settings: Settings, extra_plugins: Iterable[Any]) -> ModelRegistry:
     generators = collect_generators(plugin_manager(extra_plugins), settings)
-    registry = ModelRegistry(generators, settings.models.default)
+    budget_gb = settings.models.memory_budget_gb
+    registry = ModelRegistry(generators, settings.models.default, int(budget_gb * GIB) if budget_gb else None)
     for name in (settings.models.default, *settings.models.preload):
         try:
             registry.resolve(name)

@@ -5,7 +5,9 @@ Handlers submit a `Job` and await its future; the thread resolves it with
 The queue is bounded, every job has a deadline, and a job can be stopped at
 any time: removed if still queued, interrupted at its next denoising step if
 running. Jobs are taken in batches (today of one) so that compatible requests
-can later share a pipeline call without changing this structure.
+can later share a pipeline call without changing this structure. Control
+tasks (loading or unloading a model) run on the same thread between batches,
+ahead of queued jobs, and hand their result back the same way.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ import math
 import secrets
 import threading
 import time
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from imagine import device
 from imagine.errors import ApiError
@@ -31,6 +34,8 @@ if TYPE_CHECKING:
     from PIL import Image
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class JobState(str, Enum):
@@ -93,6 +98,28 @@ class Job:
         return self._stop.is_set()
 
 
+@dataclass(eq=False)
+class ControlTask:
+    """Work that must run on the device thread but is no generation (loading a model, say)."""
+
+    run: Callable[[], Any]
+    future: asyncio.Future[Any]
+
+
+def _resolve(future: asyncio.Future[Any], result: Any, error: ApiError | None) -> None:
+    """Settle a future on its loop, unless a cancelled waiter already gave it up."""
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+def shutting_down_error() -> ApiError:
+    return ApiError(503, "SERVICE_UNAVAILABLE", "The service is shutting down")
+
+
 class DeviceExecutor:
     def __init__(self, registry: ModelRegistry, *, max_queue: int, device_preference: str, preload: Sequence[str] = ()) -> None:
         self._registry = registry
@@ -100,6 +127,7 @@ class DeviceExecutor:
         self._device_preference = device_preference
         self._preload = tuple(preload)
         self._queue: collections.deque[Job] = collections.deque()
+        self._controls: collections.deque[ControlTask] = collections.deque()
         self._condition = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -123,10 +151,14 @@ class DeviceExecutor:
             self._stopping = True
             abandoned = list(self._queue)
             self._queue.clear()
+            controls = list(self._controls)
+            self._controls.clear()
             self._condition.notify_all()
-        shutting_down = ApiError(503, "SERVICE_UNAVAILABLE", "The service is shutting down")
+        shutting_down = shutting_down_error()
         for job in abandoned:
             self._settle(job, JobState.CANCELLED, error=shutting_down)
+        for control in controls:
+            _resolve(control.future, None, shutting_down)
         if self.running is not None:
             self.running.request_stop(shutting_down)
         if self._thread is not None:
@@ -162,6 +194,19 @@ class DeviceExecutor:
             self._condition.notify()
         return job
 
+    async def call(self, task: Callable[[], T]) -> T:
+        """Run `task` on the device thread before the next queued job, and return its result."""
+        assert self._loop is not None, "executor not started"
+        future: asyncio.Future[T] = self._loop.create_future()
+        future.add_done_callback(lambda done: done.cancelled() or done.exception())
+        with self._condition:
+            if self._stopping:
+                raise shutting_down_error()
+            self._controls.append(ControlTask(task, future))
+            self._condition.notify()
+        # A handler cancelled meanwhile does not stop the task: a half-done load helps nobody.
+        return await asyncio.shield(future)
+
     def position(self, job: Job) -> int:
         """0 while running or done, else 1 for the next job to run."""
         with self._condition:
@@ -196,24 +241,15 @@ class DeviceExecutor:
         """Record the outcome and resolve the future on the loop (callable from any thread)."""
         job.state = state
         self.outcomes[state.value] += 1
-
-        def resolve() -> None:
-            if job.future.done():
-                return
-            if error is not None:
-                job.future.set_exception(error)
-            else:
-                job.future.set_result(output)  # type: ignore[arg-type]
-
         assert self._loop is not None
         try:
             on_loop = asyncio.get_running_loop() is self._loop
         except RuntimeError:  # the device thread has no loop
             on_loop = False
         if on_loop:
-            resolve()
+            _resolve(job.future, output, error)
         else:
-            self._loop.call_soon_threadsafe(resolve)
+            self._loop.call_soon_threadsafe(_resolve, job.future, output, error)
 
     # ---- device thread ----------------------------------------------------
 
@@ -232,19 +268,37 @@ class DeviceExecutor:
             self.report = device.report(self.device)
 
     def _next_batch(self) -> list[Job] | None:
-        with self._condition:
-            while True:
-                while not self._queue and not self._stopping:
+        """The next jobs to run, after running any control tasks waiting before them."""
+        while True:
+            with self._condition:
+                while not self._queue and not self._controls and not self._stopping:
                     self._condition.wait()
                 if self._stopping:
                     return None
-                job = self._queue.popleft()
-                if job.should_stop():  # expired while waiting
-                    self._settle(job, JobState.FAILED, error=job.stop_error)
-                    continue
-                job.state = JobState.RUNNING
-                self.running = job
-                return [job]
+                control = self._controls.popleft() if self._controls else None
+                if control is None:
+                    job = self._queue.popleft()
+                    if job.should_stop():  # expired while waiting
+                        self._settle(job, JobState.FAILED, error=job.stop_error)
+                        continue
+                    job.state = JobState.RUNNING
+                    self.running = job
+                    return [job]
+            self._run_control(control)  # outside the lock: submissions go on meanwhile
+
+    def _run_control(self, control: ControlTask) -> None:
+        result: Any = None
+        error: ApiError | None = None
+        try:
+            result = control.run()
+        except ApiError as failure:
+            error = failure
+        except Exception:
+            log.exception("a control task on the device thread failed")
+            error = ApiError(500, "INTERNAL_ERROR", "The operation failed")
+        self.report = device.report(self.device)
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(_resolve, control.future, result, error)
 
     def _execute(self, job: Job) -> None:
         job.started_at = time.monotonic()
@@ -260,10 +314,19 @@ class DeviceExecutor:
             self._settle(job, JobState.FAILED, error=self._failure(job, error))
         else:
             self._settle(job, JobState.SUCCEEDED, output=output)
+            self._after_generation(job.generator)
         finally:
             self.running = None
             elapsed = time.monotonic() - job.started_at
             self.seconds_per_job = 0.8 * self.seconds_per_job + 0.2 * elapsed
+
+    def _after_generation(self, generator: Generator) -> None:
+        # After the result is on its way: a generation can grow a model (LoRA
+        # adapters), which the memory budget must see.
+        try:
+            self._registry.remeasure(generator)
+        except Exception:
+            log.exception("measuring %s after a generation failed", generator.name)
 
     def _generate(self, job: Job) -> GenerationOutput:
         def on_step(progress: StepProgress) -> bool:
@@ -286,6 +349,9 @@ class DeviceExecutor:
     def _failure(self, job: Job, error: Exception) -> ApiError:
         if device.is_out_of_memory(error):
             # Only this job fails: drop the cached blocks so the next one has room.
+            # The traceback's frames still hold the failed run's tensors; clear them
+            # first, or the cache could not give their blocks back.
+            traceback.clear_frames(error.__traceback__)
             device.free_cache(self.device)
             log.warning("out of memory generating with %s; cache freed", job.generator.name)
             return ApiError(

@@ -8,7 +8,7 @@ called there, so they may use torch freely and need no locks of their own.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -73,6 +73,8 @@ class ModelDefaults:
     width: int
     height: int
     scheduler: str
+    # Applied when a request does not send `loras` at all (an explicit [] means none).
+    loras: tuple[LoraWeight, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,18 @@ class Generator(abc.ABC):
 
     def runtime_info(self) -> dict[str, Any]:
         """Device and dtype while loaded, for /models and the JSON result."""
+        return {}
+
+    def listing(self) -> dict[str, Any]:
+        """Model-specific fields for /models that can change at run time (the LoRAs on offer, say)."""
+        return {}
+
+    def memory_footprint(self) -> Mapping[int, int]:
+        """Bytes held while loaded, per weight-holding object, keyed by `id()` (device thread).
+
+        Keys are object identities so that a component two generators share is
+        counted once; an empty mapping means nothing worth counting.
+        """
         return {}
 
     def validate(self, request: GenerationRequest) -> list[dict[str, Any]]:
