@@ -16,7 +16,7 @@ from imagine import hookspecs
 from imagine.generators import Generator
 from imagine.settings import Settings
 
-BUILTIN_PLUGINS = ("plugins.sdxl", "plugins.turbo")
+BUILTIN_PLUGINS = ("plugins.sdxl", "plugins.lightning", "plugins.turbo", "plugins.sd15_lora")
 
 
 class PluginError(RuntimeError):
