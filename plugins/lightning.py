@@ -125,7 +125,8 @@ class LightningGenerator(SDXLGenerator):
             unet = UNet2DConditionModel.from_config(config)
         unet.load_state_dict(load_file(checkpoint_path(checkpoint.file)), strict=True, assign=True)
         self._active = checkpoint
-        return {"unet": unet.to(dtype=torch_dtype)}
+        # The weights keep the file's dtype (ByteDance ships float16); cast only when it differs.
+        return {"unet": unet if unet.dtype == torch_dtype else unet.to(dtype=torch_dtype)}
 
     def unload(self) -> None:
         self._active = None
