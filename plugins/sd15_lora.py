@@ -165,7 +165,7 @@ class LoraGenerator(DiffusersGenerator):
         except Exception as error:
             log.warning("LoRA %s did not load into %s: %s", name, self.name, error)
             self._delete_adapter(adapter_name)  # a failed load may leave part of it behind
-            raise LoraUnavailable(f"LoRA '{name}' does not fit {self.name}: it must be an SD 1.5 LoRA") from None
+            raise LoraUnavailable(f"LoRA '{name}' does not load into {self.name}: it must be a Stable Diffusion 1.5 LoRA") from None
         self._adapters[name] = _Adapter(adapter_name, version)
         self.weights_changed()
         return adapter_name

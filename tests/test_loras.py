@@ -137,3 +137,17 @@ async def test_a_missing_default_lora_makes_the_model_unavailable_with_the_reaso
     assert "gone" in body["error"]["details"]["reason"]
     health = await (await client.get("/imagine/health", headers=auth())).json()
     assert health["status"] == "degraded"
+
+
+async def test_a_file_that_is_no_sd15_lora_is_refused_and_leaves_no_trace(make_client, base_settings, demo_folder, tmp_path) -> None:
+    loras = tmp_path / "loras"
+    shutil.copytree(demo_folder / DEMO_LORA_DIR, loras)
+    shutil.copy(demo_folder / "sdxl" / "vae" / "diffusion_pytorch_model.safetensors", loras / "not-a-lora.safetensors")
+    client = await make_client(base_settings.replace(models={"lora_dir": str(loras)}))
+    base = await image(client, [])
+
+    response = await client.post(URL, json={"prompt": "x", "model": MODEL, "loras": [{"name": "not-a-lora"}]}, headers=auth())
+    assert response.status == 400
+    assert "Stable Diffusion 1.5 LoRA" in (await response.json())["detail"]
+    assert np.array_equal(await image(client, []), base)
+    assert np.abs(await image(client, [{"name": "pixel-art", "weight": 1.0}]) - base).mean() > 5
