@@ -3,7 +3,8 @@
 Loading and unloading happen on the device thread; the event loop only reads
 the state recorded here (plain attributes, written by one thread). With a
 memory budget, loading a model first unloads the least recently used others
-until the measured total fits.
+until the measured total fits; without one, a load that runs out of device
+memory does the same and tries again.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from imagine.memory import NOTHING, ModelMemory, account, gigabytes, total_bytes
+from imagine import device
 from imagine.errors import model_not_available
 from imagine.generators import Generator
+from imagine.memory import NOTHING, ModelMemory, account, gigabytes, total_bytes
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +70,7 @@ class ModelRegistry:
             self._make_room(generator)
             started = time.perf_counter()
             try:
-                generator.load()
+                self._load(generator)
             except Exception as error:  # a broken model must not take the service down
                 state.error = f"{type(error).__name__}: {error}"
                 log.error("model %s failed to load: %s", generator.name, state.error)
@@ -87,6 +89,21 @@ class ModelRegistry:
         self.current = generator.name
         self._evict_until(lambda: self.used_bytes() <= self._budget, keep=generator)
         return loading
+
+    def _load(self, generator: Generator) -> None:
+        """Load; when the device runs out of memory, unload the least recently used model and try again.
+
+        Its first load is where a model's size is not known yet, so no budget
+        could have made room for it in advance.
+        """
+        while True:
+            try:
+                generator.load()
+                return
+            except Exception as error:
+                if not device.is_out_of_memory(error) or not self._evict_one(keep=generator):
+                    raise
+            log.warning("out of memory loading %s; trying again with less loaded", generator.name)
 
     def remeasure(self, generator: Generator) -> None:
         """After a generation: a model can grow (LoRA adapters), so measure and apply the budget again."""
@@ -111,13 +128,19 @@ class ModelRegistry:
 
     def _evict_until(self, fits: Callable[[], bool], keep: Generator) -> None:
         while not fits():
-            candidates = [g for g in self._loaded() if g is not keep and g.uses_device]
-            if not candidates:
+            if not self._evict_one(keep):
                 log.warning("model %s alone exceeds the memory budget; keeping it loaded", keep.name)
                 return
-            victim = min(candidates, key=lambda g: self.states[g.name].last_used)
-            log.info("unloading %s, the least recently used model, to stay within the memory budget", victim.name)
-            self.unload(victim)
+
+    def _evict_one(self, keep: Generator) -> bool:
+        """Unload the least recently used model other than `keep`; False when there is none."""
+        candidates = [g for g in self._loaded() if g is not keep and g.uses_device]
+        if not candidates:
+            return False
+        victim = min(candidates, key=lambda g: self.states[g.name].last_used)
+        log.info("unloading %s, the least recently used model, to make room for %s", victim.name, keep.name)
+        self.unload(victim)
+        return True
 
     # ---- memory (read from any thread) -------------------------------------
 

@@ -1,9 +1,10 @@
-"""A test generator plugin that runs out of device memory when a prompt asks it to.
+"""A test generator plugin whose models run out of device memory: one on demand, one when loaded beside it.
 
 The tests install it as a third-party package would be: through the `imagine`
 entry-point group of a distribution on sys.path. It raises torch's own CUDA
-out-of-memory error, holding a little memory in a reference cycle the way a
-failed forward pass holds its tensors, so a test can see that memory released.
+out-of-memory error; a failed generation holds a little memory in a reference
+cycle the way a failed forward pass holds its tensors, so a test can see that
+memory released.
 """
 
 from __future__ import annotations
@@ -61,6 +62,27 @@ class OutOfMemoryGenerator(Generator):
         return [[Image.new("RGB", (r.width, r.height), "gray") for _ in r.seeds] for r in requests]
 
 
+class LargeGenerator(OutOfMemoryGenerator):
+    """A model that fits on the device only alone: loading it beside its neighbour runs out of memory."""
+
+    name = "oom-large"
+
+    def __init__(self, neighbour: Generator) -> None:
+        super().__init__()
+        self.neighbour = neighbour
+        self.failed_loads = 0
+
+    def load(self) -> None:
+        import torch
+
+        if self.neighbour.loaded:
+            self.failed_loads += 1
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 6.00 GiB")
+        super().load()
+
+
 @hookimpl
 def register_generators(register: Callable[[Generator], None]) -> None:
-    register(OutOfMemoryGenerator())
+    small = OutOfMemoryGenerator()
+    register(small)
+    register(LargeGenerator(neighbour=small))

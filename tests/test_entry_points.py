@@ -49,6 +49,21 @@ async def test_out_of_memory_fails_only_that_job_and_frees_its_memory(make_clien
     assert health["status"] == "healthy"
 
 
+async def test_a_load_that_runs_out_of_memory_makes_room_and_tries_again(make_client, base_settings, tmp_path, monkeypatch) -> None:
+    install_plugin(tmp_path, monkeypatch, {"oom": "tests.oom_plugin"})
+    client = await make_client(base_settings)
+    registry = client.app[registry_key]
+    for model in ("oom", "oom-large"):
+        response = await client.post(URL, json={"prompt": "a fox", "model": model}, headers=auth())
+        assert response.status == 200, await response.text()
+    large = registry.resolve("oom-large")
+    assert large.failed_loads == 1  # the first try ran out of memory...
+    assert registry.resolve("oom").loaded is False  # ...so the least recently used model made room
+    assert large.loaded is True
+    health = await (await client.get("/imagine/health", headers=auth())).json()
+    assert health["status"] == "healthy"
+
+
 COPYCAT = """
 from imagine.hookspecs import hookimpl
 from tests.oom_plugin import OutOfMemoryGenerator
