@@ -1,6 +1,9 @@
-"""The TOML shapes of the Lightning and LoRA settings, and the mistakes refused at start-up."""
+"""The TOML shapes of the Lightning and LoRA settings, mistakes refused at start-up, and a torch-free start."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import pytest
 
@@ -73,3 +76,16 @@ def test_without_configuration_lightning_offers_every_published_checkpoint(tmp_p
 def test_mistakes_stop_the_start_with_the_setting_named(tmp_path, text, fragment) -> None:
     with pytest.raises(SettingsError, match=fragment):
         generators(tmp_path, text)
+
+
+def test_building_the_app_with_every_builtin_plugin_imports_no_torch() -> None:
+    code = (
+        "import sys\n"
+        "from imagine.app import create_app\n"
+        "from imagine.auth import KeyMaterial\n"
+        "from imagine.settings import Settings\n"
+        "create_app(Settings(), keys=KeyMaterial('HS256', b'k' * 32, b'k' * 32, 'environment'))\n"
+        "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'peft') if m in sys.modules))\n"
+    )
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert output.strip() == "[]"
