@@ -305,6 +305,9 @@ class DeviceExecutor:
         try:
             self._registry.ensure_loaded(job.generator)
             output = self._generate(job)
+            # A generation can grow a model (LoRA adapters): measure before answering,
+            # so the budget and /models are up to date when the client reads them.
+            self._registry.remeasure(job.generator)
         except GenerationInterrupted:
             error = job.stop_error or cancelled_error()
             self._settle(job, JobState.CANCELLED if error.code == "CANCELLED" else JobState.FAILED, error=error)
@@ -314,19 +317,10 @@ class DeviceExecutor:
             self._settle(job, JobState.FAILED, error=self._failure(job, error))
         else:
             self._settle(job, JobState.SUCCEEDED, output=output)
-            self._after_generation(job.generator)
         finally:
             self.running = None
             elapsed = time.monotonic() - job.started_at
             self.seconds_per_job = 0.8 * self.seconds_per_job + 0.2 * elapsed
-
-    def _after_generation(self, generator: Generator) -> None:
-        # After the result is on its way: a generation can grow a model (LoRA
-        # adapters), which the memory budget must see.
-        try:
-            self._registry.remeasure(generator)
-        except Exception:
-            log.exception("measuring %s after a generation failed", generator.name)
 
     def _generate(self, job: Job) -> GenerationOutput:
         def on_step(progress: StepProgress) -> bool:

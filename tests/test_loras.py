@@ -31,9 +31,16 @@ def with_model_options(settings, **options):
     return settings.replace(models={"options": tables})
 
 
+async def memory_bytes(client) -> int:
+    listing = await (await client.get("/imagine/models", headers=auth())).json()
+    return listing["local_models"][MODEL]["memory"]["bytes"]
+
+
 async def test_a_lora_changes_the_image_and_weight_zero_gives_the_base(client) -> None:
     base = await image(client, [])
+    without_adapters = await memory_bytes(client)
     pixel_art = await image(client, [{"name": "pixel-art", "weight": 1.0}])
+    assert await memory_bytes(client) > without_adapters  # the cached adapter counts against the budget
     watercolor = await image(client, [{"name": "watercolor", "weight": 1.0}])
     assert np.abs(pixel_art - base).mean() > 5
     assert np.abs(watercolor - pixel_art).mean() > 5
