@@ -20,8 +20,8 @@ from imagine.keys import (
     trusted_networks_key,
     verifier_key,
 )
-from imagine.middlewares import auth_middleware, cors_middleware, error_middleware, ratelimit_middleware
 from imagine.memory import GIB
+from imagine.middlewares import auth_middleware, cors_middleware, error_middleware, ratelimit_middleware
 from imagine.models import ModelRegistry
 from imagine.plugins import collect_generators, plugin_manager
 from imagine.ratelimit import MemoryBucketStore, RateLimiter, parse_networks

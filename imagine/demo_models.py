@@ -66,7 +66,10 @@ DEMO_SOURCES = {"sdxl": "sdxl", "sdxl-turbo": "sdxl-turbo", "sd15-lora": "sd15"}
 
 
 def _lightning_checkpoints(folder: pathlib.Path) -> dict[str, str]:
-    return {str(steps): str(folder / "sdxl-lightning" / f"sdxl_lightning_{steps}step_unet.safetensors") for steps in LIGHTNING_STEPS}
+    return {
+        str(steps): str(folder / "sdxl-lightning" / f"sdxl_lightning_{steps}step_unet.safetensors")
+        for steps in LIGHTNING_STEPS
+    }
 
 
 def demo_settings(settings: Settings, folder: pathlib.Path) -> Settings:
