@@ -33,6 +33,7 @@ from imagine.keys import (
     url_signer_key,
     verifier_key,
 )
+from imagine.memory import GIB
 from imagine.middlewares import (
     add_response_headers,
     auth_middleware,
@@ -53,7 +54,8 @@ RETENTION_SWEEP_S = 600.0
 
 def _registry(settings: Settings, extra_plugins: Iterable[Any]) -> ModelRegistry:
     generators = collect_generators(plugin_manager(extra_plugins), settings)
-    registry = ModelRegistry(generators, settings.models.default)
+    budget_gb = settings.models.memory_budget_gb
+    registry = ModelRegistry(generators, settings.models.default, int(budget_gb * GIB) if budget_gb else None)
     for name in (settings.models.default, *settings.models.preload):
         try:
             registry.resolve(name)

@@ -26,6 +26,7 @@ DEMO_MODELS_VERSION: int = 1
 MARKER_NAME = ".demo-models-version"
 LIGHTNING_STEPS = (1, 2, 4, 8)
 LORA_NAMES = ("pixel-art", "watercolor")
+DEMO_LORA_DIR = "loras"
 
 # Shared by all text encoders: the UNets' cross-attention sizes derive from it.
 _TEXT_HIDDEN_SIZE = 32
@@ -54,22 +55,31 @@ def build_demo_models(target: pathlib.Path) -> None:
     _build_sdxl(target / "sdxl-turbo", seed=1, scheduler=_sdxl_turbo_scheduler())
     _build_lightning(target / "sdxl-lightning", first_seed=10)
     sd15 = _build_sd15(target / "sd15", seed=2)
-    _build_loras(sd15, target / "loras", first_seed=20)
+    _build_loras(sd15, target / DEMO_LORA_DIR, first_seed=20)
     _make_world_readable(target)
     # Written last: a folder without it is incomplete whatever else it holds.
     (target / MARKER_NAME).write_text(f"{DEMO_MODELS_VERSION}\n")
 
 
 # Which demo folder stands in for each model's real weights.
-DEMO_SOURCES = {"sdxl": "sdxl", "sdxl-turbo": "sdxl-turbo"}
+DEMO_SOURCES = {"sdxl": "sdxl", "sdxl-turbo": "sdxl-turbo", "sd15-lora": "sd15"}
+
+
+def _lightning_checkpoints(folder: pathlib.Path) -> dict[str, str]:
+    return {
+        str(steps): str(folder / "sdxl-lightning" / f"sdxl_lightning_{steps}step_unet.safetensors")
+        for steps in LIGHTNING_STEPS
+    }
 
 
 def demo_settings(settings: Settings, folder: pathlib.Path) -> Settings:
-    """The same settings with every model's `source` pointing at its demo folder."""
+    """The same settings with every model's weights and the LoRA folder pointing at the demo models."""
     options = {name: dict(table) for name, table in settings.models.options.items()}
     for name, subfolder in DEMO_SOURCES.items():
         options.setdefault(name, {})["source"] = str(folder / subfolder)
-    return settings.replace(models={"options": options})
+    # Lightning's base defaults to sdxl's source, so the two share components here too.
+    options.setdefault("sdxl-lightning", {})["checkpoints"] = _lightning_checkpoints(folder)
+    return settings.replace(models={"options": options, "lora_dir": str(folder / DEMO_LORA_DIR)})
 
 
 def ensure_demo_models(target: pathlib.Path) -> bool:

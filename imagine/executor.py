@@ -6,7 +6,9 @@ The queue is bounded, every job has a deadline, and a job can be stopped at
 any time: removed if still queued, interrupted at its next denoising step if
 running. Compatible queued jobs run as one batch (see `imagine.batching`);
 a member stopped mid-run is answered at once and its images discarded, while
-the others go on.
+the others go on. Control tasks (loading or unloading a model) run on the same
+thread between batches, ahead of queued jobs, and hand their result back the
+same way.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ import math
 import secrets
 import threading
 import time
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from imagine import device
 from imagine.batching import FairBatcher
@@ -33,6 +36,8 @@ if TYPE_CHECKING:
     from PIL import Image
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class JobState(str, Enum):
@@ -117,6 +122,28 @@ class Job:
         return self._stop.is_set()
 
 
+@dataclass(eq=False)
+class ControlTask:
+    """Work that must run on the device thread but is no generation (loading a model, say)."""
+
+    run: Callable[[], Any]
+    future: asyncio.Future[Any]
+
+
+def _resolve(future: asyncio.Future[Any], result: Any, error: ApiError | None) -> None:
+    """Settle a future on its loop, unless a cancelled waiter already gave it up."""
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+def shutting_down_error() -> ApiError:
+    return ApiError(503, "SERVICE_UNAVAILABLE", "The service is shutting down")
+
+
 class DeviceExecutor:
     def __init__(
         self,
@@ -138,6 +165,7 @@ class DeviceExecutor:
         self._device_preference = device_preference
         self._preload = tuple(preload)
         self._queue: collections.deque[Job] = collections.deque()
+        self._controls: collections.deque[ControlTask] = collections.deque()
         self._condition = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -164,10 +192,14 @@ class DeviceExecutor:
             self._stopping = True
             abandoned = list(self._queue)
             self._queue.clear()
+            controls = list(self._controls)
+            self._controls.clear()
             self._condition.notify_all()
-        shutting_down = ApiError(503, "SERVICE_UNAVAILABLE", "The service is shutting down")
+        shutting_down = shutting_down_error()
         for job in abandoned:
             self._settle(job, JobState.CANCELLED, error=shutting_down)
+        for control in controls:
+            _resolve(control.future, None, shutting_down)
         for job in self.running:
             job.request_stop(shutting_down)
         if self._thread is not None:
@@ -211,6 +243,19 @@ class DeviceExecutor:
         if observer is not None:
             observer.queued(self.position(job), self.eta_s(job))
         return job
+
+    async def call(self, task: Callable[[], T]) -> T:
+        """Run `task` on the device thread before the next queued job, and return its result."""
+        assert self._loop is not None, "executor not started"
+        future: asyncio.Future[T] = self._loop.create_future()
+        future.add_done_callback(lambda done: done.cancelled() or done.exception())
+        with self._condition:
+            if self._stopping:
+                raise shutting_down_error()
+            self._controls.append(ControlTask(task, future))
+            self._condition.notify()
+        # A handler cancelled meanwhile does not stop the task: a half-done load helps nobody.
+        return await asyncio.shield(future)
 
     def position(self, job: Job) -> int:
         """0 while running or done, else 1 for the next job to run."""
@@ -273,24 +318,15 @@ class DeviceExecutor:
         """Record the outcome and resolve the future on the loop (callable from any thread)."""
         job.state = state
         self.outcomes[state.value] += 1
-
-        def resolve() -> None:
-            if job.future.done():
-                return
-            if error is not None:
-                job.future.set_exception(error)
-            else:
-                job.future.set_result(output)  # type: ignore[arg-type]
-
         assert self._loop is not None
         try:
             on_loop = asyncio.get_running_loop() is self._loop
         except RuntimeError:  # the device thread has no loop
             on_loop = False
         if on_loop:
-            resolve()
+            _resolve(job.future, output, error)
         else:
-            self._loop.call_soon_threadsafe(resolve)
+            self._loop.call_soon_threadsafe(_resolve, job.future, output, error)
 
     # ---- device thread ----------------------------------------------------
 
@@ -308,29 +344,47 @@ class DeviceExecutor:
             self.report = device.report(self.device)
 
     def _next_batch(self) -> list[Job] | None:
-        with self._condition:
-            while True:
-                while not self._queue and not self._stopping:
+        """The next jobs to run, after running any control tasks waiting before them."""
+        while True:
+            with self._condition:
+                while not self._queue and not self._controls and not self._stopping:
                     self._condition.wait()
                 if self._stopping:
                     return None
-                batch = self._batcher.take(self._queue, self._batch_max_images)
-                self._wait_for_company(batch)
-                live = []
-                for job in batch:
-                    if job.should_stop():  # expired while waiting
-                        self._settle(job, JobState.FAILED, error=job.stop_error)
-                    else:
-                        live.append(job)
-                if not live:
-                    continue
-                for job in live:
-                    job.state = JobState.RUNNING
-                    if job.observer is not None:
-                        self._on_loop(job.observer.started)
-                self.running = live
-                self._on_loop(self._announce_positions)
-                return live
+                control = self._controls.popleft() if self._controls else None
+                if control is None:
+                    batch = self._batcher.take(self._queue, self._batch_max_images)
+                    self._wait_for_company(batch)
+                    live = []
+                    for job in batch:
+                        if job.should_stop():  # expired while waiting
+                            self._settle(job, JobState.FAILED, error=job.stop_error)
+                        else:
+                            live.append(job)
+                    if not live:
+                        continue
+                    for job in live:
+                        job.state = JobState.RUNNING
+                        if job.observer is not None:
+                            self._on_loop(job.observer.started)
+                    self.running = live
+                    self._on_loop(self._announce_positions)
+                    return live
+            self._run_control(control)  # outside the lock: submissions go on meanwhile
+
+    def _run_control(self, control: ControlTask) -> None:
+        result: Any = None
+        error: ApiError | None = None
+        try:
+            result = control.run()
+        except ApiError as failure:
+            error = failure
+        except Exception:
+            log.exception("a control task on the device thread failed")
+            error = ApiError(500, "INTERNAL_ERROR", "The operation failed")
+        self.report = device.report(self.device)
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(_resolve, control.future, result, error)
 
     def _wait_for_company(self, batch: list[Job]) -> None:
         """With batch.max_wait_ms, give compatible requests a moment to arrive (lock held)."""
@@ -353,12 +407,23 @@ class DeviceExecutor:
         try:
             self._registry.ensure_loaded(generator)
             outputs = self._generate(batch)
+            # A generation can grow a model (LoRA adapters): measure before answering,
+            # so the budget and /models are up to date when the client reads them.
+            self._registry.remeasure(generator)
         except GenerationInterrupted:
             pass  # every member was stopped, and settled as it stopped
         except ApiError as error:
             self._settle_all(batch, JobState.FAILED, error)
         except Exception as error:
-            self._settle_all(batch, JobState.FAILED, self._failure(generator, error))
+            still_running = [job for job in batch if job.state is JobState.RUNNING]
+            if len(still_running) > 1 and device.is_out_of_memory(error):
+                # The batch was too big for the device, not necessarily any one
+                # request: give its memory back, then run the members one by one.
+                self._release_memory(generator, error)
+                for job in still_running:
+                    self._execute([job])
+            else:
+                self._settle_all(batch, JobState.FAILED, self._failure(generator, error))
         else:
             for job, output in zip(batch, outputs, strict=True):
                 self._settle_unless_stopped(job, output)
@@ -423,11 +488,20 @@ class DeviceExecutor:
             for job, job_images in zip(batch, images, strict=True)
         ]
 
+    def _release_memory(self, generator: Generator, error: BaseException) -> None:
+        """After an out-of-memory error: drop the cached blocks so the next run has room.
+
+        The traceback's frames still hold the failed run's tensors; clear them
+        first, or the cache could not give their blocks back.
+        """
+        traceback.clear_frames(error.__traceback__)
+        device.free_cache(self.device)
+        log.warning("out of memory generating with %s; cache freed", generator.name)
+
     def _failure(self, generator: Generator, error: Exception) -> ApiError:
         if device.is_out_of_memory(error):
-            # Only this job fails: drop the cached blocks so the next one has room.
-            device.free_cache(self.device)
-            log.warning("out of memory generating with %s; cache freed", generator.name)
+            # Only this job fails; the next one finds the memory free.
+            self._release_memory(generator, error)
             return ApiError(
                 503,
                 "OUT_OF_MEMORY",

@@ -10,7 +10,7 @@ never occupy the device thread.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -82,6 +82,8 @@ class ModelDefaults:
     width: int
     height: int
     scheduler: str
+    # Applied when a request does not send `loras` at all (an explicit [] means none).
+    loras: tuple[LoraWeight, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,18 @@ class Generator(abc.ABC):
     def latent_preview(self, latents: Any) -> Image.Image | None:
         """A small picture of the work in progress (device thread), or None if not supported."""
         return None
+
+    def listing(self) -> dict[str, Any]:
+        """Model-specific fields for /models that can change at run time (the LoRAs on offer, say)."""
+        return {}
+
+    def memory_footprint(self) -> Mapping[int, int]:
+        """Bytes held while loaded, per weight-holding object, keyed by `id()` (device thread).
+
+        Keys are object identities so that a component two generators share is
+        counted once; an empty mapping means nothing worth counting.
+        """
+        return {}
 
     def validate(self, request: GenerationRequest) -> list[dict[str, Any]]:
         """Checks beyond the card's limits, as `{"loc", "msg"}` field errors."""

@@ -17,7 +17,7 @@ from imagine import hookspecs
 from imagine.generators import Generator
 from imagine.settings import Settings
 
-BUILTIN_PLUGINS = ("plugins.sdxl", "plugins.turbo", "plugins.leonardo")
+BUILTIN_PLUGINS = ("plugins.sdxl", "plugins.lightning", "plugins.turbo", "plugins.sd15_lora", "plugins.leonardo")
 
 
 class PluginError(RuntimeError):

@@ -66,6 +66,23 @@ class GenerateBody(BaseModel):
         return prompt
 
 
+class LoadModelBody(BaseModel):
+    """POST /load_model (seed 003)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+
+
+def parse_load_model_body(body: Any) -> LoadModelBody:
+    if not isinstance(body, dict):
+        raise validation_error([{"loc": ["body"], "msg": "must be a JSON object"}])
+    try:
+        return LoadModelBody.model_validate(body)
+    except ValidationError as error:
+        raise validation_error(pydantic_errors(error)) from None
+
+
 def pydantic_errors(error: ValidationError) -> list[dict[str, Any]]:
     return [{"loc": ["body", *entry["loc"]], "msg": entry["msg"]} for entry in error.errors(include_url=False)]
 
@@ -144,6 +161,10 @@ def resolve_request(body: GenerateBody, generator: Generator) -> GenerationReque
         errors.append(field_error("scheduler", f"must be one of {', '.join(limits.schedulers)} for {generator.name}"))
     if body.loras and not card.extra.get("takes_loras"):
         errors.append(field_error("loras", f"{generator.name} does not take LoRAs"))
+    if "loras" in body.model_fields_set:
+        loras = tuple(LoraWeight(lora.name, lora.weight) for lora in body.loras)
+    else:
+        loras = defaults.loras
     if errors:
         raise validation_error(errors)
 
@@ -163,7 +184,7 @@ def resolve_request(body: GenerateBody, generator: Generator) -> GenerationReque
         num_images=body.num_images,
         seed=seed,
         scheduler=scheduler,
-        loras=tuple(LoraWeight(lora.name, lora.weight) for lora in body.loras),
+        loras=loras,
         options=options,
     )
     errors = generator.validate(request)

@@ -160,6 +160,10 @@ class OutputSettings:
             raise SettingsError("output.encode_workers must be at least 1")
 
 
+# Keys of a [models.<name>] table that name weights (Lightning names a base and checkpoints).
+WEIGHT_KEYS = ("source", "base", "checkpoints")
+
+
 @dataclass(frozen=True)
 class ModelsSettings:
     default: str = "sdxl"
@@ -167,6 +171,11 @@ class ModelsSettings:
     preload: tuple[str, ...] = ()
     device: str = "auto"  # auto = cuda, then mps, then cpu
     dtype: str = "auto"  # auto = float16 on a GPU, float32 on the CPU
+    # Folder of LoRA .safetensors files that models taking LoRAs may apply.
+    lora_dir: str = ""
+    # Memory the loaded models may hold together, in GB; 0 means no limit.
+    # Past it, the least recently used models are unloaded.
+    memory_budget_gb: float = 0.0
     # One table per model, [models.<name>], read by the plugin that owns it:
     # source (local folder or hub id) and optional default/limit overrides.
     options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -176,6 +185,8 @@ class ModelsSettings:
             raise SettingsError("models.device must be auto, cuda, cuda:N, mps or cpu")
         if self.dtype not in ("auto", "float16", "bfloat16", "float32"):
             raise SettingsError("models.dtype must be auto, float16, bfloat16 or float32")
+        if self.memory_budget_gb < 0:
+            raise SettingsError("models.memory_budget_gb must be 0 (no limit) or positive")
 
     def model_options(self, name: str) -> Mapping[str, Any]:
         return self.options.get(name, {})
@@ -183,7 +194,7 @@ class ModelsSettings:
     @property
     def has_sources(self) -> bool:
         """True when the configuration names weights for at least one model."""
-        return any("source" in table for table in self.options.values())
+        return any(key in table for table in self.options.values() for key in WEIGHT_KEYS)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from imagine.generators import (
     StepProgress,
 )
 from imagine.settings import ModelsSettings
+from plugins.components import POOL
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -61,6 +62,12 @@ _CARD_OVERRIDES = {
 }
 
 
+def module_bytes(module: Any) -> int:
+    """Bytes of a torch module's parameters and buffers (tied weights once)."""
+    tensors = {id(t): t for t in (*module.parameters(), *module.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 def card_with_overrides(card: ModelCard, options: Mapping[str, Any]) -> ModelCard:
     defaults, limits = card.defaults, card.limits
     for key, (part, field) in _CARD_OVERRIDES.items():
@@ -82,6 +89,9 @@ class DiffusersGenerator(Generator):
     pipeline_class: str  # e.g. "StableDiffusionXLPipeline"
     latent_rgb: tuple[tuple[float, float, float], ...] = LATENT_RGB_SDXL
     latent_rgb_bias: tuple[float, float, float] = LATENT_RGB_BIAS_SDXL
+    # Components taken from (and offered to) other pipelines loaded from the same
+    # weights. Only components nothing modifies in place may be listed here.
+    shared_components: tuple[str, ...] = ()
 
     def __init__(self, name: str, card: ModelCard, source: str, models: ModelsSettings) -> None:
         self.name = name
@@ -95,6 +105,7 @@ class DiffusersGenerator(Generator):
         self.dtype = "float32"
         self.pipe: Any = None
         self._schedulers: dict[str, Any] = {}
+        self._footprint: dict[int, int] | None = None
 
     @property
     def loaded(self) -> bool:
@@ -106,9 +117,23 @@ class DiffusersGenerator(Generator):
 
         self.device = device.choose_device(self._device_preference)
         self.dtype = device.choose_dtype(self._dtype_preference, self.device)
+        torch_dtype = getattr(torch, self.dtype)
+        shared = POOL.find(self.source, self.shared_components, self.device, self.dtype)
         pipeline_class = getattr(diffusers, self.pipeline_class)
-        pipe = pipeline_class.from_pretrained(self.source, torch_dtype=getattr(torch, self.dtype))
-        self.pipe = self.prepare(pipe.to(self.device))
+        try:
+            # Components passed in are used as they are; diffusers loads only the others.
+            pipe = pipeline_class.from_pretrained(
+                self.source, torch_dtype=torch_dtype, **shared, **self.load_arguments(torch_dtype)
+            )
+            self.pipe = self.prepare(pipe.to(self.device))
+        except BaseException:
+            self.unload()  # whatever a half-done load allocated goes back now
+            raise
+        POOL.add(self.source, self.pipe, self.shared_components, self.device, self.dtype)
+
+    def load_arguments(self, torch_dtype: Any) -> dict[str, Any]:
+        """Extra `from_pretrained` arguments: replacement components or loading options."""
+        return {}
 
     def prepare(self, pipe: Any) -> Any:
         """Adjust a freshly loaded pipeline; subclasses swap components here."""
@@ -119,7 +144,24 @@ class DiffusersGenerator(Generator):
     def unload(self) -> None:
         self.pipe = None
         self._schedulers = {}
+        self._footprint = None
         device.free_cache(self.device)
+
+    def memory_footprint(self) -> Mapping[int, int]:
+        """Parameter and buffer bytes of each component; cached until the weights change."""
+        if self.pipe is None:
+            return {}
+        if self._footprint is None:
+            self._footprint = {
+                id(component): module_bytes(component)
+                for component in self.pipe.components.values()
+                if hasattr(component, "parameters")
+            }
+        return self._footprint
+
+    def weights_changed(self) -> None:
+        """Subclasses that add or remove weights (LoRA adapters) call this so they are measured again."""
+        self._footprint = None
 
     def runtime_info(self) -> dict[str, Any]:
         return {"device": self.device, "dtype": self.dtype} if self.loaded else {}
@@ -147,6 +189,10 @@ class DiffusersGenerator(Generator):
         """The config a named scheduler is built from: the checkpoint's own by default."""
         return self.pipe.scheduler.config
 
+    def ready_for(self, requests: Sequence[GenerationRequest]) -> None:
+        """Put the pipeline in the state these requests need; subclasses add weights or adapters."""
+        self.pipe.scheduler = self.scheduler(requests[0].scheduler)
+
     def call_arguments(self, requests: Sequence[GenerationRequest]) -> dict[str, Any]:
         """Extra keyword arguments for the pipeline call (LoRA scales, say)."""
         return {}
@@ -173,7 +219,7 @@ class DiffusersGenerator(Generator):
                 raise GenerationInterrupted()
             return tensors
 
-        self.pipe.scheduler = self.scheduler(first.scheduler)
+        self.ready_for(requests)
         with torch.inference_mode():
             result = self.pipe(
                 prompt=prompts,

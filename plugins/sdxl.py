@@ -22,6 +22,9 @@ CARD = ModelCard(
 
 class SDXLGenerator(DiffusersGenerator):
     pipeline_class = "StableDiffusionXLPipeline"
+    # The SDXL family keeps its base's text encoders and VAE: models loaded from
+    # the same base weights (sdxl and sdxl-lightning) hold one copy of them.
+    shared_components = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae")
 
 
 @hookimpl

@@ -8,7 +8,7 @@ from typing import Any
 from imagine.generators import Generator, ModelCard, ModelDefaults, ModelLimits
 from imagine.hookspecs import hookimpl
 from imagine.settings import Settings
-from plugins.diffusers_base import DiffusersGenerator
+from plugins.sdxl import SDXLGenerator
 
 DEFAULT_SOURCE = "stabilityai/sdxl-turbo"
 
@@ -20,9 +20,7 @@ CARD = ModelCard(
 )
 
 
-class TurboGenerator(DiffusersGenerator):
-    pipeline_class = "StableDiffusionXLPipeline"
-
+class TurboGenerator(SDXLGenerator):
     def scheduler_config(self, name: str) -> Mapping[str, Any]:
         # Distilled for the last timesteps: spacing must stay "trailing" whatever the sampler.
         return {**self.pipe.scheduler.config, "timestep_spacing": "trailing"}

@@ -1,4 +1,4 @@
-"""What models there are, how they are configured, and whether they are loaded."""
+"""What models there are, how they are configured, what they hold in memory; loading and unloading them."""
 
 from __future__ import annotations
 
@@ -6,11 +6,15 @@ from typing import Any
 
 from aiohttp import web
 
+from imagine.auth import requires
 from imagine.generators import CloudGenerator, Generator
 from imagine.keys import executor_key, registry_key
+from imagine.memory import ModelMemory
+from imagine.schemas import parse_load_model_body, read_json
+from imagine.views.system import model_memory
 
 
-def local_model(generator: Generator) -> dict[str, Any]:
+def local_model(generator: Generator, memory: ModelMemory) -> dict[str, Any]:
     card = generator.card
     runtime = generator.runtime_info()
     entry: dict[str, Any] = {
@@ -35,6 +39,8 @@ def local_model(generator: Generator) -> dict[str, Any]:
             "schedulers": list(card.limits.schedulers),
         },
         "vram_required": card.vram_required,
+        "memory": memory.as_json(),
+        **generator.listing(),
     }
     return entry
 
@@ -51,11 +57,14 @@ def cloud_model(generator: CloudGenerator) -> dict[str, Any]:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    generators = request.app[registry_key].generators()
+    registry = request.app[registry_key]
+    generators = registry.generators()
+    memory = registry.memory()
     return web.json_response(
         {
-            "local_models": {g.name: local_model(g) for g in generators if g.uses_device},
+            "local_models": {g.name: local_model(g, memory[g.name]) for g in generators if g.uses_device},
             "cloud_models": {g.name: cloud_model(g) for g in generators if isinstance(g, CloudGenerator)},
+            "memory": model_memory(request.app),
         }
     )
 
@@ -72,5 +81,58 @@ async def default_model_status(request: web.Request) -> web.Response:
     )
 
 
+def _change(request: web.Request, generator: Generator, message: str, load_time: float | None) -> web.Response:
+    """Seed 003's answer to /load_model, with the model's own memory beside the device figure."""
+    app = request.app
+    vram = app[executor_key].report.vram_used_gb
+    return web.json_response(
+        {
+            "message": message,
+            "model": generator.name,
+            "loaded": generator.loaded,
+            # GPU memory in use now, in GB; 0.0 without a GPU (see "memory" for what the model holds).
+            "vram_used": vram if vram is not None else 0.0,
+            "load_time": None if load_time is None else round(load_time, 3),
+            "memory": app[registry_key].memory()[generator.name].as_json(),
+            "device": app[executor_key].device,
+        }
+    )
+
+
+async def _load(request: web.Request, name: str) -> web.Response:
+    registry = request.app[registry_key]
+    generator = registry.resolve(name)
+    # On the device thread, between jobs: no torch call ever runs on the loop.
+    loaded_now = await request.app[executor_key].call(lambda: registry.ensure_loaded(generator))
+    if loaded_now:
+        return _change(request, generator, "Model loaded successfully", registry.states[generator.name].load_time_s)
+    return _change(request, generator, "Model already loaded", 0.0)
+
+
+@requires("admin")
+async def load_model(request: web.Request) -> web.Response:
+    return await _load(request, request.match_info["name"])
+
+
+@requires("admin")
+async def load_model_seed003(request: web.Request) -> web.Response:
+    body = parse_load_model_body(await read_json(request))
+    return await _load(request, body.model)
+
+
+@requires("admin")
+async def unload_model(request: web.Request) -> web.Response:
+    registry = request.app[registry_key]
+    generator = registry.resolve(request.match_info["name"])
+    was_loaded = await request.app[executor_key].call(lambda: registry.unload(generator))
+    return _change(request, generator, "Model unloaded" if was_loaded else "Model was not loaded", None)
+
+
 def routes(base: str) -> list[web.RouteDef]:
-    return [web.get(base + "/models", list_models), web.get(base + "/models/status", default_model_status)]
+    return [
+        web.get(base + "/models", list_models),
+        web.get(base + "/models/status", default_model_status),
+        web.post(base + "/models/{name}/load", load_model),
+        web.post(base + "/models/{name}/unload", unload_model),
+        web.post(base + "/load_model", load_model_seed003),
+    ]

@@ -12,9 +12,9 @@ from aiohttp import web
 
 from imagine import device
 from imagine.auth import public
-from imagine.executor import DeviceExecutor
 from imagine.generators import CloudGenerator, Generator
 from imagine.keys import executor_key, registry_key
+from imagine.memory import gigabytes
 from imagine.models import ModelRegistry
 
 GB = 1024**3
@@ -45,9 +45,23 @@ EXAMPLES = [
 ]
 
 
-def system_info(executor: DeviceExecutor) -> dict[str, Any]:
+def model_memory(app: web.Application) -> dict[str, Any]:
+    """The loaded models' measured memory together (shared parts once), and where it lives."""
+    registry = app[registry_key]
+    used = registry.used_bytes()
+    budget = registry.memory_budget_bytes
+    return {
+        # "cpu": the weights sit in this process's RAM; "cuda" or "mps": in GPU memory.
+        "device": app[executor_key].device,
+        "total_bytes": used,
+        "total_gb": gigabytes(used),
+        "budget_gb": gigabytes(budget) if budget is not None else None,
+    }
+
+
+def system_info(app: web.Application) -> dict[str, Any]:
     memory = psutil.virtual_memory()
-    report = executor.report
+    report = app[executor_key].report
     return {
         "cpu_usage": psutil.cpu_percent(interval=None),
         "available_memory": round(memory.available / GB, 3),
@@ -57,6 +71,7 @@ def system_info(executor: DeviceExecutor) -> dict[str, Any]:
         "vram_usage": report.vram_used_gb,
         # On the CPU the models live in ordinary memory: this is what they cost.
         "process_memory": device.process_memory_gb(),
+        "models_memory": model_memory(app),
         "python_version": platform.python_version(),
         "torch_version": report.torch_version or None,
     }
@@ -79,12 +94,13 @@ def _model_status(registry: ModelRegistry, generator: Generator) -> dict[str, An
     return {"loaded": generator.loaded, "error": registry.states[generator.name].error}
 
 
-def _generator_summary(generator: Generator) -> dict[str, Any]:
+def _generator_summary(registry: ModelRegistry, generator: Generator) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "name": generator.name,
         "type": "local" if generator.uses_device else "api",
         "description": generator.card.description,
         "loaded": generator.loaded,
+        "error": registry.states[generator.name].error,
     }
     if isinstance(generator, CloudGenerator):
         summary["configured"] = generator.configured
@@ -129,7 +145,7 @@ async def info(request: web.Request) -> web.Response:
                 "max_img_size": card.limits.max_size,
                 "default": generator.name == registry.default,
             },
-            "system_info": system_info(request.app[executor_key]),
+            "system_info": system_info(request.app),
         }
     )
 
@@ -153,15 +169,20 @@ async def status(request: web.Request) -> web.Response:
                 None if registry.current is None else ("local" if registry.resolve(registry.current).uses_device else "api")
             ),
             "available_models": {
-                g.name: {"name": g.name, "description": g.card.description, "vram_required": g.card.vram_required}
+                g.name: {
+                    "name": g.name,
+                    "description": g.card.description,
+                    "vram_required": g.card.vram_required,
+                    "error": registry.states[g.name].error,
+                }
                 for g in generators
                 if g.uses_device
             },
-            "available_generators": {g.name: _generator_summary(g) for g in generators},
+            "available_generators": {g.name: _generator_summary(registry, g) for g in generators},
             "models": {g.name: g.loaded for g in generators},
             "gpu_available": report.gpu_available,
             "gpu_backend": report.gpu_backend,
-            "system_info": system_info(executor),
+            "system_info": system_info(request.app),
         }
     )
 
