@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,11 +27,21 @@ class Generated:
     pngs: list[bytes]
     ids: list[str]  # gallery ids; empty when not stored
     encode_time: float = 0.0
+    store_time: float = 0.0
 
-    def server_timing(self) -> str:
-        """Where the time went, as a Server-Timing header (milliseconds) that tools display."""
-        parts = {"queue": self.output.queue_time, "device": self.output.generation_time, "encode": self.encode_time}
-        return ", ".join(f"{name};dur={seconds * 1000:.2f}" for name, seconds in parts.items())
+    def timings(self) -> dict[str, float]:
+        """Seconds spent in each stage after validation."""
+        return {
+            "queue": self.output.queue_time,
+            "device": self.output.generation_time,
+            "encode": self.encode_time,
+            "store": self.store_time,
+        }
+
+
+def server_timing(timings: Mapping[str, float]) -> str:
+    """Where the time went, as a Server-Timing header (milliseconds) that browsers' tools display."""
+    return ", ".join(f"{name};dur={seconds * 1000:.2f}" for name, seconds in timings.items())
 
 
 def run_generation(
@@ -120,12 +130,20 @@ def start(
         output = await running
         encoding = time.perf_counter()
         pngs = await encode_images(app, request, output)
-        encode_time = time.perf_counter() - encoding
+        storing = time.perf_counter()
         ids: list[str] = []
         if store:
             images = [(png, image_metadata(request, output, seed)) for png, seed in zip(pngs, output.seeds, strict=True)]
             ids = await app[gallery_key].add(principal.sub, images)
-        return Generated(request, generator, output, pngs, ids=ids, encode_time=encode_time)
+        return Generated(
+            request,
+            generator,
+            output,
+            pngs,
+            ids=ids,
+            encode_time=storing - encoding,
+            store_time=time.perf_counter() - storing,
+        )
 
     return finish()
 

@@ -1,0 +1,60 @@
+"""`imagine bench` runs each mode end to end and prints its table (timings are not asserted)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from imagine.cli import main
+
+
+@pytest.fixture
+def bench_environment(monkeypatch, tmp_path, demo_folder):
+    monkeypatch.setenv("IMAGINE_SERVER_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("IMAGINE_SERVER_CACHE_DIR", str(demo_folder.parent))
+    monkeypatch.chdir(tmp_path)  # no imagine.toml here: the demo models serve
+
+
+def table_rows(output: str, title: str) -> list[list[str]]:
+    """The rows under a table's title and its dashed rule, split on runs of two spaces."""
+    lines = output[output.index(title):].splitlines()
+    rule = next(index for index, line in enumerate(lines) if line.startswith("---"))
+    rows = []
+    for line in lines[rule + 1:]:
+        if not line.strip():
+            break
+        rows.append(re.split(r"\s{2,}", line.strip()))
+    return rows
+
+
+def test_overhead_compares_the_bare_call_with_the_service(bench_environment, capsys) -> None:
+    assert main(["bench", "--mode", "overhead", "--model", "sdxl-turbo", "--size", "64", "--steps", "1", "--requests", "3"]) == 0
+    output = capsys.readouterr().out
+    bare, served = table_rows(output, "overhead:")
+    assert bare[0] == "bare pipe()" and bare[-1] == "1.000"
+    assert served[0] == "service (HTTP, PNG)" and float(served[-1]) > 0
+    parts = {row[0] for row in table_rows(output, "where a request's time goes")}
+    assert parts == {"validate", "queue", "device", "encode", "store"}
+
+
+def test_batching_reports_both_baselines_and_both_services(bench_environment, capsys) -> None:
+    arguments = ["bench", "--mode", "batching", "--model", "sdxl-turbo", "--size", "64", "--steps", "1"]
+    assert main([*arguments, "--concurrency", "2", "--requests", "4"]) == 0
+    rows = table_rows(capsys.readouterr().out, "batching:")
+    assert [row[0] for row in rows] == [
+        "bare loop, batch 1",
+        "bare loop, batch 2",
+        "service, batching off",
+        "service, batching on (max 2)",
+    ]
+    assert all(float(row[1]) > 0 for row in rows)
+
+
+def test_load_counts_statuses_and_refusals_carry_retry_after(bench_environment, capsys) -> None:
+    arguments = ["bench", "--mode", "load", "--model", "sdxl-turbo", "--size", "64", "--steps", "1"]
+    assert main([*arguments, "--concurrency", "6", "--duration", "1.5", "--queue-size", "2"]) == 0
+    [row] = table_rows(capsys.readouterr().out, "load:")
+    statuses = dict(part.split(": ") for part in row[4].split(", "))
+    assert set(statuses) <= {"200", "503"} and int(statuses["200"]) > 0
+    assert row[5] == "0"  # every 503 said when to come back
