@@ -86,10 +86,13 @@ async def _run_remote(
 async def encode_images(app: web.Application, request: GenerationRequest, output: GenerationOutput) -> list[bytes]:
     """PNG-encode on the CPU pool, so neither the loop nor the device thread waits for zlib."""
     loop = asyncio.get_running_loop()
-    level = app[settings_key].output.png_compress_level
+    output_settings = app[settings_key].output
+    level, strategy = output_settings.png_compress_level, output_settings.png_strategy
     return await asyncio.gather(
         *(
-            loop.run_in_executor(app[encode_pool_key], encode_png, image, parameters_text(request, seed), level)
+            loop.run_in_executor(
+                app[encode_pool_key], encode_png, image, parameters_text(request, seed), level, strategy
+            )
             for image, seed in zip(output.images, output.seeds, strict=True)
         )
     )

@@ -150,12 +150,16 @@ class JobsSettings:
 class OutputSettings:
     # zlib level for PNG responses: 1 is about five times faster than 6 at 1024px.
     png_compress_level: int = 1
+    # zlib strategy for PNGs: huffman_only (fastest with compression), rle, filtered, default.
+    png_strategy: str = "huffman_only"
     # Threads that encode PNGs, so the device thread never waits for zlib.
     encode_workers: int = 2
 
     def __post_init__(self) -> None:
         if not 0 <= self.png_compress_level <= 9:
             raise SettingsError("output.png_compress_level must be between 0 and 9")
+        if self.png_strategy not in ("huffman_only", "rle", "filtered", "default"):
+            raise SettingsError("output.png_strategy must be huffman_only, rle, filtered or default")
         if self.encode_workers < 1:
             raise SettingsError("output.encode_workers must be at least 1")
 

@@ -40,13 +40,13 @@ def test_overhead_compares_the_bare_call_with_the_service(bench_environment, cap
 
 def test_batching_reports_both_baselines_and_both_services(bench_environment, capsys) -> None:
     arguments = ["bench", "--mode", "batching", "--model", "sdxl-turbo", "--size", "64", "--steps", "1"]
-    assert main([*arguments, "--concurrency", "2", "--requests", "4"]) == 0
+    assert main([*arguments, "--concurrency", "2", "--requests", "4", "--rounds", "1", "--max-wait-ms", "10"]) == 0
     rows = table_rows(capsys.readouterr().out, "batching:")
     assert [row[0] for row in rows] == [
         "bare loop, batch 1",
         "bare loop, batch 2",
         "service, batching off",
-        "service, batching on (max 2)",
+        "service, batching on (max 2, wait 10 ms)",
     ]
     assert all(float(row[1]) > 0 for row in rows)
 

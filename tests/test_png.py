@@ -1,0 +1,83 @@
+"""The PNG writer: exact pixels, the `parameters` chunk other tools read, every level and strategy."""
+
+from __future__ import annotations
+
+import io
+import struct
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imagine.generators import GenerationRequest, LoraWeight
+from imagine.png import ZLIB_STRATEGIES, encode_png, parameters_text
+
+
+def chunk_types(png: bytes) -> list[bytes]:
+    types, position = [], 8
+    while position < len(png):
+        (length,) = struct.unpack(">I", png[position : position + 4])
+        types.append(png[position + 4 : position + 8])
+        position += 12 + length
+    return types
+
+
+def random_image(mode: str, width: int = 67, height: int = 31) -> Image.Image:
+    channels = len(mode)
+    pixels = np.random.default_rng(7).integers(0, 256, (height, width, channels), dtype=np.uint8)
+    return Image.fromarray(pixels, mode)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA"])
+@pytest.mark.parametrize("level", [0, 1, 6, 9])
+@pytest.mark.parametrize("strategy", sorted(ZLIB_STRATEGIES))
+def test_pixels_survive_exactly_at_every_level_and_strategy(mode, level, strategy) -> None:
+    image = random_image(mode)
+    decoded = Image.open(io.BytesIO(encode_png(image, "a prompt", level, strategy)))
+    decoded.load()  # Pillow checks every chunk's CRC on the way
+    assert decoded.mode == mode and decoded.size == image.size
+    assert np.array_equal(np.asarray(decoded), np.asarray(image))
+
+
+def test_other_modes_are_written_as_rgb() -> None:
+    grey = Image.new("L", (8, 4), 120)
+    decoded = Image.open(io.BytesIO(encode_png(grey, "x", 1)))
+    assert decoded.mode == "RGB" and decoded.getpixel((3, 2)) == (120, 120, 120)
+
+
+def test_latin1_text_is_tEXt_and_anything_else_iTXt() -> None:
+    image = random_image("RGB", 4, 4)
+    latin = encode_png(image, "café at dusk", 1)
+    assert chunk_types(latin) == [b"IHDR", b"tEXt", b"IDAT", b"IEND"]
+    assert Image.open(io.BytesIO(latin)).text["parameters"] == "café at dusk"
+    unicode = encode_png(image, "灯台 at dusk\nSteps: 4", 1)
+    assert chunk_types(unicode) == [b"IHDR", b"iTXt", b"IDAT", b"IEND"]
+    assert Image.open(io.BytesIO(unicode)).text["parameters"] == "灯台 at dusk\nSteps: 4"
+
+
+def test_compression_shrinks_smooth_images() -> None:
+    gradient = np.tile(np.arange(256, dtype=np.uint8), (64, 1))
+    image = Image.fromarray(np.stack([gradient] * 3, axis=-1))
+    stored, compressed = encode_png(image, "x", 0), encode_png(image, "x", 1)
+    assert len(stored) > 64 * 256 * 3
+    assert len(compressed) < len(stored) / 5  # Huffman coding alone: about a bit per filtered byte
+
+
+def test_parameters_text_in_the_form_other_tools_parse() -> None:
+    request = GenerationRequest(
+        prompt="a lighthouse",
+        negative_prompt="fog",
+        model="sd15-lora",
+        width=512,
+        height=768,
+        steps=20,
+        guidance=7.5,
+        num_images=2,
+        seed=42,
+        scheduler="dpmpp_2m",
+        loras=(LoraWeight("watercolor", 0.8),),
+    )
+    assert parameters_text(request, 43) == (
+        "a lighthouse\nNegative prompt: fog\n"
+        "Steps: 20, Sampler: DPM++ 2M, CFG scale: 7.5, Seed: 43, Size: 512x768, Model: sd15-lora, Lora: watercolor:0.8"
+    )
