@@ -15,6 +15,7 @@ from aiohttp import web
 from imagine.auth import PUBLIC_ATTRIBUTE, SCOPE_ATTRIBUTE, InvalidToken
 from imagine.errors import ApiError, error_body
 from imagine.keys import (
+    error_code_key,
     limiter_key,
     principal_key,
     rate_decisions_key,
@@ -22,7 +23,7 @@ from imagine.keys import (
     trusted_networks_key,
     verifier_key,
 )
-from imagine.ratelimit import BucketDecision, client_ip, most_restrictive
+from imagine.ratelimit import OPERATIONAL_ATTRIBUTE, BucketDecision, client_ip, most_restrictive
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Headers a browser script may read from our responses.
 EXPOSED_HEADERS = (
     "X-Seed, X-Model, X-Generation-Time, X-Image-Id, Content-Disposition, Retry-After, Server-Timing, "
-    "RateLimit-Limit, RateLimit-Remaining, RateLimit-Reset, WWW-Authenticate"
+    "RateLimit-Limit, RateLimit-Remaining, RateLimit-Reset, WWW-Authenticate, X-Request-ID"
 )
 
 _HTTP_CODES = {
@@ -104,20 +105,27 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except ApiError as error:
+        request[error_code_key] = error.code
         return error.response()
     except web.HTTPException as error:
         if error.status < 400:
             raise
         code = _HTTP_CODES.get(error.status, "INTERNAL_ERROR" if error.status >= 500 else "VALIDATION_ERROR")
+        request[error_code_key] = code
         headers = {key: value for key, value in error.headers.items() if key.lower() == "allow"}
         return web.json_response(error_body(code, _http_message(error, request)), status=error.status, headers=headers)
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
+        request[error_code_key] = "INTERNAL_ERROR"
         return web.json_response(error_body("INTERNAL_ERROR", "Internal server error"), status=500)
 
 
 def _is_public(request: web.Request) -> bool:
     return getattr(request.match_info.handler, PUBLIC_ATTRIBUTE, False)
+
+
+def _is_operational(request: web.Request) -> bool:
+    return getattr(request.match_info.handler, OPERATIONAL_ATTRIBUTE, False)
 
 
 def _unmatched(request: web.Request) -> bool:
@@ -133,7 +141,7 @@ async def ratelimit_middleware(request: web.Request, handler: Handler) -> web.St
         return await handler(request)
     trusted = request.app[trusted_networks_key]
     ip = client_ip(request.remote, request.headers.get("X-Forwarded-For"), trusted)
-    decisions = await limiter.before_auth(ip)
+    decisions = await limiter.before_auth(ip, operational=_is_operational(request))
     request[rate_decisions_key] = decisions
     if not all(decision.allowed for decision in decisions):
         raise _rate_limited(decisions)
@@ -182,7 +190,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         raise ApiError(403, "FORBIDDEN", f"This token lacks the scope {' or '.join(sorted(needed))}")
     limiter = request.app[limiter_key]
     if limiter.enabled:
-        decision = await limiter.for_subject(principal.sub)
+        decision = await limiter.for_subject(principal.sub, operational=_is_operational(request))
         request.setdefault(rate_decisions_key, []).append(decision)
         if not decision.allowed:
             raise _rate_limited([decision])

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from imagine.errors import model_not_available
 from imagine.generators import Generator
+from imagine.telemetry import NO_TELEMETRY, Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +26,9 @@ class LoadState:
 
 
 class ModelRegistry:
-    def __init__(self, generators: Mapping[str, Generator], default: str) -> None:
+    def __init__(self, generators: Mapping[str, Generator], default: str, telemetry: Telemetry = NO_TELEMETRY) -> None:
         self._generators = dict(generators)
+        self._telemetry = telemetry
         self._aliases = {alias: g.name for g in generators.values() for alias in g.card.aliases}
         self.default = default
         self.states = {name: LoadState() for name in generators}
@@ -58,9 +60,11 @@ class ModelRegistry:
             except Exception as error:  # a broken model must not take the service down
                 state.error = f"{type(error).__name__}: {error}"
                 log.error("model %s failed to load: %s", generator.name, state.error)
+                self._telemetry.model_loaded(generator.name, time.perf_counter() - started, ok=False)
                 raise model_not_available(generator.name, self.names, reason=state.error) from None
             state.error = None
             state.load_time_s = time.perf_counter() - started
+            self._telemetry.model_loaded(generator.name, state.load_time_s, ok=True)
             log.info("model %s loaded in %.2f s", generator.name, state.load_time_s)
         state.last_used = time.monotonic()
         self.current = generator.name
