@@ -81,7 +81,8 @@ async def test_accept_json_gives_seed_000s_summary_and_openmetrics_is_honoured(c
     summary = await response.json()
     assert set(summary) == {"model_loaded", "lora_available", "device", "torch_version", "api_version"}
     assert summary["model_loaded"] is False and summary["device"] == "cpu"
-    openmetrics = await client.get(METRICS, headers={**SCRAPER, "Accept": "application/openmetrics-text; version=1.0.0"})
+    openmetrics_accept = {**SCRAPER, "Accept": "application/openmetrics-text; version=1.0.0"}
+    openmetrics = await client.get(METRICS, headers=openmetrics_accept)
     assert openmetrics.headers["Content-Type"].startswith("application/openmetrics-text")
     assert (await openmetrics.text()).rstrip().endswith("# EOF")
 

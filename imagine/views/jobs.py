@@ -54,6 +54,14 @@ JOB = Component(
     ),
 )
 NOT_FOUND = {404: error_response("No such job for this caller")}
+# One event of the stream (what OpenAPI 3.2 calls the itemSchema); `data` is JSON text.
+EVENT = obj(
+    {
+        "id": {"type": "string", "pattern": "^[0-9]+$"},
+        "event": {"enum": ["queued", "started", "progress", "succeeded", "failed", "cancelled"]},
+        "data": {"type": "string", "contentMediaType": "application/json"},
+    }
+)
 
 
 def job_url(request: web.Request, job: TrackedJob) -> str:
@@ -154,7 +162,7 @@ async def cancel_job(request: web.Request) -> web.Response:
         JOB_ID,
         header_parameter("Last-Event-ID", "Resume after this event", {"type": "string", "pattern": "^[0-9]{1,9}$"}),
     ],
-    responses={200: content_response("The event stream", {"text/event-stream": {"type": "string"}}), **NOT_FOUND},
+    responses={200: content_response("The event stream", {"text/event-stream": EVENT}), **NOT_FOUND},
 )
 async def job_events(request: web.Request) -> web.StreamResponse:
     job = request.app[jobs_key].get(request[principal_key], request.match_info["job_id"])
