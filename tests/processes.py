@@ -96,3 +96,58 @@ def redis_server(folder: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+NGINX_MAIN = """\
+daemon off;
+master_process on;
+worker_processes 1;
+{user}
+pid {folder}/nginx.pid;
+error_log {folder}/error.log notice;
+events {{ worker_connections 512; }}
+http {{
+    client_body_temp_path {folder}/client_body;
+    proxy_temp_path {folder}/proxy;
+    fastcgi_temp_path {folder}/fastcgi;
+    uwsgi_temp_path {folder}/uwsgi;
+    scgi_temp_path {folder}/scgi;
+    include {folder}/imagine.conf;
+}}
+"""
+
+
+def fill_in(text: str, replacements: dict[str, str]) -> str:
+    """Replace each shipped value once; a value that is gone means the shipped file changed under the test."""
+    for shipped, local in replacements.items():
+        assert text.count(shipped) == 1, f"expected {shipped!r} exactly once in deploy/nginx.conf"
+        text = text.replace(shipped, local)
+    return text
+
+
+@contextmanager
+def nginx(folder: Path, site: str) -> Iterator[int]:
+    """nginx in the foreground with `site` (an http-level file like deploy/nginx.conf) in a main config of its own.
+
+    `site` must listen on {LOOPBACK}:<port> with <port> from free_port(); yields that port once it answers.
+    """
+    binary = program("nginx", "/usr/sbin/nginx")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "imagine.conf").write_text(site)
+    # As root, nginx would run its workers as an unprivileged user that cannot enter the test's folders.
+    user = "user root;" if os.geteuid() == 0 else ""
+    (folder / "nginx.conf").write_text(NGINX_MAIN.format(folder=folder, user=user))
+    port = int(site.split(f"listen {LOOPBACK}:", 1)[1].split(";", 1)[0])
+    process = subprocess.Popen(
+        [binary, "-p", str(folder), "-c", str(folder / "nginx.conf")],
+        stdout=subprocess.DEVNULL,
+        stderr=open(folder / "stderr.log", "wb"),  # noqa: SIM115 - closed with the process
+    )
+    try:
+        try:
+            wait_for_port(port, process)
+        except (RuntimeError, TimeoutError):
+            raise RuntimeError((folder / "stderr.log").read_text() + (folder / "error.log").read_text()) from None
+        yield port
+    finally:
+        stop(process)
