@@ -63,6 +63,7 @@ async def _rate_limiter(app: web.Application) -> AsyncIterator[None]:
     """Buckets in this process, or in Redis (`ratelimit.storage`) with a client that lives as long as the app."""
     settings = app[settings_key].ratelimit
     telemetry = app[metrics_key]
+    telemetry.watch_limiter_store(lambda: app[limiter_key].problem() is None)
     if not settings.shared:
         app[limiter_key] = RateLimiter(settings, MemoryBucketStore(), telemetry)
         yield
@@ -71,7 +72,6 @@ async def _rate_limiter(app: web.Application) -> AsyncIterator[None]:
 
     async with redis_bucket_store(settings) as store:
         app[limiter_key] = RateLimiter(settings, store, telemetry)
-        telemetry.watch_limiter_store(lambda: store.problem() is None)
         yield
 
 

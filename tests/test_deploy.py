@@ -133,7 +133,8 @@ class Stack:
             connection.close()
 
     def served_by(self, request_id: str) -> list[dict]:
-        return [line for replica in self.replicas for line in replica.access_lines() if line["request_id"] == request_id]
+        lines = [line for replica in self.replicas for line in replica.access_lines()]
+        return [line for line in lines if line["request_id"] == request_id]
 
 
 @pytest.fixture(scope="module")
@@ -218,9 +219,8 @@ def test_a_client_sent_forwarded_for_cannot_dodge_its_bucket(stack) -> None:
 
 def test_nginx_refuses_an_oversized_body_with_contract_json(stack) -> None:
     body = b'{"prompt": "' + b"x" * (17 * 1024 * 1024) + b'"}'
-    status, headers, answer = stack.request(
-        "POST", "/imagine/generate", client="127.0.0.5", headers={**TOKEN, "Content-Type": "application/json"}, body=body
-    )
+    json_body = {**TOKEN, "Content-Type": "application/json"}
+    status, headers, answer = stack.request("POST", "/imagine/generate", client="127.0.0.5", headers=json_body, body=body)
     assert status == 413
     assert headers["Content-Type"] == "application/json"
     error = json.loads(answer)

@@ -41,6 +41,7 @@ async def test_counters_move_when_requests_are_served(client) -> None:
     before = await scrape(client)
     assert sample(before, "imagine_queue_capacity") == 32
     assert sample(before, "imagine_queue_depth") == 0
+    assert sample(before, "imagine_ratelimit_store_up") == 1  # memory is always there
     generated = await client.post("/imagine/generate", json={"prompt": "a fox", "model": "sdxl-turbo"}, headers=auth())
     assert generated.status == 200
     assert (await client.get("/imagine/jobs/job_not-a-real-one", headers=auth())).status == 404
