@@ -57,7 +57,6 @@ class BucketStoreUnavailable(Exception):
 
     def __init__(self, reason: str, retry_after_s: float) -> None:
         super().__init__(reason)
-        self.reason = reason
         self.retry_after_s = retry_after_s
 
 
