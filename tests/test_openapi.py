@@ -75,7 +75,7 @@ async def test_docs_work_offline_and_without_a_token(client) -> None:
 
 # Per operation and per mode (valid, invalid data): enough to cross every field's
 # checks, few enough that the whole document is fuzzed in well under a minute.
-EXAMPLES_PER_MODE = 6
+EXAMPLES_PER_MODE = 15
 
 
 def fuzz_settings(state: Path, demo_folder: Path) -> Settings:
