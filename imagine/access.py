@@ -42,6 +42,8 @@ REQUEST_ID_HEADER = "X-Request-ID"
 _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 # nginx's name for "the client went away before the answer": the handler was cancelled.
 CLIENT_CLOSED = 499
+# A path is the client's text: enough of it to recognise, never a whole 8 KB request line.
+MAX_LOGGED_PATH = 300
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -97,7 +99,7 @@ def _record(request: web.Request, status: int, seconds: float) -> None:
         "sub": principal.sub if principal is not None else None,
         "method": request.method,
         "route": route,
-        "path": request.path,
+        "path": request.path[:MAX_LOGGED_PATH],
         "status": status,
         "error": code,
         "duration_ms": round(seconds * 1000, 2),

@@ -64,6 +64,7 @@ ERROR = Component(
 )
 
 _PATH_PARAMETER = re.compile(r"{([^}:]+)}")
+_NOT_NAME = re.compile(r"[^A-Za-z0-9]+")
 _HEADERS = {
     "X-Request-ID": {
         "description": "This request's id, also in the access log (taken from a trusted proxy or generated)",
@@ -85,7 +86,6 @@ def operation(
     description: str = "",
     parameters: Sequence[Mapping[str, Any]] = (),
     body: Schema | None = None,
-    body_description: str = "",
     rate_limited: bool = True,
 ) -> Callable[[H], H]:
     """Document the decorated handler's operation (what is route-specific; the rest is added when built)."""
@@ -99,11 +99,7 @@ def operation(
     if description:
         declared["description"] = description
     if body is not None:
-        declared["requestBody"] = {
-            "required": True,
-            "description": body_description,
-            "content": {"application/json": {"schema": body}},
-        }
+        declared["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
 
     def mark(handler: H) -> H:
         setattr(handler, OPENAPI_ATTRIBUTE, declared)
@@ -202,7 +198,8 @@ def build_document(app: web.Application, base_path: str) -> dict[str, Any]:
 
 def _complete(declared: Mapping[str, Any], handler: Callable[..., Any], method: str, path: str) -> dict[str, Any]:
     answer = {key: value for key, value in declared.items() if key != "x-rate-limited"}
-    answer["operationId"] = f"{method.lower()}_{handler.__name__}"
+    # From the method and path, so it is unique even when one handler serves several routes.
+    answer["operationId"] = f"{method.lower()}_{_NOT_NAME.sub('_', path).strip('_')}"
     public = getattr(handler, PUBLIC_ATTRIBUTE, False)
     scopes = sorted(getattr(handler, SCOPE_ATTRIBUTE, frozenset()))
     if public:
