@@ -60,7 +60,8 @@ async def test_docs_work_offline_and_without_a_token(client) -> None:
     page = await client.get("/imagine/docs")
     assert page.status == 200 and page.content_type == "text/html"
     html = await page.text()
-    assert "/imagine/openapi.json" in html
+    # Inside <script> HTML entities stay as they are: the URL must be a plain JS string there.
+    assert 'url: "/imagine/openapi.json"' in html
     # Nothing is fetched from anywhere but this service.
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", html)
     for asset in re.findall(r"""(?:src|href)="(/imagine/docs/[^"]+)\"""", html):

@@ -75,8 +75,10 @@ async def openapi_document(request: web.Request) -> web.Response:
 )
 async def docs_page(request: web.Request) -> web.Response:
     base = request.app[settings_key].server.base_path
-    # The document URL goes into a script: JSON-encode it, then escape it for HTML.
-    page = PAGE.format(docs=html.escape(base + "/docs"), document=html.escape(json.dumps(base + "/openapi.json")))
+    # In attributes the base path is HTML-escaped; inside <script> entities are not decoded, so there it
+    # is a JSON string that cannot close the script element.
+    document = json.dumps(base + "/openapi.json").replace("</", "<\\/")
+    page = PAGE.format(docs=html.escape(base + "/docs"), document=document)
     return web.Response(text=page, content_type="text/html")
 
 
