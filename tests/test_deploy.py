@@ -223,8 +223,8 @@ def test_a_client_sent_forwarded_for_cannot_dodge_its_bucket(stack) -> None:
 
 def test_nginx_refuses_an_oversized_body_with_contract_json(stack) -> None:
     body = b'{"prompt": "' + b"x" * (17 * 1024 * 1024) + b'"}'
-    json_body = {**TOKEN, "Content-Type": "application/json"}
-    status, headers, answer = stack.request("POST", "/imagine/generate", client="127.0.0.5", headers=json_body, body=body)
+    headers = {**TOKEN, "Content-Type": "application/json"}
+    status, headers, answer = stack.request("POST", "/imagine/generate", client="127.0.0.5", headers=headers, body=body)
     assert status == 413
     assert headers["Content-Type"] == "application/json"
     error = json.loads(answer)
