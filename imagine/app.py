@@ -13,6 +13,7 @@ import aiohttp
 from aiohttp import web
 
 from imagine import __version__
+from imagine.access import access_middleware, add_request_id
 from imagine.auth import KeyMaterial, TokenVerifier, load_key_material
 from imagine.cloud_keys import CloudKeys
 from imagine.executor import DeviceExecutor
@@ -27,6 +28,8 @@ from imagine.keys import (
     gallery_key,
     jobs_key,
     limiter_key,
+    metrics_key,
+    openapi_key,
     registry_key,
     settings_key,
     trusted_networks_key,
@@ -34,6 +37,7 @@ from imagine.keys import (
     verifier_key,
 )
 from imagine.memory import GIB
+from imagine.metrics import Metrics
 from imagine.middlewares import (
     add_response_headers,
     auth_middleware,
@@ -42,26 +46,63 @@ from imagine.middlewares import (
     ratelimit_middleware,
 )
 from imagine.models import ModelRegistry
+from imagine.openapi import build_document
 from imagine.plugins import collect_generators, plugin_manager
 from imagine.ratelimit import MemoryBucketStore, RateLimiter, parse_networks
 from imagine.settings import Settings, SettingsError
 from imagine.signing import UrlSigner, load_url_secret
-from imagine.views import api_keys, batch, gallery, generate, generate_image, jobs, models, openai_images, system
+from imagine.telemetry import Telemetry
+from imagine.views import (
+    api_keys,
+    batch,
+    docs,
+    gallery,
+    generate,
+    generate_image,
+    jobs,
+    metrics,
+    models,
+    openai_images,
+    system,
+)
 
 # How often age-based retention runs between generations (each one also applies it).
 RETENTION_SWEEP_S = 600.0
 
 
-def _registry(settings: Settings, extra_plugins: Iterable[Any]) -> ModelRegistry:
+def _registry(settings: Settings, extra_plugins: Iterable[Any], telemetry: Telemetry) -> ModelRegistry:
     generators = collect_generators(plugin_manager(extra_plugins), settings)
     budget_gb = settings.models.memory_budget_gb
-    registry = ModelRegistry(generators, settings.models.default, int(budget_gb * GIB) if budget_gb else None)
+    registry = ModelRegistry(
+        generators, settings.models.default, int(budget_gb * GIB) if budget_gb else None, telemetry=telemetry
+    )
     for name in (settings.models.default, *settings.models.preload):
         try:
             registry.resolve(name)
         except Exception:
             raise SettingsError(f"model '{name}' is not registered; known: {', '.join(registry.names)}") from None
     return registry
+
+
+async def _rate_limiter(app: web.Application) -> AsyncIterator[None]:
+    """Buckets in this process, or in Redis (`ratelimit.storage`) with a client that lives as long as the app."""
+    settings = app[settings_key].ratelimit
+    telemetry = app[metrics_key]
+    telemetry.watch_limiter_store(lambda: app[limiter_key].problem() is None)
+    if not settings.shared:
+        app[limiter_key] = RateLimiter(settings, MemoryBucketStore(), telemetry)
+        yield
+        return
+    from imagine.redis_buckets import redis_bucket_store  # only deployments that name Redis need its client
+
+    async with redis_bucket_store(settings) as store:
+        app[limiter_key] = RateLimiter(settings, store, telemetry)
+        yield
+
+
+async def _openapi(app: web.Application) -> None:
+    """on_startup: the router is complete by now, whichever modules added routes."""
+    app[openapi_key] = build_document(app, app[settings_key].server.base_path)
 
 
 async def _device_executor(app: web.Application) -> AsyncIterator[None]:
@@ -122,15 +163,15 @@ def create_app(
 ) -> web.Application:
     """Build the service. `extra_plugins` are registered beside the built-in and installed ones."""
     app = web.Application(
-        middlewares=[cors_middleware, error_middleware, ratelimit_middleware, auth_middleware],
+        middlewares=[access_middleware, cors_middleware, error_middleware, ratelimit_middleware, auth_middleware],
         client_max_size=settings.server.max_body_bytes,
     )
     app[settings_key] = settings
     keys = keys or load_key_material(settings.auth, Path(settings.server.state_dir))
     app[verifier_key] = TokenVerifier(keys, settings.auth)
-    app[limiter_key] = RateLimiter(settings.ratelimit, MemoryBucketStore())
+    app[metrics_key] = telemetry = Metrics()
     app[trusted_networks_key] = parse_networks(settings.server.trusted_proxies)
-    registry = _registry(settings, extra_plugins)
+    registry = _registry(settings, extra_plugins, telemetry)
     app[registry_key] = registry
     app[executor_key] = DeviceExecutor(
         registry,
@@ -140,7 +181,9 @@ def create_app(
         preview_every=settings.jobs.preview_every,
         batch_max_images=settings.batch.max_size,
         batch_max_wait_ms=settings.batch.max_wait_ms,
+        telemetry=telemetry,
     )
+    telemetry.watch_queue(lambda: app[executor_key].depth, settings.queue.max_size)
     app[cloud_keys_key] = CloudKeys(g.key_spec for g in registry.generators() if isinstance(g, CloudGenerator))
     gallery_settings = settings.gallery
     app[gallery_key] = GalleryStore(
@@ -149,10 +192,11 @@ def create_app(
         max_age_s=gallery_settings.max_age_days * 86400,
     )
     app[url_signer_key] = UrlSigner(load_url_secret(Path(settings.server.state_dir)), gallery_settings.url_ttl_s)
-    app.on_response_prepare.append(add_response_headers)
+    app.on_response_prepare.extend([add_response_headers, add_request_id])
+    app.on_startup.append(_openapi)
     # The gallery opens first and closes last: generations in flight may still store.
-    app.cleanup_ctx.extend([_gallery, _encode_pool, _device_executor, _client_session, _jobs])
+    app.cleanup_ctx.extend([_gallery, _rate_limiter, _encode_pool, _device_executor, _client_session, _jobs])
     base = settings.server.base_path
-    for module in (system, models, generate, jobs, api_keys, batch, generate_image, gallery, openai_images):
+    for module in (system, models, generate, jobs, api_keys, batch, generate_image, gallery, openai_images, metrics, docs):
         app.router.add_routes(module.routes(base))
     return app

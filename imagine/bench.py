@@ -117,7 +117,9 @@ def _free_port() -> int:
 async def running_service(settings: Settings, keys: KeyMaterial) -> AsyncIterator[str]:
     from imagine.app import create_app
 
-    runner = web.AppRunner(create_app(settings, keys=keys), handler_cancellation=True, access_log=None)
+    # The benchmark's output is its table, not a line per request.
+    quiet = settings.replace(server={"access_log": False})
+    runner = web.AppRunner(create_app(quiet, keys=keys), handler_cancellation=True, access_log=None)
     await runner.setup()
     port = _free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()

@@ -70,6 +70,15 @@ def _with_models(settings: Settings) -> tuple[Settings, Path | None]:
     return demo_settings(settings, demo_folder), demo_folder
 
 
+def _bare_access_lines() -> None:
+    """Access lines are JSON already: one per line on stdout, without the diagnostics' prefix."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    access = logging.getLogger("imagine.access")
+    access.addHandler(handler)
+    access.propagate = False
+
+
 def serve(arguments: argparse.Namespace) -> int:
     from aiohttp import web
 
@@ -81,8 +90,17 @@ def serve(arguments: argparse.Namespace) -> int:
     settings, demo_folder = _with_models(settings)
     app = create_app(settings, keys=keys)
     banner = _banner(settings, keys, host, port, demo_folder)
+    _bare_access_lines()
     # handler_cancellation: a client that hangs up cancels its handler, and so its job.
-    web.run_app(app, host=host, port=port, handler_cancellation=True, print=lambda _: print(banner, flush=True))
+    # access_log=None: imagine.access writes one structured line per request instead.
+    web.run_app(
+        app,
+        host=host,
+        port=port,
+        handler_cancellation=True,
+        access_log=None,
+        print=lambda _: print(banner, flush=True),
+    )
     return 0
 
 

@@ -31,6 +31,7 @@ from imagine.batching import FairBatcher
 from imagine.errors import ApiError
 from imagine.generators import GenerationInterrupted, GenerationRequest, Generator, StepProgress
 from imagine.models import ModelRegistry
+from imagine.telemetry import NO_TELEMETRY, Telemetry
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -155,8 +156,10 @@ class DeviceExecutor:
         preview_every: int = 5,
         batch_max_images: int = 1,
         batch_max_wait_ms: float = 0.0,
+        telemetry: Telemetry = NO_TELEMETRY,
     ) -> None:
         self._registry = registry
+        self._telemetry = telemetry
         self._preview_every = preview_every
         self._batch_max_images = batch_max_images
         self._batch_max_wait_s = batch_max_wait_ms / 1000
@@ -404,6 +407,7 @@ class DeviceExecutor:
         generator = batch[0].generator
         for job in batch:
             job.started_at = started_at
+            self._telemetry.queue_waited(started_at - job.submitted_at)
         try:
             self._registry.ensure_loaded(generator)
             outputs = self._generate(batch)
@@ -474,6 +478,8 @@ class DeviceExecutor:
         started = time.perf_counter()
         images = generator.generate([job.request for job in batch], on_step)
         generation_time = time.perf_counter() - started
+        self._telemetry.generated(generator.name, generation_time, sum(len(job_images) for job_images in images))
+        self._telemetry.batched(len(batch))
         vram_used = device.generation_memory_gb(self.device)
         runtime = generator.runtime_info()
         return [

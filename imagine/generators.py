@@ -172,6 +172,7 @@ class RemoteImages:
     images: list[Image.Image]
     seeds: list[int]  # one per image, as the remote service reports them
     queue_time: float  # seconds spent waiting for a free slot at the remote service
+    credits: float = 0.0  # what the provider charged, as it reported it (for metrics)
 
 
 class CloudGenerator(Generator):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -12,6 +13,7 @@ from imagine.cloud_keys import CloudKeys
 from imagine.executor import DeviceExecutor
 from imagine.jobs import JobManager
 from imagine.gallery import GalleryStore
+from imagine.metrics import Metrics
 from imagine.models import ModelRegistry
 from imagine.ratelimit import BucketDecision, IPNetwork, RateLimiter
 from imagine.settings import Settings
@@ -29,6 +31,14 @@ client_session_key = web.AppKey("client_session", aiohttp.ClientSession)
 cloud_keys_key = web.AppKey("cloud_keys", CloudKeys)
 gallery_key = web.AppKey("gallery", GalleryStore)
 url_signer_key = web.AppKey("url_signer", UrlSigner)
+metrics_key = web.AppKey("metrics", Metrics)
+# The OpenAPI document, built once the router is complete (at startup).
+openapi_key = web.AppKey("openapi", dict[str, Any])
 
 principal_key = web.RequestKey("principal", Principal)
 rate_decisions_key = web.RequestKey("rate_decisions", list[BucketDecision])
+request_id_key = web.RequestKey("request_id", str)
+# Set by the routes that waited for the device, for the access log.
+queue_wait_key = web.RequestKey("queue_wait", float)
+# The contract error code of an error response, for the access log and metrics.
+error_code_key = web.RequestKey("error_code", str)

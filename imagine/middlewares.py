@@ -16,6 +16,7 @@ from aiohttp import web
 from imagine.auth import PUBLIC_ATTRIBUTE, SCOPE_ATTRIBUTE, SIGNED_URL_ATTRIBUTE, InvalidToken
 from imagine.errors import ApiError, error_body
 from imagine.keys import (
+    error_code_key,
     limiter_key,
     principal_key,
     rate_decisions_key,
@@ -24,7 +25,7 @@ from imagine.keys import (
     verifier_key,
 )
 from imagine.openai_errors import is_openai_route, openai_error_body
-from imagine.ratelimit import BucketDecision, client_ip, most_restrictive
+from imagine.ratelimit import OPERATIONAL_ATTRIBUTE, BucketDecision, client_ip, most_restrictive
 from imagine.signing import SIGNATURE_PARAMS
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Headers a browser script may read from our responses.
 EXPOSED_HEADERS = (
     "X-Seed, X-Model, X-Generation-Time, X-Image-Id, Content-Disposition, Retry-After, Server-Timing, "
-    "RateLimit-Limit, RateLimit-Remaining, RateLimit-Reset, WWW-Authenticate"
+    "RateLimit-Limit, RateLimit-Remaining, RateLimit-Reset, WWW-Authenticate, X-Request-ID"
 )
 
 _HTTP_CODES = {
@@ -107,15 +108,18 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except ApiError as error:
+        request[error_code_key] = error.code
         return _error_response(request, error.status, error.body(), error.headers)
     except web.HTTPException as error:
         if error.status < 400:
             raise
         code = _HTTP_CODES.get(error.status, "INTERNAL_ERROR" if error.status >= 500 else "VALIDATION_ERROR")
+        request[error_code_key] = code
         headers = {key: value for key, value in error.headers.items() if key.lower() == "allow"}
         return _error_response(request, error.status, error_body(code, _http_message(error, request)), headers)
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
+        request[error_code_key] = "INTERNAL_ERROR"
         return _error_response(request, 500, error_body("INTERNAL_ERROR", "Internal server error"), {})
 
 
@@ -130,6 +134,10 @@ def _error_response(
 
 def _is_public(request: web.Request) -> bool:
     return getattr(request.match_info.handler, PUBLIC_ATTRIBUTE, False)
+
+
+def _is_operational(request: web.Request) -> bool:
+    return getattr(request.match_info.handler, OPERATIONAL_ATTRIBUTE, False)
 
 
 def _unmatched(request: web.Request) -> bool:
@@ -154,7 +162,7 @@ async def ratelimit_middleware(request: web.Request, handler: Handler) -> web.St
         return await handler(request)
     trusted = request.app[trusted_networks_key]
     ip = client_ip(request.remote, request.headers.get("X-Forwarded-For"), trusted)
-    decisions = await limiter.before_auth(ip)
+    decisions = await limiter.before_auth(ip, operational=_is_operational(request))
     request[rate_decisions_key] = decisions
     if not all(decision.allowed for decision in decisions):
         raise _rate_limited(decisions)
@@ -203,7 +211,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         raise ApiError(403, "FORBIDDEN", f"This token lacks the scope {' or '.join(sorted(needed))}")
     limiter = request.app[limiter_key]
     if limiter.enabled:
-        decision = await limiter.for_subject(principal.sub)
+        decision = await limiter.for_subject(principal.sub, operational=_is_operational(request))
         request.setdefault(rate_decisions_key, []).append(decision)
         if not decision.allowed:
             raise _rate_limited([decision])

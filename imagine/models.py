@@ -18,6 +18,7 @@ from imagine import device
 from imagine.errors import model_not_available
 from imagine.generators import Generator
 from imagine.memory import NOTHING, ModelMemory, account, gigabytes, total_bytes
+from imagine.telemetry import NO_TELEMETRY, Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +34,15 @@ class LoadState:
 
 
 class ModelRegistry:
-    def __init__(self, generators: Mapping[str, Generator], default: str, memory_budget_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        generators: Mapping[str, Generator],
+        default: str,
+        memory_budget_bytes: int | None = None,
+        telemetry: Telemetry = NO_TELEMETRY,
+    ) -> None:
         self._generators = dict(generators)
+        self._telemetry = telemetry
         self._aliases = {alias: g.name for g in generators.values() for alias in g.card.aliases}
         self.default = default
         self.memory_budget_bytes = memory_budget_bytes
@@ -74,9 +82,11 @@ class ModelRegistry:
             except Exception as error:  # a broken model must not take the service down
                 state.error = f"{type(error).__name__}: {error}"
                 log.error("model %s failed to load: %s", generator.name, state.error)
+                self._telemetry.model_loaded(generator.name, time.perf_counter() - started, ok=False)
                 raise model_not_available(generator.name, self.names, reason=state.error) from None
             state.error = None
             state.load_time_s = time.perf_counter() - started
+            self._telemetry.model_loaded(generator.name, state.load_time_s, ok=True)
             state.loaded_at = time.monotonic()
             state.footprint = dict(generator.memory_footprint())
             log.info(

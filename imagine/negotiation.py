@@ -47,3 +47,16 @@ def choose_format(requested: ResponseFormat | None, accept: str | None) -> Respo
     raise ApiError(
         406, "NOT_ACCEPTABLE", "Cannot answer with that Accept header: ask for image/png or application/json"
     )
+
+
+def preferred(accept: str | None, offered: tuple[str, ...]) -> str | None:
+    """The offered media type the Accept header ranks highest, or None; `*/*` and `type/*` pick the first that fits."""
+    if not accept or not accept.strip():
+        return None
+    for quality, _, media in sorted(_media_ranges(accept), key=lambda item: (-item[0], item[1])):
+        if quality <= 0:
+            continue
+        for candidate in offered:
+            if media in (candidate, "*/*") or (media.endswith("/*") and candidate.startswith(media[:-1])):
+                return candidate
+    return None

@@ -32,10 +32,17 @@ class LoraSpec(BaseModel):
     weight: float = Field(1.0, ge=-2.0, le=2.0, allow_inf_nan=False)
 
 
+def _document_aliases(schema: dict[str, Any]) -> None:
+    """The aliases are merged before validation, so pydantic never sees them: the OpenAPI document must."""
+    properties = schema["properties"]
+    for alias, canonical in ALIASES.items():
+        properties[alias] = {**properties[canonical], "title": alias, "description": f"Alias of {canonical}"}
+
+
 class GenerateBody(BaseModel):
     """POST /generate, and every route that takes the same body."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_document_aliases)
 
     prompt: Prompt
     negative_prompt: str = Field("", max_length=2000)

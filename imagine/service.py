@@ -15,8 +15,9 @@ from imagine.auth import Principal
 from imagine.executor import GenerationOutput, JobObserver, timeout_error
 from imagine.gallery import ImageMetadata
 from imagine.generators import CloudGenerator, GenerationRequest, Generator
-from imagine.keys import encode_pool_key, executor_key, gallery_key, settings_key
+from imagine.keys import encode_pool_key, executor_key, gallery_key, metrics_key, settings_key
 from imagine.png import encode_png, parameters_text
+from imagine.telemetry import Telemetry
 
 
 @dataclass(frozen=True)
@@ -54,14 +55,18 @@ def run_generation(
     """Queue local work now (a full queue is refused at once, 503); the coroutine awaits it."""
     timeout_s = app[settings_key].queue.timeout_s
     if isinstance(generator, CloudGenerator):
-        return _run_remote(request, generator, timeout_s, observer)
+        return _run_remote(request, generator, timeout_s, observer, app[metrics_key])
     executor = app[executor_key]
     job = executor.submit(request, generator, timeout_s, observer, owner=principal.sub)
     return executor.wait(job)
 
 
 async def _run_remote(
-    request: GenerationRequest, generator: CloudGenerator, timeout_s: float, observer: JobObserver | None
+    request: GenerationRequest,
+    generator: CloudGenerator,
+    timeout_s: float,
+    observer: JobObserver | None,
+    telemetry: Telemetry,
 ) -> GenerationOutput:
     """A cloud call waits on the network, not the device: await it here, so the GPU queue keeps moving."""
     if observer is not None:
@@ -73,6 +78,8 @@ async def _run_remote(
     except TimeoutError:
         raise timeout_error(timeout_s) from None
     elapsed = time.perf_counter() - started
+    telemetry.generated(generator.name, elapsed - remote.queue_time, len(remote.images))
+    telemetry.credits_spent(generator.name, remote.credits)
     return GenerationOutput(
         images=remote.images,
         seeds=remote.seeds,

@@ -46,6 +46,8 @@ class ServerSettings:
     # only: base_path is appended). Used for absolute links such as signed
     # image URLs; empty = the request's own scheme and Host.
     public_url: str = ""
+    # One structured line per request on the `imagine.access` logger (replaces aiohttp's).
+    access_log: bool = True
 
     def __post_init__(self) -> None:
         if not self.base_path.startswith("/") or self.base_path.endswith("/"):
@@ -82,11 +84,20 @@ class AuthSettings:
             raise SettingsError("auth.leeway_s must be between 0 and 300")
 
 
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
 @dataclass(frozen=True)
 class RateLimitSettings:
     enabled: bool = True
-    # "memory" keeps the buckets in this process.
+    # "memory" keeps the buckets in this process; "redis://host:port/db" (or
+    # rediss://, unix://) shares them between every replica that names the same Redis.
     storage: str = "memory"
+    # While Redis cannot be reached: "closed" refuses with 503, "local" falls back
+    # to this process's own buckets (so N replicas admit up to N times a bucket).
+    redis_failure: str = "closed"
+    # Per Redis call: a limiter that waits longer than this is worse than none.
+    redis_timeout_s: float = 0.5
     global_rate: float = 10.0
     global_burst: int = 25
     ip_rate: float = 10.0
@@ -98,8 +109,17 @@ class RateLimitSettings:
         for name in ("global", "ip", "subject"):
             if getattr(self, f"{name}_rate") <= 0 or getattr(self, f"{name}_burst") < 1:
                 raise SettingsError(f"ratelimit.{name}_rate must be > 0 and ratelimit.{name}_burst >= 1")
-        if self.storage != "memory":
-            raise SettingsError("ratelimit.storage must be 'memory'")
+        if self.storage != "memory" and not self.storage.startswith(REDIS_SCHEMES):
+            raise SettingsError("ratelimit.storage must be 'memory' or a Redis URL (redis://, rediss://, unix://)")
+        if self.redis_failure not in ("closed", "local"):
+            raise SettingsError("ratelimit.redis_failure must be 'closed' or 'local'")
+        if not 0 < self.redis_timeout_s <= 10:
+            raise SettingsError("ratelimit.redis_timeout_s must be between 0 and 10")
+
+    @property
+    def shared(self) -> bool:
+        """True when the buckets live in Redis, shared by every replica."""
+        return self.storage != "memory"
 
 
 @dataclass(frozen=True)

@@ -201,7 +201,7 @@ class LeonardoGenerator(CloudGenerator):
         waiting_since = time.perf_counter()
         async with self._slots:  # Leonardo's own limit on generations in flight
             queue_time = time.perf_counter() - waiting_since
-            generation_id = await self._create(self._payload(request), key)
+            generation_id, credits = await self._create(self._payload(request), key)
             generation = await self._wait_for(generation_id, key)
         urls = [
             image["url"]
@@ -217,9 +217,10 @@ class LeonardoGenerator(CloudGenerator):
         # One Leonardo generation draws all of its images from one seed.
         seed = generation.get("seed")
         seed = seed if isinstance(seed, int) and not isinstance(seed, bool) else request.seed
-        return RemoteImages(images=list(images), seeds=[seed] * len(images), queue_time=queue_time)
+        return RemoteImages(images=list(images), seeds=[seed] * len(images), queue_time=queue_time, credits=credits)
 
-    async def _create(self, payload: dict[str, Any], key: str) -> str:
+    async def _create(self, payload: dict[str, Any], key: str) -> tuple[str, float]:
+        """The new generation's id, and the API credits Leonardo says it costs (0 when it does not say)."""
         attempt = 0
         while True:
             reply = await self._send("POST", "/generations", key, payload)
@@ -234,8 +235,10 @@ class LeonardoGenerator(CloudGenerator):
         # The id goes into a URL path that carries our key: accept nothing but an id.
         if not isinstance(generation_id, str) or not _GENERATION_ID.match(generation_id):
             raise self._error("the answer to POST /generations has no valid sdGenerationJob.generationId", "Retry later")
-        log.info("leonardo generation %s queued (%s API credits)", generation_id, job.get("apiCreditCost", "?"))
-        return generation_id
+        cost = job.get("apiCreditCost")
+        credits = float(cost) if isinstance(cost, (int, float)) and not isinstance(cost, bool) and cost >= 0 else 0.0
+        log.info("leonardo generation %s queued (%s API credits)", generation_id, cost if cost is not None else "?")
+        return generation_id, credits
 
     async def _wait_for(self, generation_id: str, key: str) -> Mapping[str, Any]:
         """Poll with backoff; a few failed polls in a row are forgiven, the deadline is the caller's."""

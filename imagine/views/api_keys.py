@@ -12,6 +12,7 @@ from imagine.auth import requires
 from imagine.cloud_keys import key_preview
 from imagine.errors import ApiError, field_error, validation_error
 from imagine.keys import cloud_keys_key, principal_key
+from imagine.openapi import error_response, json_response, obj, operation
 from imagine.schemas import pydantic_errors, read_json
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,19 @@ class ApiKeyBody(BaseModel):
 
 
 @requires("admin")
+@operation(
+    "Set a cloud backend's API key (seed 003)",
+    tags=["models"],
+    description="Kept in the key file (owner-only) and used at once; never returned, only a masked preview.",
+    body=ApiKeyBody,
+    responses={
+        200: json_response(
+            "Stored",
+            obj({"message": {"type": "string"}, "service": {"type": "string"}, "key_preview": {"type": "string"}}),
+        ),
+        400: error_response("Unknown service or malformed key"),
+    },
+)
 async def set_api_key(request: web.Request) -> web.Response:
     keys = request.app[cloud_keys_key]
     raw = await read_json(request)

@@ -11,13 +11,81 @@ from aiohttp import web
 from imagine import service
 from imagine.auth import check_model_grant, requires
 from imagine.errors import field_error, validation_error
-from imagine.keys import encode_pool_key, principal_key, registry_key
+from imagine.keys import encode_pool_key, principal_key, queue_wait_key, registry_key
 from imagine.negotiation import choose_format
-from imagine.schemas import parse_generate_body, read_json, resolve_request
+from imagine.openapi import Component, content_response, error_response, obj, operation
+from imagine.schemas import GenerateBody, parse_generate_body, read_json, resolve_request
 from imagine.service import server_timing
+
+NULLABLE_STRING = {"type": ["string", "null"]}
+
+GENERATION_RESULT = Component(
+    "GenerationResult",
+    obj(
+        {
+            "images": {"type": "array", "items": {"type": "string", "description": "data:image/png;base64,..."}},
+            "ids": {"type": "array", "items": {"type": "string"}, "description": "Gallery ids (empty when not stored)"},
+            "seed": {"type": "integer"},
+            "seeds": {"type": "array", "items": {"type": "integer"}},
+            "model": {"type": "string"},
+            "prompt": {"type": "string"},
+            "negative_prompt": {"type": "string"},
+            "generation_time": {"type": "number"},
+            "queue_time": {"type": "number"},
+            "vram_used": {"type": "number", "description": "GB at the peak of the run; 0.0 without a GPU"},
+            "parameters": obj(
+                {
+                    "num_inference_steps": {"type": "integer"},
+                    "guidance_scale": {"type": "number"},
+                    "width": {"type": "integer"},
+                    "height": {"type": "integer"},
+                    "scheduler": {"type": "string"},
+                    "loras": {
+                        "type": "array",
+                        "items": obj({"name": {"type": "string"}, "weight": {"type": "number"}}),
+                    },
+                }
+            ),
+            "model_info": obj(
+                {
+                    "base_model": {"type": "string"},
+                    "lora_applied": {"type": "boolean"},
+                    "device": NULLABLE_STRING,
+                    "dtype": NULLABLE_STRING,
+                }
+            ),
+        }
+    ),
+)
+
+# What every generating route can fail with, beside the validation and auth errors.
+GENERATION_ERRORS = {
+    400: error_response("Invalid body (`details.errors` lists each field)"),
+    404: error_response("Unknown model (MODEL_NOT_AVAILABLE)"),
+    406: error_response("`Accept` names neither PNG nor JSON"),
+    413: error_response("Body larger than server.max_body_bytes"),
+    502: error_response("A cloud backend failed"),
+    503: error_response("Queue full, model unavailable or out of memory (with `Retry-After`)"),
+    504: error_response("Not done within queue.timeout_s"),
+}
 
 
 @requires("generate")
+@operation(
+    "Generate images",
+    tags=["generation"],
+    description="PNG bytes of the first image by default (`curl --output`), JSON with every image when "
+    '`"response_format": "json"` or `Accept: application/json`. `steps` and `guidance` are accepted for '
+    "`num_inference_steps` and `guidance_scale`.",
+    body=GenerateBody,
+    responses={
+        200: content_response(
+            "The image (`X-Seed`, `X-Model`, `X-Generation-Time`, `Content-Disposition`), or every image as JSON",
+            {"image/png": {"type": "string", "contentMediaType": "image/png"}, "application/json": GENERATION_RESULT},
+        ),
+        **GENERATION_ERRORS,
+    },
+)
 async def generate(request: web.Request) -> web.Response:
     app = request.app
     principal = request[principal_key]
@@ -34,6 +102,7 @@ async def generate(request: web.Request) -> web.Response:
     timings = {"validate": time.perf_counter() - started}
     generated = await service.generate(app, principal, generation, generator, store=body.store)
     timings |= generated.timings()
+    request[queue_wait_key] = generated.output.queue_time
     if response_format == "json":
         # Megabytes of base64: build and serialise them off the loop as well.
         serializing = time.perf_counter()

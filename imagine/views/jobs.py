@@ -12,9 +12,56 @@ from imagine.auth import check_model_grant, requires
 from imagine.errors import validation_error
 from imagine.jobs import TrackedJob, body_fingerprint
 from imagine.keys import encode_pool_key, jobs_key, principal_key, registry_key, settings_key
-from imagine.schemas import parse_generate_body, read_json, resolve_request
+from imagine.openapi import (
+    ERROR,
+    Component,
+    content_response,
+    error_response,
+    header_parameter,
+    json_response,
+    obj,
+    operation,
+    path_parameter,
+)
+from imagine.schemas import GenerateBody, parse_generate_body, read_json, resolve_request
+from imagine.views.generate import GENERATION_ERRORS, GENERATION_RESULT
 
 MAX_IDEMPOTENCY_KEY = 255
+
+JOB_ID = path_parameter("job_id", "The id POST /jobs answered with")
+ACCEPTED = obj(
+    {
+        "id": {"type": "string"},
+        "status": {"const": "queued"},
+        "position": {"type": "integer", "description": "1 for the next job to run; 0 once running"},
+        "eta_seconds": {"type": "number"},
+    }
+)
+JOB = Component(
+    "Job",
+    obj(
+        {
+            "id": {"type": "string"},
+            "status": {"enum": ["queued", "running", "succeeded", "failed", "cancelled"]},
+            "position": {"type": "integer"},
+            "eta_seconds": {"type": "number"},
+            "progress": obj({"step": {"type": "integer"}, "total": {"type": "integer"}}),
+            "created_at": {"type": "number", "description": "Unix time"},
+            "result": GENERATION_RESULT,
+            "error": ERROR,
+        },
+        required=["id", "status", "position", "eta_seconds", "progress", "created_at"],
+    ),
+)
+NOT_FOUND = {404: error_response("No such job for this caller")}
+# One event of the stream (what OpenAPI 3.2 calls the itemSchema); `data` is JSON text.
+EVENT = obj(
+    {
+        "id": {"type": "string", "pattern": "^[0-9]+$"},
+        "event": {"enum": ["queued", "started", "progress", "succeeded", "failed", "cancelled"]},
+        "data": {"type": "string", "contentMediaType": "application/json"},
+    }
+)
 
 
 def job_url(request: web.Request, job: TrackedJob) -> str:
@@ -31,6 +78,23 @@ def accepted(request: web.Request, job: TrackedJob, *, replayed: bool) -> web.Re
 
 
 @requires("generate")
+@operation(
+    "Queue a generation and answer at once",
+    tags=["jobs"],
+    description="The body is /generate's, plus `preview` for latent previews in progress events. The same "
+    "`Idempotency-Key` and body from the same caller return the same job (`Idempotent-Replayed: true`).",
+    parameters=[
+        header_parameter(
+            "Idempotency-Key", "Makes retries safe: same key, same body, same job", {"type": "string", "maxLength": 255}
+        )
+    ],
+    body=GenerateBody,
+    responses={
+        202: json_response("Queued (`Location` is the job's URL)", ACCEPTED, headers=["Location"]),
+        409: error_response("Idempotency-Key reused with another body"),
+        **GENERATION_ERRORS,
+    },
+)
 async def submit_job(request: web.Request) -> web.Response:
     app = request.app
     principal = request[principal_key]
@@ -64,18 +128,42 @@ async def submit_job(request: web.Request) -> web.Response:
 
 
 @requires("generate")
+@operation(
+    "A job's state, and its result or error once finished",
+    tags=["jobs"],
+    parameters=[JOB_ID],
+    responses={200: json_response("The job", JOB), **NOT_FOUND},
+)
 async def get_job(request: web.Request) -> web.Response:
     job = request.app[jobs_key].get(request[principal_key], request.match_info["job_id"])
     return web.json_response(job.snapshot())
 
 
 @requires("generate")
+@operation(
+    "Cancel a job: dropped if queued, stopped at its next step if running",
+    tags=["jobs"],
+    parameters=[JOB_ID],
+    responses={200: json_response("The job, cancelled (or already finished)", JOB), **NOT_FOUND},
+)
 async def cancel_job(request: web.Request) -> web.Response:
     job = await request.app[jobs_key].cancel(request[principal_key], request.match_info["job_id"])
     return web.json_response(job.snapshot())
 
 
 @requires("generate")
+@operation(
+    "A job's progress as Server-Sent Events",
+    tags=["jobs"],
+    description="Events `queued`, `started`, `progress` (step, total, optional `preview` data URL), then "
+    "`succeeded` (the /generate JSON), `failed` or `cancelled`. Numbered: reconnect with `Last-Event-ID` to "
+    "resume. Closing the stream never cancels the job.",
+    parameters=[
+        JOB_ID,
+        header_parameter("Last-Event-ID", "Resume after this event", {"type": "string", "pattern": "^[0-9]{1,9}$"}),
+    ],
+    responses={200: content_response("The event stream", {"text/event-stream": EVENT}), **NOT_FOUND},
+)
 async def job_events(request: web.Request) -> web.StreamResponse:
     job = request.app[jobs_key].get(request[principal_key], request.match_info["job_id"])
     try:

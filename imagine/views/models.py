@@ -12,6 +12,69 @@ from imagine.keys import executor_key, registry_key
 from imagine.memory import ModelMemory
 from imagine.schemas import parse_load_model_body, read_json
 from imagine.views.system import model_memory
+from imagine.openapi import Component, json_response, obj, operation
+
+NULLABLE_STRING = {"type": ["string", "null"]}
+STRINGS = {"type": "array", "items": {"type": "string"}}
+
+LOCAL_MODEL = Component(
+    "LocalModel",
+    obj(
+        {
+            "name": {"type": "string"},
+            "description": {"type": "string"},
+            "aliases": STRINGS,
+            "loaded": {"type": "boolean"},
+            "device": NULLABLE_STRING,
+            "dtype": NULLABLE_STRING,
+            "defaults": obj(
+                {
+                    "steps": {"type": "integer"},
+                    "guidance": {"type": "number"},
+                    "width": {"type": "integer"},
+                    "height": {"type": "integer"},
+                    "scheduler": {"type": "string"},
+                }
+            ),
+            "limits": obj(
+                {
+                    "min_size": {"type": "integer"},
+                    "max_size": {"type": "integer"},
+                    "max_steps": {"type": "integer"},
+                    "step_choices": {"type": ["array", "null"], "items": {"type": "integer"}},
+                    "schedulers": STRINGS,
+                }
+            ),
+            "vram_required": {"type": "string"},
+        }
+    ),
+)
+
+CLOUD_MODEL = Component(
+    "CloudModel",
+    obj(
+        {
+            "name": {"type": "string"},
+            "description": {"type": "string"},
+            "aliases": STRINGS,
+            "configured": {"type": "boolean", "description": "An API key is set"},
+            "models": {"type": "object"},
+            "aspect_ratios": {"type": "array"},
+            "preset_styles": {"type": "array"},
+            "quality_levels": {"type": "array"},
+        },
+        required=["name", "configured"],
+    ),
+)
+
+MODELS = obj(
+    {
+        "local_models": {"type": "object", "additionalProperties": LOCAL_MODEL},
+        "cloud_models": {"type": "object", "additionalProperties": CLOUD_MODEL},
+    }
+)
+
+MODEL_STATUS = obj({"loaded": {"type": "boolean"}, "lora_available": {"type": "boolean"}, "device": {"type": "string"}})
 
 
 def local_model(generator: Generator, memory: ModelMemory) -> dict[str, Any]:
@@ -56,6 +119,11 @@ def cloud_model(generator: CloudGenerator) -> dict[str, Any]:
     }
 
 
+@operation(
+    "Every model: local ones with defaults and limits, cloud ones with their catalog (seed 003)",
+    tags=["models"],
+    responses={200: json_response("The models", MODELS)},
+)
 async def list_models(request: web.Request) -> web.Response:
     registry = request.app[registry_key]
     generators = registry.generators()
@@ -69,6 +137,11 @@ async def list_models(request: web.Request) -> web.Response:
     )
 
 
+@operation(
+    "The default model's state (seed 000)",
+    tags=["models"],
+    responses={200: json_response("Loaded, LoRA support and device", MODEL_STATUS)},
+)
 async def default_model_status(request: web.Request) -> web.Response:
     registry = request.app[registry_key]
     generator = registry.resolve(None)

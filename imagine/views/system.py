@@ -13,9 +13,11 @@ from aiohttp import web
 from imagine import device
 from imagine.auth import public
 from imagine.generators import CloudGenerator, Generator
-from imagine.keys import executor_key, registry_key
+from imagine.keys import executor_key, limiter_key, registry_key
 from imagine.memory import gigabytes
 from imagine.models import ModelRegistry
+from imagine.openapi import Component, error_response, json_response, obj, operation, query_parameter
+from imagine.ratelimit import operational
 
 GB = 1024**3
 
@@ -59,6 +61,114 @@ def model_memory(app: web.Application) -> dict[str, Any]:
     }
 
 
+NUMBER_OR_NULL = {"type": ["number", "null"]}
+STRING_OR_NULL = {"type": ["string", "null"]}
+
+SYSTEM_INFO = Component(
+    "SystemInfo",
+    obj(
+        {
+            "cpu_usage": {"type": "number"},
+            "available_memory": {"type": "number", "description": "GB"},
+            "total_memory": {"type": "number", "description": "GB"},
+            "total_vram": NUMBER_OR_NULL,
+            "available_vram": NUMBER_OR_NULL,
+            "vram_usage": NUMBER_OR_NULL,
+            "process_memory": {"type": "number", "description": "GB resident in this process"},
+            "models_memory": obj(
+                {
+                    "device": {"type": "string"},
+                    "total_bytes": {"type": "integer"},
+                    "total_gb": {"type": "number"},
+                    "budget_gb": NUMBER_OR_NULL,
+                }
+            ),
+            "python_version": {"type": "string"},
+            "torch_version": STRING_OR_NULL,
+        }
+    ),
+)
+
+HEALTH = Component(
+    "Health",
+    obj(
+        {
+            "status": {"enum": ["healthy", "degraded", "unhealthy"]},
+            "timestamp": {"type": "string", "format": "date-time"},
+            "model_loaded": {"type": "boolean"},
+            "model_status": {
+                "type": "object",
+                "additionalProperties": obj(
+                    {"loaded": {"type": "boolean"}, "error": STRING_OR_NULL, "configured": {"type": "boolean"}},
+                    required=["loaded", "error"],
+                ),
+            },
+            "queue": obj({"depth": {"type": "integer"}, "capacity": {"type": "integer"}}),
+            "reasons": {
+                "type": "array",
+                "items": {"type": "string"},
+                "description": "Why the status is not healthy (empty when it is)",
+            },
+        }
+    ),
+)
+
+INFO = obj(
+    {
+        "model": {"type": "string"},
+        "is_loaded": {"type": "boolean"},
+        "error": STRING_OR_NULL,
+        "config": obj(
+            {
+                "default_steps": {"type": "integer"},
+                "default_guidance": {"type": "number"},
+                "min_img_size": {"type": "integer"},
+                "max_img_size": {"type": "integer"},
+                "default": {"type": "boolean"},
+            }
+        ),
+        "system_info": SYSTEM_INFO,
+    }
+)
+
+STATUS = obj(
+    {
+        "status": {"const": "running"},
+        "device": {"type": "string"},
+        "device_name": {"type": "string"},
+        "vram_total": NUMBER_OR_NULL,
+        "vram_used": NUMBER_OR_NULL,
+        "vram_free": NUMBER_OR_NULL,
+        "model_loaded": {"type": "boolean"},
+        "current_model": STRING_OR_NULL,
+        "current_generator_type": {"enum": ["local", "api", None]},
+        "available_models": {"type": "object"},
+        "available_generators": {"type": "object"},
+        "models": {"type": "object", "additionalProperties": {"type": "boolean"}},
+        "gpu_available": {"type": "boolean"},
+        "gpu_backend": STRING_OR_NULL,
+        "system_info": SYSTEM_INFO,
+    }
+)
+
+EXAMPLES_SCHEMA = obj(
+    {
+        "examples": {
+            "type": "array",
+            "items": obj(
+                {
+                    "name": {"type": "string"},
+                    "prompt": {"type": "string"},
+                    "negative_prompt": {"type": "string"},
+                    "model": {"type": "string"},
+                },
+                required=["name", "prompt", "negative_prompt"],
+            ),
+        }
+    }
+)
+
+
 def system_info(app: web.Application) -> dict[str, Any]:
     memory = psutil.virtual_memory()
     report = app[executor_key].report
@@ -78,6 +188,12 @@ def system_info(app: web.Application) -> dict[str, Any]:
 
 
 @public
+@operation(
+    "Liveness: the process answers",
+    tags=["status"],
+    rate_limited=False,
+    responses={200: json_response("Alive", obj({"status": {"const": "ok"}}))},
+)
 async def livez(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
@@ -107,28 +223,50 @@ def _generator_summary(registry: ModelRegistry, generator: Generator) -> dict[st
     return summary
 
 
+@operational
+@operation(
+    "Health: models, queue and the rate-limit store",
+    tags=["status"],
+    description="`degraded` when a local model failed to load, the queue is full or the shared rate-limit store "
+    "is unreachable; `reasons` says which.",
+    responses={
+        200: json_response("Healthy or degraded", HEALTH),
+        503: json_response("Unhealthy: the device thread is gone", HEALTH),
+    },
+)
 async def health(request: web.Request) -> web.Response:
     registry = request.app[registry_key]
     executor = request.app[executor_key]
     failed = registry.failed()
     model_status = {generator.name: _model_status(registry, generator) for generator in registry.generators()}
-    local_failures = [name for name in failed if registry.resolve(name).uses_device]
+    reasons = [f"model {name} failed to load" for name in failed if registry.resolve(name).uses_device]
+    if executor.depth >= executor.capacity:
+        reasons.append("the queue is full")
+    limiter_problem = request.app[limiter_key].problem()
+    if limiter_problem is not None:
+        reasons.append(limiter_problem)
     if not executor.alive:
         status = "unhealthy"
-    elif local_failures or executor.depth >= executor.capacity:
-        status = "degraded"
+        reasons.insert(0, "the device thread is not running")
     else:
-        status = "healthy"
+        status = "degraded" if reasons else "healthy"
     body = {
         "status": status,
         "timestamp": datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z"),
         "model_loaded": _local_model_loaded(registry.generators()),
         "model_status": model_status,
         "queue": {"depth": executor.depth, "capacity": executor.capacity},
+        "reasons": reasons,
     }
     return web.json_response(body, status=503 if status == "unhealthy" else 200)
 
 
+@operation(
+    "A model's configuration and the system's resources (seed 002)",
+    tags=["status"],
+    parameters=[query_parameter("model", "A model name or alias; the default model when absent", {"type": "string"})],
+    responses={200: json_response("The model and the system", INFO), 404: error_response("Unknown model")},
+)
 async def info(request: web.Request) -> web.Response:
     registry = request.app[registry_key]
     generator = registry.resolve(request.query.get("model"))
@@ -150,6 +288,11 @@ async def info(request: web.Request) -> web.Response:
     )
 
 
+@operation(
+    "Device, memory and every generator's state (seeds 003, 004)",
+    tags=["status"],
+    responses={200: json_response("The service's state", STATUS)},
+)
 async def status(request: web.Request) -> web.Response:
     registry = request.app[registry_key]
     executor = request.app[executor_key]
@@ -187,6 +330,11 @@ async def status(request: web.Request) -> web.Response:
     )
 
 
+@operation(
+    "Example prompts for the registered models (seed 000)",
+    tags=["status"],
+    responses={200: json_response("Examples", EXAMPLES_SCHEMA)},
+)
 async def examples(request: web.Request) -> web.Response:
     names = set(request.app[registry_key].names)
     # An example without a model runs on the default; drop those naming a model we lack.
