@@ -181,7 +181,6 @@ class DeviceExecutor:
         self.seconds_per_job = 1.0
         self._seconds_by_model: dict[str, float] = {}
         self.outcomes: collections.Counter[str] = collections.Counter()
-        self.batch_sizes: collections.Counter[int] = collections.Counter()  # jobs per pipeline call
 
     # ---- event-loop side -------------------------------------------------
 
@@ -474,7 +473,6 @@ class DeviceExecutor:
                     self._on_loop(job.observer.progress, progress.step, progress.total, preview)
             return all(job.state is not JobState.RUNNING for job in batch)
 
-        self.batch_sizes[len(batch)] += 1
         started = time.perf_counter()
         images = generator.generate([job.request for job in batch], on_step)
         generation_time = time.perf_counter() - started
