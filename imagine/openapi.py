@@ -23,7 +23,7 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from imagine import __version__
-from imagine.auth import PUBLIC_ATTRIBUTE, SCOPE_ATTRIBUTE
+from imagine.auth import PUBLIC_ATTRIBUTE, SCOPE_ATTRIBUTE, SIGNED_URL_ATTRIBUTE
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def operation(
     summary: str,
     *,
     tags: Sequence[str],
-    responses: Mapping[int, Mapping[str, Any]],
+    responses: Mapping[int | str, Mapping[str, Any]],
     description: str = "",
     parameters: Sequence[Mapping[str, Any]] = (),
     body: Schema | None = None,
@@ -206,6 +206,9 @@ def _complete(declared: Mapping[str, Any], handler: Callable[..., Any], method: 
         answer["security"] = []
     else:
         answer["security"] = [{"bearer": []}]
+        if getattr(handler, SIGNED_URL_ATTRIBUTE, False):
+            # Or no token at all: the route checks the URL signature its operation declares.
+            answer["security"].append({})
         needs = f"Needs a token with scope {' or '.join(scopes)}." if scopes else "Needs a valid token."
         answer["description"] = f"{answer.get('description', '')}\n\n{needs}".strip()
     named = {parameter["name"] for parameter in answer["parameters"] if parameter["in"] == "path"}

@@ -72,6 +72,20 @@ async def test_unknown_models_and_bad_bodies_are_refused(client) -> None:
     assert (await alias.json())["model"] == "sd15-lora"
 
 
+async def test_a_cloud_backend_has_nothing_to_load(client) -> None:
+    for path, body, loc in (
+        ("/imagine/models/leonardo/load", None, ["path", "name"]),
+        ("/imagine/models/leonardo/unload", None, ["path", "name"]),
+        ("/imagine/load_model", {"model": "leonardo-api"}, ["body", "model"]),
+    ):
+        response = await client.post(path, json=body, headers=ADMIN)
+        assert response.status == 400, path
+        [error] = (await response.json())["error"]["details"]["errors"]
+        assert error["loc"] == loc and "cloud" in error["msg"]
+    status = await (await client.get("/imagine/status", headers=ADMIN)).json()
+    assert status["current_model"] is None
+
+
 async def test_an_unload_waits_for_the_running_job(make_client, base_settings) -> None:
     plugin = SlowPlugin(step_seconds=0.02)
     client = await make_client(base_settings, plugins=(plugin,))

@@ -19,11 +19,43 @@ from imagine import service
 from imagine.auth import Principal, check_model_grant, requires
 from imagine.errors import ApiError, error_body, validation_error
 from imagine.keys import encode_pool_key, principal_key, registry_key
-from imagine.schemas import parse_generate_body, read_json, resolve_request
+from imagine.openapi import ERROR, error_response, json_response, obj, operation
+from imagine.schemas import GenerateBody, parse_generate_body, read_json, resolve_request
+from imagine.views.generate import GENERATION_ERRORS, GENERATION_RESULT
 
 log = logging.getLogger(__name__)
 
 MAX_ITEMS = 8
+
+BATCH = {
+    "type": "array",
+    "minItems": 1,
+    "maxItems": MAX_ITEMS,
+    # Any JSON is a valid item as far as the request goes: an item that is not a valid GenerateBody
+    # fails only its own result, so the items are documented as GenerateBody or anything.
+    "items": {"anyOf": [GenerateBody, {}], "description": "A /generate body"},
+}
+BATCH_RESULTS = obj(
+    {
+        "results": {
+            "type": "array",
+            "description": "One per item, in the order sent",
+            "items": {
+                "oneOf": [
+                    obj({"index": {"type": "integer"}, "success": {"const": True}, "result": GENERATION_RESULT}),
+                    obj(
+                        {
+                            "index": {"type": "integer"},
+                            "success": {"const": False},
+                            "status": {"type": "integer", "description": "What /generate would have answered"},
+                            "error": ERROR,
+                        }
+                    ),
+                ]
+            },
+        }
+    }
+)
 
 
 async def _run_item(app: web.Application, principal: Principal, index: int, item: Any) -> dict[str, Any]:
@@ -43,6 +75,18 @@ async def _run_item(app: web.Application, principal: Principal, index: int, item
 
 
 @requires("generate")
+@operation(
+    "Generate for up to eight /generate bodies at once (seed 000)",
+    tags=["generation"],
+    description="Every item is checked and run on its own, so one bad item fails only itself: the answer is 200 "
+    "whenever the array is valid, each result with /generate's JSON or the usual error JSON.",
+    body=BATCH,
+    responses={
+        200: json_response("Every item's result", BATCH_RESULTS),
+        400: error_response(f"Not a JSON array of 1 to {MAX_ITEMS} items"),
+        413: GENERATION_ERRORS[413],
+    },
+)
 async def generate_batch(request: web.Request) -> web.Response:
     items = await read_json(request)
     if not isinstance(items, list) or not 1 <= len(items) <= MAX_ITEMS:

@@ -20,7 +20,19 @@ from imagine.auth import Principal, requires, signed_url_allowed
 from imagine.errors import ApiError, validation_error
 from imagine.gallery import ImageRecord, ListQuery, is_valid_id
 from imagine.keys import gallery_key, principal_key, settings_key, url_signer_key
+from imagine.openapi import (
+    Component,
+    content_response,
+    error_response,
+    json_response,
+    obj,
+    operation,
+    path_parameter,
+    query_parameter,
+)
+from imagine.signing import EXPIRES_PARAM, SIGNATURE_PARAM
 from imagine.urls import gallery_path
+from imagine.views.generate import GENERATION_RESULT
 
 MAX_LIMIT = 200
 # SQLite's OFFSET is a signed 64-bit integer.
@@ -36,6 +48,50 @@ class GalleryQuery(BaseModel):
     model: str | None = Field(None, max_length=200)
     q: str | None = Field(None, max_length=2000)
     include_data: bool = False
+
+
+IMAGE_ID = path_parameter("image_id", "A gallery id (`img_` and 22 URL-safe characters), as /generate answered")
+NOT_FOUND = {404: error_response("No such image for this caller (another caller's image included)")}
+GALLERY_IMAGE = Component(
+    "GalleryImage",
+    obj(
+        {
+            "id": {"type": "string"},
+            "filename": {"type": "string"},
+            "owner": {"type": "string", "description": "The `sub` of the token that generated it"},
+            "prompt": {"type": "string"},
+            "negative_prompt": {"type": "string"},
+            "model": {"type": "string"},
+            "seed": {"type": "integer"},
+            "generation_time": {"type": "number"},
+            "vram_used": {"type": "number"},
+            "width": {"type": "integer"},
+            "height": {"type": "integer"},
+            "created_at": {"type": "string", "format": "date-time"},
+            "url": {"type": "string", "description": "Path of the PNG: <base>/gallery/<id>.png"},
+            # The same shape as in /generate's JSON result.
+            "parameters": GENERATION_RESULT.schema["properties"]["parameters"],
+        }
+    ),
+)
+LISTED_IMAGE = {
+    "allOf": [GALLERY_IMAGE],
+    "properties": {
+        "image_data": {
+            "type": ["string", "null"],
+            "contentEncoding": "base64",
+            "description": "Only with `include_data=true`: the PNG in plain base64; null if deleted meanwhile",
+        }
+    },
+}
+GALLERY_PAGE = obj(
+    {
+        "images": {"type": "array", "items": LISTED_IMAGE, "description": "Newest first"},
+        "total_count": {"type": "integer", "description": "Matching images on every page"},
+        "limit": {"type": "integer"},
+        "offset": {"type": "integer"},
+    }
+)
 
 
 def parse_query(request: web.Request) -> GalleryQuery:
@@ -96,6 +152,26 @@ def image_json(record: ImageRecord, base: str) -> dict[str, Any]:
 
 
 @requires("generate", "admin")
+@operation(
+    "List stored images, newest first (seed 003)",
+    tags=["gallery"],
+    description="A caller sees its own images; a token with `admin` sees everyone's.",
+    parameters=[
+        query_parameter("limit", "Page size", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": 50}),
+        query_parameter(
+            "offset", "Images to skip", {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET, "default": 0}
+        ),
+        query_parameter("model", "Only this model's images (empty: all)", {"type": "string", "maxLength": 200}),
+        query_parameter(
+            "q", "A case-insensitive substring of the prompt (empty: all)", {"type": "string", "maxLength": 2000}
+        ),
+        query_parameter("include_data", "Add each PNG as `image_data`", {"type": "boolean", "default": False}),
+    ],
+    responses={
+        200: json_response("A page of images", GALLERY_PAGE),
+        400: error_response("A parameter out of range, repeated or unknown"),
+    },
+)
 async def list_images(request: web.Request) -> web.Response:
     query = parse_query(request)
     store = request.app[gallery_key]
@@ -123,6 +199,12 @@ async def list_images(request: web.Request) -> web.Response:
 
 
 @requires("generate", "admin")
+@operation(
+    "A stored image's metadata",
+    tags=["gallery"],
+    parameters=[IMAGE_ID],
+    responses={200: json_response("The image's metadata", GALLERY_IMAGE), **NOT_FOUND},
+)
 async def show_image(request: web.Request) -> web.Response:
     record = await request.app[gallery_key].get(request.match_info["image_id"], visible_owner(request[principal_key]))
     if record is None:
@@ -132,6 +214,29 @@ async def show_image(request: web.Request) -> web.Response:
 
 @signed_url_allowed
 @requires("generate", "admin")
+@operation(
+    "A stored image's PNG",
+    tags=["gallery"],
+    description=f"With a bearer token, or without one through a signed link (`{EXPIRES_PARAM}` and "
+    f"`{SIGNATURE_PARAM}`, as in the `url` that /v1/images/generations answers): the link is the permission, "
+    "until it expires. With a token the two parameters are ignored.",
+    parameters=[
+        IMAGE_ID,
+        query_parameter(
+            EXPIRES_PARAM, "Signed link: its expiry, in Unix seconds", {"type": "string", "pattern": "^[0-9]{1,12}$"}
+        ),
+        query_parameter(SIGNATURE_PARAM, "Signed link: its signature", {"type": "string"}),
+    ],
+    responses={
+        200: content_response(
+            "The PNG (`Content-Disposition: inline`)",
+            {"image/png": {"type": "string", "contentMediaType": "image/png"}},
+            headers=["Content-Disposition"],
+        ),
+        403: error_response("The token lacks the scope; without a token, the link's signature is invalid or expired"),
+        **NOT_FOUND,
+    },
+)
 async def image_png(request: web.Request) -> web.Response:
     image_id = request.match_info["image_id"]
     if not is_valid_id(image_id):
@@ -162,6 +267,12 @@ async def image_png(request: web.Request) -> web.Response:
 
 
 @requires("generate", "admin")
+@operation(
+    "Delete a stored image",
+    tags=["gallery"],
+    parameters=[IMAGE_ID],
+    responses={204: {"description": "Deleted"}, **NOT_FOUND},
+)
 async def delete_image(request: web.Request) -> web.Response:
     deleted = await request.app[gallery_key].delete(request.match_info["image_id"], visible_owner(request[principal_key]))
     if not deleted:

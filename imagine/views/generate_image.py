@@ -12,7 +12,9 @@ from imagine import service
 from imagine.auth import check_model_grant, requires
 from imagine.errors import validation_error
 from imagine.keys import principal_key, registry_key
+from imagine.openapi import json_response, obj, operation
 from imagine.schemas import MAX_SEED, parse_generate_body, pydantic_errors, read_json, resolve_request
+from imagine.views.generate import GENERATION_ERRORS
 
 MODEL = "sdxl"
 
@@ -29,7 +31,28 @@ class GenerateImageBody(BaseModel):
     seed: int | None = Field(-1, ge=-1, le=MAX_SEED)
 
 
+GENERATED = obj(
+    {
+        "success": {"const": True},
+        "image_base64": {"type": "string", "contentEncoding": "base64", "description": "The PNG, plain base64"},
+        "message": {"type": "string", "examples": ["Image generated successfully! Seed: 12345"]},
+        "seed": {"type": "integer"},
+    }
+)
+
+
 @requires("generate")
+@operation(
+    "Generate one SDXL image as base64 JSON (seed 004)",
+    tags=["generation"],
+    description=f"Always on `{MODEL}` at its default size, and always kept in the gallery.",
+    body=GenerateImageBody,
+    responses={
+        200: json_response("The image (`X-Image-Id` is its gallery id)", GENERATED, headers=["X-Image-Id"]),
+        # No content negotiation here: the answer is always JSON.
+        **{status: answer for status, answer in GENERATION_ERRORS.items() if status != 406},
+    },
+)
 async def generate_image(request: web.Request) -> web.Response:
     app = request.app
     raw = await read_json(request)

@@ -7,15 +7,30 @@ from typing import Any
 from aiohttp import web
 
 from imagine.auth import requires
+from imagine.errors import validation_error
 from imagine.generators import CloudGenerator, Generator
 from imagine.keys import executor_key, registry_key
 from imagine.memory import ModelMemory
-from imagine.schemas import parse_load_model_body, read_json
-from imagine.views.system import model_memory
-from imagine.openapi import Component, json_response, obj, operation
+from imagine.openapi import Component, error_response, json_response, obj, operation, path_parameter
+from imagine.schemas import LoadModelBody, parse_load_model_body, read_json
+from imagine.views.system import SYSTEM_INFO, model_memory
 
 NULLABLE_STRING = {"type": ["string", "null"]}
 STRINGS = {"type": "array", "items": {"type": "string"}}
+
+MODEL_MEMORY = Component(
+    "ModelMemory",
+    obj(
+        {
+            "bytes": {"type": "integer", "description": "Counted for this model in the total; 0 when not loaded"},
+            "shared_bytes": {"type": "integer", "description": "Used by this model, counted for another one"},
+            "shared_with": {**STRINGS, "description": "The models it shares those parts with"},
+        },
+        description="What a model holds in memory; a part several models share is counted for the one loaded first.",
+    ),
+)
+# model_memory()'s shape, declared once as SystemInfo's `models_memory`.
+MODELS_MEMORY = SYSTEM_INFO.schema["properties"]["models_memory"]
 
 LOCAL_MODEL = Component(
     "LocalModel",
@@ -46,7 +61,27 @@ LOCAL_MODEL = Component(
                 }
             ),
             "vram_required": {"type": "string"},
-        }
+            "memory": MODEL_MEMORY,
+            # From generator.listing(): only models that take LoRAs list them.
+            "loras": {**STRINGS, "description": "The LoRAs on offer (file names in the LoRA folder)"},
+            "default_loras": {
+                "type": "array",
+                "items": obj({"name": {"type": "string"}, "weight": {"type": "number"}}),
+                "description": "Applied when a request names none",
+            },
+        },
+        required=[
+            "name",
+            "description",
+            "aliases",
+            "loaded",
+            "device",
+            "dtype",
+            "defaults",
+            "limits",
+            "vram_required",
+            "memory",
+        ],
     ),
 )
 
@@ -59,6 +94,7 @@ CLOUD_MODEL = Component(
             "aliases": STRINGS,
             "configured": {"type": "boolean", "description": "An API key is set"},
             "models": {"type": "object"},
+            "default_model": {"type": "string"},
             "aspect_ratios": {"type": "array"},
             "preset_styles": {"type": "array"},
             "quality_levels": {"type": "array"},
@@ -71,10 +107,30 @@ MODELS = obj(
     {
         "local_models": {"type": "object", "additionalProperties": LOCAL_MODEL},
         "cloud_models": {"type": "object", "additionalProperties": CLOUD_MODEL},
+        "memory": {**MODELS_MEMORY, "description": "The loaded models together, shared parts once"},
     }
 )
 
 MODEL_STATUS = obj({"loaded": {"type": "boolean"}, "lora_available": {"type": "boolean"}, "device": {"type": "string"}})
+
+
+MODEL_NAME = path_parameter("name", "A model name or alias")
+MODEL_CHANGE = obj(
+    {
+        "message": {"type": "string"},
+        "model": {"type": "string", "description": "The resolved name"},
+        "loaded": {"type": "boolean"},
+        "vram_used": {"type": "number", "description": "GPU memory in use now, GB; 0.0 without a GPU"},
+        "load_time": {"type": ["number", "null"], "description": "Seconds; 0.0 when already loaded, null on unload"},
+        "memory": MODEL_MEMORY,
+        "device": {"type": "string"},
+    }
+)
+UNKNOWN_MODEL = {404: error_response("Unknown model (MODEL_NOT_AVAILABLE)")}
+LOAD_ERRORS = {
+    **UNKNOWN_MODEL,
+    503: error_response("The model failed to load (MODEL_NOT_AVAILABLE, with why) or the service is shutting down"),
+}
 
 
 def local_model(generator: Generator, memory: ModelMemory) -> dict[str, Any]:
@@ -172,9 +228,16 @@ def _change(request: web.Request, generator: Generator, message: str, load_time:
     )
 
 
-async def _load(request: web.Request, name: str) -> web.Response:
+def _local(generator: Generator, loc: list[str]) -> Generator:
+    """Only models on this device hold weights to load or unload; a cloud backend has none."""
+    if not generator.uses_device:
+        raise validation_error([{"loc": loc, "msg": f"{generator.name} runs in the cloud: there is nothing to load or unload"}])
+    return generator
+
+
+async def _load(request: web.Request, name: str, loc: list[str]) -> web.Response:
     registry = request.app[registry_key]
-    generator = registry.resolve(name)
+    generator = _local(registry.resolve(name), loc)
     # On the device thread, between jobs: no torch call ever runs on the loop.
     loaded_now = await request.app[executor_key].call(lambda: registry.ensure_loaded(generator))
     if loaded_now:
@@ -183,20 +246,54 @@ async def _load(request: web.Request, name: str) -> web.Response:
 
 
 @requires("admin")
+@operation(
+    "Load a model now rather than on first use",
+    tags=["models"],
+    description="On the device thread, between jobs; with a memory budget, least recently used models are "
+    "unloaded first to make room.",
+    parameters=[MODEL_NAME],
+    responses={
+        200: json_response("Loaded (or already loaded)", MODEL_CHANGE),
+        400: error_response("A cloud backend: nothing to load"),
+        **LOAD_ERRORS,
+    },
+)
 async def load_model(request: web.Request) -> web.Response:
-    return await _load(request, request.match_info["name"])
+    return await _load(request, request.match_info["name"], ["path", "name"])
 
 
 @requires("admin")
+@operation(
+    "Load a model, named in the body (seed 003)",
+    tags=["models"],
+    body=LoadModelBody,
+    responses={
+        200: json_response("Loaded (or already loaded)", MODEL_CHANGE),
+        400: error_response("Invalid body, or a cloud backend: nothing to load"),
+        **LOAD_ERRORS,
+    },
+)
 async def load_model_seed003(request: web.Request) -> web.Response:
     body = parse_load_model_body(await read_json(request))
-    return await _load(request, body.model)
+    return await _load(request, body.model, ["body", "model"])
 
 
 @requires("admin")
+@operation(
+    "Unload a model, releasing its memory",
+    tags=["models"],
+    description="Parts it shares with other loaded models stay with them.",
+    parameters=[MODEL_NAME],
+    responses={
+        200: json_response("Unloaded (or was not loaded)", MODEL_CHANGE),
+        400: error_response("A cloud backend: nothing to unload"),
+        503: error_response("The service is shutting down"),
+        **UNKNOWN_MODEL,
+    },
+)
 async def unload_model(request: web.Request) -> web.Response:
     registry = request.app[registry_key]
-    generator = registry.resolve(request.match_info["name"])
+    generator = _local(registry.resolve(request.match_info["name"]), ["path", "name"])
     was_loaded = await request.app[executor_key].call(lambda: registry.unload(generator))
     return _change(request, generator, "Model unloaded" if was_loaded else "Model was not loaded", None)
 

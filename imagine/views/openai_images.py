@@ -20,8 +20,10 @@ from imagine import service
 from imagine.auth import check_model_grant, requires
 from imagine.errors import ApiError, field_error, validation_error
 from imagine.keys import principal_key, registry_key
+from imagine.openapi import Component, json_response, obj, operation
 from imagine.schemas import parse_generate_body, pydantic_errors, read_json, resolve_request
 from imagine.urls import signed_image_url
+from imagine.views.generate import GENERATION_ERRORS
 
 _SIZE = re.compile(r"([1-9][0-9]{0,4})x([1-9][0-9]{0,4})")
 # Our /generate fields as OpenAI names them, for error messages and `param`.
@@ -44,6 +46,68 @@ class ImagesGenerationBody(BaseModel):
     output_format: str | None = None
     background: str | None = None
     moderation: str | None = None
+
+
+OPENAI_ERROR = Component(
+    "OpenAIError",
+    obj(
+        {
+            "error": obj(
+                {
+                    "message": {"type": "string"},
+                    "type": {"enum": ["invalid_request_error", "requests", "server_error"]},
+                    "param": {"type": ["string", "null"], "description": "The first offending body field"},
+                    "code": {
+                        "type": "string",
+                        "description": "OpenAI's code where it has one, else the contract's code in lower case",
+                        "examples": ["model_not_found", "invalid_api_key", "validation_error"],
+                    },
+                }
+            )
+        },
+        description="Every error on the /v1/ routes, in OpenAI's shape (see imagine.openai_errors).",
+    ),
+)
+IMAGES = obj(
+    {
+        "created": {"type": "integer", "description": "Unix time"},
+        "data": {
+            "type": "array",
+            "items": {
+                "oneOf": [
+                    obj({"b64_json": {"type": "string", "contentEncoding": "base64"}}),
+                    obj(
+                        {
+                            "url": {
+                                "type": "string",
+                                "format": "uri",
+                                "description": "The gallery PNG, fetchable without a token until its signature "
+                                "expires (gallery.url_ttl_s)",
+                            }
+                        }
+                    ),
+                ]
+            },
+        },
+    }
+)
+
+
+def openai_error(description: str) -> dict[str, Any]:
+    return json_response(description, OPENAI_ERROR)
+
+
+# Everything the build would otherwise add in the contract's error shape (401, 403, 429, any other) is declared
+# here in OpenAI's, as is every error /generate can give (but 406: there is no content negotiation here).
+OPENAI_ERRORS: dict[Any, dict[str, Any]] = {
+    **{status: openai_error(answer["description"]) for status, answer in GENERATION_ERRORS.items() if status != 406},
+    400: openai_error("Invalid body (`param` names the first offending field)"),
+    401: openai_error("Missing or invalid token (`invalid_api_key`, with `WWW-Authenticate: Bearer`)"),
+    403: openai_error("The token lacks the scope generate, or the model"),
+    404: openai_error("Unknown model (`model_not_found`)"),
+    429: openai_error("A rate-limit bucket is empty (type `requests`, with `Retry-After`)"),
+    "default": openai_error("Any other error"),
+}
 
 
 def _in_openai_terms(error: ApiError) -> ApiError:
@@ -71,6 +135,15 @@ def _generate_fields(body: ImagesGenerationBody) -> dict[str, Any]:
 
 
 @requires("generate")
+@operation(
+    "Generate images, OpenAI's Images API",
+    tags=["generation"],
+    description="For OpenAI's client libraries: `base_url` `<server>/imagine/v1`, a service token as the API key. "
+    "`size` is `auto` or WIDTHxHEIGHT; `quality`, `style`, `output_format`, `background` and `moderation` are "
+    "accepted and ignored. Images are always kept in the gallery. Every error is in OpenAI's shape.",
+    body=ImagesGenerationBody,
+    responses={200: json_response("The images, as `b64_json` or as signed `url`s", IMAGES), **OPENAI_ERRORS},
+)
 async def create_images(request: web.Request) -> web.Response:
     app = request.app
     principal = request[principal_key]
