@@ -19,8 +19,9 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 from aiohttp import web
@@ -29,6 +30,7 @@ from imagine.auth import KeyMaterial, load_key_material, sign_token
 from imagine.settings import Settings
 
 PROMPT = "a lighthouse at dusk, dramatic clouds"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -113,18 +115,34 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+@dataclass(frozen=True)
+class Service:
+    url: str
+    app: web.Application
+
+    async def on_device(self, work: Callable[[], T]) -> T:
+        """Run torch work on the service's device thread.
+
+        One thread must do all of a process's torch work: a second live thread
+        with an OpenMP team of its own halves the device thread's speed on a CPU,
+        which would make any baseline run beside the service unfair to both.
+        """
+        from imagine.keys import executor_key
+
+        return await self.app[executor_key].call(work)
+
+
 @contextlib.asynccontextmanager
-async def running_service(settings: Settings, keys: KeyMaterial) -> AsyncIterator[str]:
+async def running_service(settings: Settings, keys: KeyMaterial) -> AsyncIterator[Service]:
     from imagine.app import create_app
 
-    # The benchmark's output is its table, not a line per request.
-    quiet = settings.replace(server={"access_log": False})
-    runner = web.AppRunner(create_app(quiet, keys=keys), handler_cancellation=True, access_log=None)
+    app = create_app(settings, keys=keys)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     port = _free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     try:
-        yield f"http://127.0.0.1:{port}{settings.server.base_path}"
+        yield Service(f"http://127.0.0.1:{port}{settings.server.base_path}", app)
     finally:
         await runner.cleanup()
 
@@ -203,21 +221,22 @@ def _body(model: str, size: int, steps: int) -> Callable[[int], dict[str, Any]]:
 async def overhead(settings: Settings, keys: KeyMaterial, token: str, arguments: argparse.Namespace) -> None:
     """Bare calls and HTTP requests alternate, so drifts in machine load hit both alike."""
     size, steps = arguments.size, arguments.steps
-    pipeline = await asyncio.to_thread(BarePipeline, settings, arguments.model)
     bare: list[float] = []
     served = Outcome([], Counter(), 0, 0.0)
-    try:
-        async with running_service(settings, keys) as url:
+    async with running_service(settings, keys) as service:
+        pipeline = await service.on_device(lambda: BarePipeline(settings, arguments.model))
+        try:
             body = _body(arguments.model, size, steps)
-            await asyncio.to_thread(pipeline.call, size, steps, [0])
-            await drive(url, token, body, concurrency=1, requests=1, duration=None)  # load and warm up
+            await service.on_device(lambda: pipeline.call(size, steps, [0]))
+            await drive(service.url, token, body, concurrency=1, requests=1, duration=None)  # load and warm up
             for number in range(arguments.requests):
-                bare.append(await asyncio.to_thread(pipeline.call, size, steps, [number]))
-                one = await drive(url, token, lambda _: body(number), concurrency=1, requests=1, duration=None)
+                bare.append(await service.on_device(partial(pipeline.call, size, steps, [number])))
+                # The same seed as the bare call just made, so both make the same image.
+                one = await drive(service.url, token, lambda _, seed=number: body(seed), concurrency=1, requests=1, duration=None)
                 served.latencies += one.latencies
                 served.server_timing += one.server_timing
-    finally:
-        pipeline.close()
+        finally:
+            await service.on_device(pipeline.close)
     bare_p50, served_p50 = statistics.median(bare), statistics.median(served.latencies)
     print_table(
         f"overhead: {arguments.model} {arguments.size}x{arguments.size}, {arguments.steps} steps, {arguments.requests} sequential requests",
@@ -263,25 +282,29 @@ async def batching(settings: Settings, keys: KeyMaterial, token: str, arguments:
     def record(name: str, rate: float) -> None:
         rates[name] = max(rates.get(name, 0.0), rate)
 
-    pipeline = await asyncio.to_thread(BarePipeline, settings, model)
-    try:
-        await asyncio.to_thread(pipeline.call, size, steps, range(concurrency))  # warm up
-        for _ in range(arguments.rounds):
-            singles = [await asyncio.to_thread(pipeline.call, size, steps, [n]) for n in range(images)]
+    async def bare_loops(service: Service) -> None:
+        pipeline = await service.on_device(lambda: BarePipeline(settings, model))
+        try:
+            await service.on_device(lambda: pipeline.call(size, steps, range(concurrency)))  # warm up
+            singles = [await service.on_device(partial(pipeline.call, size, steps, [n])) for n in range(images)]
             record("bare loop, batch 1", len(singles) / sum(singles))
             calls = max(2, images // concurrency)
             batches = [
-                await asyncio.to_thread(pipeline.call, size, steps, range(n * concurrency, (n + 1) * concurrency))
+                await service.on_device(partial(pipeline.call, size, steps, range(n * concurrency, (n + 1) * concurrency)))
                 for n in range(calls)
             ]
             record(f"bare loop, batch {concurrency}", calls * concurrency / sum(batches))
-            for name, batch in services.items():
-                async with running_service(settings.replace(batch=batch), keys) as url:
-                    await drive(url, token, body, concurrency=1, requests=1, duration=None)
-                    outcome = await drive(url, token, body, concurrency=concurrency, requests=images, duration=None)
-                record(name, outcome.images / outcome.elapsed)
-    finally:
-        pipeline.close()
+        finally:
+            await service.on_device(pipeline.close)
+
+    for _ in range(arguments.rounds):
+        for index, (name, batch) in enumerate(services.items()):
+            async with running_service(settings.replace(batch=batch), keys) as service:
+                if index == 0:  # the baselines, on this service's device thread while it is idle
+                    await bare_loops(service)
+                await drive(service.url, token, body, concurrency=1, requests=1, duration=None)
+                outcome = await drive(service.url, token, body, concurrency=concurrency, requests=images, duration=None)
+            record(name, outcome.images / outcome.elapsed)
     single = rates["bare loop, batch 1"]
     batched = rates[f"bare loop, batch {concurrency}"]
     print_table(
@@ -303,9 +326,9 @@ async def load(settings: Settings, keys: KeyMaterial, token: str, arguments: arg
     if arguments.url:
         outcome = await run(arguments.url.rstrip("/"))
     else:
-        async with running_service(settings.replace(queue={"max_size": arguments.queue_size}), keys) as url:
-            await drive(url, token, body, concurrency=1, requests=1, duration=None)
-            outcome = await run(url)
+        async with running_service(settings.replace(queue={"max_size": arguments.queue_size}), keys) as service:
+            await drive(service.url, token, body, concurrency=1, requests=1, duration=None)
+            outcome = await run(service.url)
     latencies = outcome.latencies or [0.0]
     print_table(
         f"load: {arguments.concurrency} clients for {arguments.duration:g} s",

@@ -59,13 +59,13 @@ def _banner(settings: Settings, keys: KeyMaterial, host: str, port: int, demo_fo
 
 def _with_models(settings: Settings) -> tuple[Settings, Path | None]:
     """The demo models stand in when no weights are configured (built on first use)."""
-    from imagine.demo_models import demo_settings, ensure_demo_models
+    from imagine.demo_models import demo_settings, prepare_demo_models
 
     if settings.models.has_sources:
         return settings, None
     demo_folder = Path(settings.server.cache_dir) / "demo-models"
     print(f"No model weights configured: using the demo models in {demo_folder}", flush=True)
-    if ensure_demo_models(demo_folder):
+    if prepare_demo_models(demo_folder):
         print("Built the demo models (first run).", flush=True)
     return demo_settings(settings, demo_folder), demo_folder
 

@@ -82,6 +82,20 @@ def demo_settings(settings: Settings, folder: pathlib.Path) -> Settings:
     return settings.replace(models={"options": options, "lora_dir": str(folder / DEMO_LORA_DIR)})
 
 
+def prepare_demo_models(target: pathlib.Path) -> bool:
+    """`ensure_demo_models` in a child process; True if it built them.
+
+    Building runs torch, and a process serves fastest when its device thread is
+    the only thread that ever did: a live thread with an OpenMP team of its own
+    (the main thread is always live) halves the device thread's speed on a CPU.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(ensure_demo_models, target).result()
+
+
 def ensure_demo_models(target: pathlib.Path) -> bool:
     """Build the demo models unless `target` holds the current version.
 

@@ -12,8 +12,17 @@ import pytest
 
 from imagine.app import create_app
 from imagine.auth import KeyMaterial
-from imagine.demo_models import demo_settings, ensure_demo_models
+from imagine.demo_models import demo_settings, prepare_demo_models
 from imagine.settings import Settings, load_settings
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that run torch on pytest's own thread go last (the order is otherwise kept).
+
+    Once the main thread has run torch, every later device thread of this
+    process runs at about half speed on a CPU (see prepare_demo_models).
+    """
+    items.sort(key=lambda item: item.get_closest_marker("torch_in_test_thread") is not None)
+
 
 SECRET = secrets.token_urlsafe(48).encode()
 KEYS = KeyMaterial("HS256", SECRET, SECRET, "environment", "test")
@@ -44,7 +53,9 @@ def assert_same_image(first: np.ndarray, second: np.ndarray) -> None:
 @pytest.fixture(scope="session")
 def demo_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.getbasetemp() / "demo-models"
-    ensure_demo_models(folder)
+    # In a child process: the device threads of the apps under test should be
+    # the only threads of this process that ever ran torch (see prepare_demo_models).
+    prepare_demo_models(folder)
     return folder
 
 

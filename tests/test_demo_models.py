@@ -19,6 +19,9 @@ from imagine.demo_models import (
     ensure_demo_models,
 )
 
+# These tests run torch on pytest's own thread: conftest runs them last.
+pytestmark = pytest.mark.torch_in_test_thread
+
 PIPELINE_CLASSES = {
     "sdxl": StableDiffusionXLPipeline,
     "sdxl-turbo": StableDiffusionXLPipeline,
