@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -68,6 +69,18 @@ async def test_expiry_not_before_and_required_claims(client) -> None:
     # Inside the leeway an expired clock still passes.
     response = await client.get("/imagine/health", headers={"Authorization": f"Bearer {make_token(exp=now - 5)}"})
     assert response.status == 200
+
+
+async def test_a_remembered_token_still_expires_and_a_changed_one_is_checked_again(make_client, base_settings) -> None:
+    client = await make_client(base_settings.replace(auth={"leeway_s": 0}))
+    token = make_token(exp=int(time.time()) + 2)
+    assert (await client.get("/imagine/health", headers={"Authorization": f"Bearer {token}"})).status == 200
+    # A byte changed in the signature is another token: checked in full, and refused.
+    tampered = token[:-2] + ("AA" if not token.endswith("AA") else "BB")
+    await assert_invalid_token(client, tampered)
+    assert (await client.get("/imagine/health", headers={"Authorization": f"Bearer {token}"})).status == 200
+    await asyncio.sleep(3)
+    await assert_invalid_token(client, token)
 
 
 async def test_token_in_query_string_is_ignored(client) -> None:
