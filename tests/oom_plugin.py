@@ -14,8 +14,16 @@ from collections.abc import Callable, Sequence
 
 from PIL import Image
 
-from imagine.generators import GenerationRequest, Generator, ModelCard, ModelDefaults, ModelLimits, StepCallback
+from imagine.generators import (
+    GenerationRequest,
+    Generator,
+    ModelCard,
+    ModelDefaults,
+    ModelLimits,
+    StepCallback,
+)
 from imagine.hookspecs import hookimpl
+from tests.weightless import WeightlessGenerator
 
 TRIGGER = "out of memory"
 
@@ -28,7 +36,7 @@ class _Activations:
         self.cycle = self
 
 
-class OutOfMemoryGenerator(Generator):
+class OutOfMemoryGenerator(WeightlessGenerator):
     name = "oom"
     card = ModelCard(
         description="test: runs out of memory when the prompt says so",
@@ -38,19 +46,8 @@ class OutOfMemoryGenerator(Generator):
     )
 
     def __init__(self) -> None:
-        self._loaded = False
         # The activations of the last failed run, while anything keeps them alive.
         self.failed_activations: weakref.ref[_Activations] | None = None
-
-    @property
-    def loaded(self) -> bool:
-        return self._loaded
-
-    def load(self) -> None:
-        self._loaded = True
-
-    def unload(self) -> None:
-        self._loaded = False
 
     def generate(self, requests: Sequence[GenerationRequest], on_step: StepCallback) -> list[list[Image.Image]]:
         import torch

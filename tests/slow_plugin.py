@@ -24,9 +24,10 @@ from imagine.generators import (
 )
 from imagine.hookspecs import hookimpl
 from imagine.settings import Settings
+from tests.weightless import WeightlessGenerator
 
 
-class SlowGenerator(Generator):
+class SlowGenerator(WeightlessGenerator):
     name = "slow"
     card = ModelCard(
         description="test: one step per step_seconds",
@@ -37,21 +38,10 @@ class SlowGenerator(Generator):
 
     def __init__(self, step_seconds: float) -> None:
         self.step_seconds = step_seconds
-        self._loaded = False
         self.steps_run = 0
         self.started = threading.Event()
         self.finished_runs: list[str] = []  # "completed" or "interrupted", one per run
         self.batches: list[list[str]] = []  # the prompts of each call, in order
-
-    @property
-    def loaded(self) -> bool:
-        return self._loaded
-
-    def load(self) -> None:
-        self._loaded = True
-
-    def unload(self) -> None:
-        self._loaded = False
 
     def generate(self, requests: Sequence[GenerationRequest], on_step: StepCallback) -> list[list[Image.Image]]:
         self.started.set()
