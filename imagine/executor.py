@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
 import math
 import secrets
@@ -87,7 +88,6 @@ class Job:
     future: asyncio.Future[GenerationOutput]
     id: str = field(default_factory=lambda: "job_" + secrets.token_urlsafe(12))
     state: JobState = JobState.QUEUED
-    step: int = 0
     submitted_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None
     # Set by any thread to stop the job; `stop_error` says why.
@@ -102,15 +102,11 @@ class Job:
 
     @property
     def batch_key(self) -> tuple[Any, ...]:
-        return (self.generator.name, *self.request.batch_key())
+        return self.request.batch_key()
 
     @property
     def deadline(self) -> float:
         return self.submitted_at + self.timeout_s
-
-    @property
-    def total_steps(self) -> int:
-        return self.request.steps
 
     def request_stop(self, error: ApiError) -> None:
         if not self._stop.is_set():
@@ -457,11 +453,13 @@ class DeviceExecutor:
     def _generate(self, batch: list[Job]) -> list[GenerationOutput]:
         generator = batch[0].generator
 
+        # Where each job's images sit in the batch's latents: a preview shows the job's own.
+        offsets = list(itertools.accumulate((job.images for job in batch[:-1]), initial=0))
+
         def on_step(progress: StepProgress) -> bool:
-            for job in batch:
+            for job, offset in zip(batch, offsets, strict=True):
                 if job.state is not JobState.RUNNING:
                     continue
-                job.step = progress.step
                 if job.should_stop():
                     # It leaves the batch now: its caller hears at once, the others go on.
                     self._settle_stopped(job)
@@ -469,7 +467,7 @@ class DeviceExecutor:
                 if job.observer is not None:
                     preview = None
                     if job.observer.wants_preview and progress.latents is not None and progress.step % self._preview_every == 0:
-                        preview = generator.latent_preview(progress.latents)
+                        preview = generator.latent_preview(progress.latents[offset : offset + 1])
                     self._on_loop(job.observer.progress, progress.step, progress.total, preview)
             return all(job.state is not JobState.RUNNING for job in batch)
 

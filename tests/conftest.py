@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import base64
+import io
 import secrets
 import time
 from collections.abc import Callable
@@ -9,11 +11,13 @@ from typing import Any
 import jwt
 import numpy as np
 import pytest
+from PIL import Image
 
 from imagine.app import create_app
 from imagine.auth import KeyMaterial
 from imagine.demo_models import demo_settings, prepare_demo_models
 from imagine.settings import Settings, load_settings
+
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests that run torch on pytest's own thread go last (the order is otherwise kept).
@@ -36,6 +40,18 @@ def make_token(sub: str = "alice", scope: str | list[str] = "generate", *, secre
 
 def auth(sub: str = "alice", scope: str | list[str] = "generate", **claims: Any) -> dict[str, str]:
     return {"Authorization": f"Bearer {make_token(sub, scope, **claims)}"}
+
+
+def pixels(png: bytes) -> np.ndarray:
+    """A PNG's pixels, as an RGB array."""
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+
+
+def data_url_png(url: str) -> bytes:
+    """The PNG inside a `data:image/png;base64,` URL, as the JSON results carry images."""
+    prefix = "data:image/png;base64,"
+    assert url.startswith(prefix)
+    return base64.b64decode(url[len(prefix):])
 
 
 def assert_same_image(first: np.ndarray, second: np.ndarray) -> None:

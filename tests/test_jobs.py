@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import io
 import json
 
 import numpy as np
-from PIL import Image
 
-from tests.conftest import auth
+from tests.conftest import assert_same_image, auth, data_url_png, pixels
 from tests.slow_plugin import SlowPlugin
 
 JOBS = "/imagine/jobs"
@@ -59,8 +56,6 @@ async def job_status(client, job_id: str, sub: str = "alice") -> dict:
     return await (await client.get(f"{JOBS}/{job_id}", headers=auth(sub))).json()
 
 
-def png_pixels(data_url: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1]))).convert("RGB"))
 
 
 async def test_submit_stream_in_order_and_result_equals_generate(client) -> None:
@@ -82,9 +77,9 @@ async def test_submit_stream_in_order_and_result_equals_generate(client) -> None
 
     result = events[-1]["data"]
     direct = await client.post("/imagine/generate", json=body, headers=auth())
-    direct_pixels = np.asarray(Image.open(io.BytesIO(await direct.read())).convert("RGB"))
+    direct_pixels = pixels(await direct.read())
     assert result["seeds"] == [11]
-    assert np.array_equal(png_pixels(result["images"][0]), direct_pixels)
+    assert np.array_equal(pixels(data_url_png(result["images"][0])), direct_pixels)
 
     polled = await job_status(client, accepted["id"])
     assert polled["status"] == "succeeded"
@@ -228,7 +223,7 @@ async def test_previews_are_small_images_every_n_steps(make_client, base_setting
     progress = [event["data"] for event in events if event["event"] == "progress"]
     with_preview = [data["step"] for data in progress if "preview" in data]
     assert with_preview == [2, 4]
-    preview = png_pixels(next(data["preview"] for data in progress if "preview" in data))
+    preview = pixels(data_url_png(next(data["preview"] for data in progress if "preview" in data)))
     assert preview.shape == (8, 16, 3)  # one pixel per latent
     assert preview.std() > 0
     # Off unless asked for.
@@ -260,3 +255,27 @@ async def test_full_queue_and_per_subject_bound(make_client, base_settings) -> N
     bounded = await make_client(settings.replace(queue={"max_size": 10}), plugins=(SlowPlugin(0.02),))
     statuses = [(await submit(bounded, body))[0].status for _ in range(4)]
     assert statuses == [202, 202, 202, 429]
+
+
+async def test_batched_jobs_each_preview_their_own_image(make_client, base_settings) -> None:
+    plugin = SlowPlugin(step_seconds=0.05)
+    client = await make_client(base_settings.replace(jobs={"preview_every": 2}), plugins=(plugin,))
+
+    async def previews(job_id: str) -> list[np.ndarray]:
+        events = only_events(await read_events(await client.get(f"{JOBS}/{job_id}/events", headers=auth())))
+        return [pixels(data_url_png(e["data"]["preview"])) for e in events if "preview" in e.get("data", {})]
+
+    bodies = [{"prompt": "a fox", "seed": seed, "steps": 2, "width": 128, "height": 128, "preview": True} for seed in (1, 2)]
+    # Keep the device busy, so that both jobs wait and then share one pipeline call.
+    blocker = asyncio.create_task(client.post("/imagine/generate", json={"prompt": "busy", "model": "slow", "steps": 15}, headers=auth()))
+    await asyncio.to_thread(plugin.generator.started.wait, 10)
+    together = [(await submit(client, body))[1]["id"] for body in bodies]
+    await blocker
+    batched = [await previews(job_id) for job_id in together]
+    alone = []
+    for body in bodies:
+        alone.append(await previews((await submit(client, body))[1]["id"]))
+    for batched_previews, alone_previews in zip(batched, alone, strict=True):
+        assert len(batched_previews) == len(alone_previews) == 1
+        assert_same_image(batched_previews[0], alone_previews[0])
+    assert not np.array_equal(batched[0][0], batched[1][0])
