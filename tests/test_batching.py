@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import collections
-import io
 from dataclasses import dataclass
-
-import numpy as np
-from PIL import Image
 
 from imagine.batching import FairBatcher
 from imagine.keys import executor_key
-from tests.conftest import assert_same_image, auth
+from tests.conftest import assert_same_image, auth, data_url_png, pixels
 from tests.slow_plugin import SlowPlugin
 
 URL = "/imagine/generate"
@@ -83,7 +78,7 @@ async def test_a_batched_image_matches_the_same_request_run_alone(make_client, b
         if body.get("response_format") == "json":
             batched_images = (await response.json())["images"]
             alone_images = (await alone.json())["images"]
-            pairs = [(decode(a), decode(b)) for a, b in zip(batched_images, alone_images, strict=True)]
+            pairs = [(pixels(data_url_png(a)), pixels(data_url_png(b))) for a, b in zip(batched_images, alone_images, strict=True)]
         else:
             pairs = [(pixels(await response.read()), pixels(await alone.read()))]
         for batched, single in pairs:
@@ -133,11 +128,3 @@ async def batch_metric(client) -> dict[str, float]:
             if line.startswith(f"imagine_batch_jobs_{part} "):
                 values[part] = float(line.split()[1])
     return values
-
-
-def pixels(png: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
-
-
-def decode(data_url: str) -> np.ndarray:
-    return pixels(base64.b64decode(data_url.split(",", 1)[1]))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import io
 import json
 import subprocess
@@ -14,20 +13,10 @@ import numpy as np
 from PIL import Image
 
 from imagine.keys import executor_key
-from tests.conftest import auth
+from tests.conftest import auth, data_url_png, pixels
 from tests.slow_plugin import SlowPlugin
 
 URL = "/imagine/generate"
-
-
-def pixels(png: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
-
-
-def decode_data_url(url: str) -> bytes:
-    prefix = "data:image/png;base64,"
-    assert url.startswith(prefix)
-    return base64.b64decode(url[len(prefix):])
 
 
 async def test_png_of_the_asked_size_with_parameters_chunk(client) -> None:
@@ -85,7 +74,7 @@ async def test_json_result_with_several_images_uses_seed_plus_i(client) -> None:
     assert result["model_info"]["dtype"] == "float32"
     assert result["vram_used"] == 0.0
     assert result["generation_time"] > 0
-    first, second = (pixels(decode_data_url(image)).astype(int) for image in result["images"])
+    first, second = (pixels(data_url_png(image)).astype(int) for image in result["images"])
     alone = await client.post(URL, json={"prompt": "a fox", "seed": 101, "steps": 2}, headers=auth())
     reproduced = pixels(await alone.read()).astype(int)
     # Seed 101 alone gives the second image. (A batch of two goes through other
@@ -100,7 +89,7 @@ async def test_accept_header_chooses_json(client) -> None:
     )
     assert response.status == 200
     assert response.content_type == "application/json"
-    png = decode_data_url((await response.json())["images"][0])
+    png = data_url_png((await response.json())["images"][0])
     assert Image.open(io.BytesIO(png)).size == (64, 64)
 
 
@@ -133,7 +122,7 @@ async def test_defaults_per_model_at_their_real_sizes(make_client, base_settings
         "scheduler": "euler_a",
         "loras": [],
     }
-    assert pixels(decode_data_url(result["images"][0])).shape == (512, 512, 3)
+    assert pixels(data_url_png(result["images"][0])).shape == (512, 512, 3)
     models = await (await client.get("/imagine/models", headers=auth())).json()
     sdxl = models["local_models"]["sdxl"]
     assert sdxl["defaults"] == {"steps": 20, "guidance": 7.5, "width": 1024, "height": 1024, "scheduler": "euler"}

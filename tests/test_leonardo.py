@@ -15,7 +15,7 @@ from PIL import Image
 from imagine.app import create_app
 from imagine.settings import Settings, SettingsError, load_settings
 from plugins.leonardo_catalog import MODELS
-from tests.conftest import KEYS, auth
+from tests.conftest import KEYS, auth, pixels
 from tests.fake_leonardo import API_PREFIX, FakeLeonardo, gradient
 from tests.slow_plugin import SlowPlugin
 
@@ -54,8 +54,6 @@ async def leonardo(make_client: Callable[..., Any], leonardo_settings: Settings,
     return await make_client(leonardo_settings)
 
 
-def pixels(png: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
 
 
 async def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -92,8 +90,8 @@ async def test_pending_polls_then_complete_gives_a_png_of_the_cdn_jpeg(leonardo,
     # Exactly the CDN's JPEG, decoded; and close to the picture that JPEG was made from.
     (generation_id,) = fake.generations
     cdn = np.asarray(Image.open(io.BytesIO(fake.jpeg_for(generation_id))).convert("RGB")).astype(int)
-    assert np.array_equal(pixels(png), cdn)
-    assert np.abs(pixels(png) - np.asarray(gradient(1344, 768)).astype(int)).mean() < 3
+    assert np.array_equal(pixels(png).astype(int), cdn)
+    assert np.abs(pixels(png).astype(int) - np.asarray(gradient(1344, 768)).astype(int)).mean() < 3
 
     assert fake.posts == [
         {

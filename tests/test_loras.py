@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from imagine.demo_models import DEMO_LORA_DIR
-from tests.conftest import assert_same_image, auth
-from tests.test_generate import pixels
+from tests.conftest import assert_same_image, auth, pixels
 
 URL = "/imagine/generate"
 MODEL = "sd15-lora"

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 from imagine.keys import registry_key
-from tests.conftest import auth
-from tests.test_generate import decode_data_url, pixels
+from tests.conftest import auth, data_url_png, pixels
 
 URL = "/imagine/generate"
 LOCAL_MODELS = ("sdxl", "sdxl-lightning", "sdxl-turbo", "sd15-lora")
@@ -47,7 +46,7 @@ async def test_every_model_generates_at_its_defaults(make_client, base_settings,
         "scheduler": defaults["scheduler"],
         "loras": [],
     }
-    image = pixels(decode_data_url(result["images"][0]))
+    image = pixels(data_url_png(result["images"][0]))
     assert image.shape == (defaults["height"], defaults["width"], 3)
     assert image.std() > 5  # a picture, not a blank
 
@@ -60,7 +59,7 @@ async def test_every_model_generates_at_its_limits_and_refuses_beyond(make_clien
     for size, step_count in ((limits["min_size"], min(steps)), (limits["max_size"], max(steps))):
         status, result = await generate(client, model=model, width=size, height=size, steps=step_count)
         assert status == 200, result
-        assert pixels(decode_data_url(result["images"][0])).shape == (size, size, 3)
+        assert pixels(data_url_png(result["images"][0])).shape == (size, size, 3)
     for beyond in ({"width": limits["max_size"] + 8}, {"height": limits["min_size"] - 8}, {"steps": max(steps) + 1}):
         status, result = await generate(client, model=model, **beyond)
         assert status == 400, (beyond, result)
@@ -89,7 +88,7 @@ async def test_lightning_runs_each_step_count_on_its_configured_checkpoint(make_
     async def image(client, model: str, steps: int) -> np.ndarray:
         status, result = await generate(client, model=model, steps=steps, guidance=0.0, scheduler="euler", seed=5)
         assert status == 200, result
-        return pixels(decode_data_url(result["images"][0])).astype(int)
+        return pixels(data_url_png(result["images"][0])).astype(int)
 
     client = await make_client(base_settings)
     four = await image(client, "sdxl-lightning", 4)
