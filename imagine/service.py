@@ -7,6 +7,7 @@ import base64
 import time
 from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from aiohttp import web
@@ -91,15 +92,18 @@ async def _run_remote(
 
 
 async def encode_images(app: web.Application, request: GenerationRequest, output: GenerationOutput) -> list[bytes]:
-    """PNG-encode on the CPU pool, so neither the loop nor the device thread waits for zlib."""
+    """PNG-encode on the CPU pool, so neither the loop nor the device thread waits for deflate."""
     loop = asyncio.get_running_loop()
     output_settings = app[settings_key].output
-    level, strategy = output_settings.png_compress_level, output_settings.png_strategy
+    encode = partial(
+        encode_png,
+        compress_level=output_settings.png_compress_level,
+        engine=output_settings.png_deflate,
+        strategy=output_settings.png_strategy,
+    )
     return await asyncio.gather(
         *(
-            loop.run_in_executor(
-                app[encode_pool_key], encode_png, image, parameters_text(request, seed), level, strategy
-            )
+            loop.run_in_executor(app[encode_pool_key], encode, image, parameters_text(request, seed))
             for image, seed in zip(output.images, output.seeds, strict=True)
         )
     )

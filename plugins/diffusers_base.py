@@ -123,7 +123,7 @@ class DiffusersGenerator(Generator):
         try:
             # Components passed in are used as they are; diffusers loads only the others.
             pipe = pipeline_class.from_pretrained(
-                self.source, torch_dtype=torch_dtype, **shared, **self.load_arguments(torch_dtype)
+                self.source, dtype=torch_dtype, **shared, **self.load_arguments(torch_dtype)
             )
             self.pipe = self.prepare(pipe.to(self.device))
         except BaseException:

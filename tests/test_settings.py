@@ -65,6 +65,9 @@ default_steps = 2
         ("[auth]\nalgorithm = 'RS256'\n", {}, "public_key_file"),
         ("[models]\ndevice = 'tpu'\n", {}, "models.device"),
         ("[server\n", {}, "not valid TOML"),
+        ("[output]\npng_compress_level = 6\n", {}, "between 0 and 3 with isal"),
+        ("[output]\npng_deflate = 'zlib'\npng_compress_level = 10\n", {}, "between 0 and 9 with zlib"),
+        ("[output]\npng_deflate = 'brotli'\n", {}, "png_deflate"),
     ],
 )
 def test_bad_settings_are_refused_with_the_setting_named(tmp_path, text, environment, message) -> None:
