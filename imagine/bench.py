@@ -4,7 +4,7 @@ Every mode runs its baseline in the same process, right before the service, so
 the ratios hold on a noisy machine. Results are a table on stdout.
 
 - overhead: the bare `pipe(...)` loop vs the same requests through HTTP (PNG).
-- batching: bare loops at batch 1 and batch N vs the service with batching off and on.
+- batching: the service with batching off and on, each against its bare loop (batch 1 and batch N).
 - load: a bounded burst of concurrent HTTP clients; images/s, latency, statuses.
 """
 
@@ -203,7 +203,7 @@ async def drive(
     return outcome
 
 
-def _body(model: str, size: int, steps: int) -> Callable[[int], dict[str, Any]]:
+def _body(model: str, size: int, steps: int, response: str = "png", store: bool = False) -> Callable[[int], dict[str, Any]]:
     return lambda number: {
         "prompt": PROMPT,
         "model": model,
@@ -211,7 +211,8 @@ def _body(model: str, size: int, steps: int) -> Callable[[int], dict[str, Any]]:
         "height": size,
         "num_inference_steps": steps,
         "seed": number,
-        "store": False,
+        "response_format": response,
+        "store": store,
     }
 
 
@@ -219,20 +220,28 @@ def _body(model: str, size: int, steps: int) -> Callable[[int], dict[str, Any]]:
 
 
 async def overhead(settings: Settings, keys: KeyMaterial, token: str, arguments: argparse.Namespace) -> None:
-    """Bare calls and HTTP requests alternate, so drifts in machine load hit both alike."""
+    """Bare calls and HTTP requests are made in pairs, so drifts in machine load hit both alike."""
     size, steps = arguments.size, arguments.steps
     bare: list[float] = []
     served = Outcome([], Counter(), 0, 0.0)
     async with running_service(settings, keys) as service:
         pipeline = await service.on_device(lambda: BarePipeline(settings, arguments.model))
         try:
-            body = _body(arguments.model, size, steps)
+            body = _body(arguments.model, size, steps, arguments.response, arguments.store)
             await service.on_device(lambda: pipeline.call(size, steps, [0]))
             await drive(service.url, token, body, concurrency=1, requests=1, duration=None)  # load and warm up
             for number in range(arguments.requests):
-                bare.append(await service.on_device(partial(pipeline.call, size, steps, [number])))
-                # The same seed as the bare call just made, so both make the same image.
-                one = await drive(service.url, token, lambda _, seed=number: body(seed), concurrency=1, requests=1, duration=None)
+                bare_call = partial(service.on_device, partial(pipeline.call, size, steps, [number]))
+                # The same seed as the bare call, so both make the same image.
+                request = partial(drive, service.url, token, lambda _, seed=number: body(seed), concurrency=1, requests=1, duration=None)
+                # Which goes first alternates: the second of a pair runs a few
+                # milliseconds slower here, whichever it is.
+                if number % 2:
+                    bare.append(await bare_call())
+                    one = await request()
+                else:
+                    one = await request()
+                    bare.append(await bare_call())
                 served.latencies += one.latencies
                 served.server_timing += one.server_timing
         finally:
@@ -242,7 +251,8 @@ async def overhead(settings: Settings, keys: KeyMaterial, token: str, arguments:
     # is far steadier than the difference of two wide distributions' medians.
     paired_extra = statistics.median(s - b for s, b in zip(served.latencies, bare, strict=True))
     print_table(
-        f"overhead: {arguments.model} {arguments.size}x{arguments.size}, {arguments.steps} steps, {arguments.requests} sequential requests",
+        f"overhead: {arguments.model} {size}x{size}, {steps} steps, {arguments.requests} sequential requests, "
+        f"{arguments.response.upper()} responses{', stored' if arguments.store else ''}",
         [
             Row(
                 "bare pipe()",
@@ -255,7 +265,7 @@ async def overhead(settings: Settings, keys: KeyMaterial, token: str, arguments:
                 },
             ),
             Row(
-                "service (HTTP, PNG)",
+                "service (HTTP)",
                 {
                     "p50": milliseconds(served_p50),
                     "p95": milliseconds(percentile(served.latencies, 0.95)),
@@ -274,60 +284,80 @@ async def overhead(settings: Settings, keys: KeyMaterial, token: str, arguments:
         )
 
 
-async def batching(settings: Settings, keys: KeyMaterial, token: str, arguments: argparse.Namespace) -> None:
-    """Images/s of bare loops (batch 1 and N) and of the service with batching off and on.
+def _jobs_per_call(service: Service) -> tuple[float, float]:
+    """(pipeline calls, jobs) served so far, from the service's own metrics."""
+    from imagine.keys import metrics_key
 
-    Every configuration runs once per round, rounds one after another, and the
-    best round counts: on a shared machine a passing spike then hurts no one row.
+    registry = service.app[metrics_key].registry
+    calls = registry.get_sample_value("imagine_batch_jobs_count") or 0.0
+    jobs = registry.get_sample_value("imagine_batch_jobs_sum") or 0.0
+    return calls, jobs
+
+
+async def batching(settings: Settings, keys: KeyMaterial, token: str, arguments: argparse.Namespace) -> None:
+    """Images/s of the service with batching off and on, each against the bare loop it should match.
+
+    Batching off is paired with a bare batch-1 loop, batching on with a bare
+    batch-N loop. Within a service's run, its bare loop and a burst of N
+    closed-loop clients alternate, round after round, so a slow spell of a
+    shared machine hits both sides of a round alike: the median of the rounds'
+    ratios is what to read.
     """
     size, steps, model, concurrency, images = (
         arguments.size, arguments.steps, arguments.model, arguments.concurrency, arguments.requests,
     )
     body = _body(model, size, steps)
-    services = {
-        "service, batching off": {"max_size": 1},
-        f"service, batching on (max {concurrency}, wait {arguments.max_wait_ms:g} ms)": {
-            "max_size": concurrency,
-            "max_wait_ms": arguments.max_wait_ms,
-        },
-    }
-    rates: dict[str, float] = {}
-
-    def record(name: str, rate: float) -> None:
-        rates[name] = max(rates.get(name, 0.0), rate)
-
-    async def bare_loops(service: Service) -> None:
-        pipeline = await service.on_device(lambda: BarePipeline(settings, model))
-        try:
-            await service.on_device(lambda: pipeline.call(size, steps, range(concurrency)))  # warm up
-            singles = [await service.on_device(partial(pipeline.call, size, steps, [n])) for n in range(images)]
-            record("bare loop, batch 1", len(singles) / sum(singles))
-            calls = max(2, images // concurrency)
-            batches = [
-                await service.on_device(partial(pipeline.call, size, steps, range(n * concurrency, (n + 1) * concurrency)))
-                for n in range(calls)
-            ]
-            record(f"bare loop, batch {concurrency}", calls * concurrency / sum(batches))
-        finally:
-            await service.on_device(pipeline.close)
-
-    for _ in range(arguments.rounds):
-        for index, (name, batch) in enumerate(services.items()):
-            async with running_service(settings.replace(batch=batch), keys) as service:
-                if index == 0:  # the baselines, on this service's device thread while it is idle
-                    await bare_loops(service)
+    runs = [
+        ("service, batching off", {"max_size": 1}, 1),
+        (
+            f"service, batching on (max {concurrency}, wait {arguments.max_wait_ms:g} ms)",
+            {"max_size": concurrency, "max_wait_ms": arguments.max_wait_ms},
+            concurrency,
+        ),
+    ]
+    rows = []
+    for name, batch, bare_batch in runs:
+        bare_rates, served_rates, ratios = [], [], []
+        async with running_service(settings.replace(batch=batch), keys) as service:
+            pipeline = await service.on_device(lambda: BarePipeline(settings, model))
+            try:
+                await service.on_device(lambda: pipeline.call(size, steps, range(bare_batch)))  # warm up
                 await drive(service.url, token, body, concurrency=1, requests=1, duration=None)
-                outcome = await drive(service.url, token, body, concurrency=concurrency, requests=images, duration=None)
-            record(name, outcome.images / outcome.elapsed)
-    single = rates["bare loop, batch 1"]
-    batched = rates[f"bare loop, batch {concurrency}"]
+                calls_before, jobs_before = _jobs_per_call(service)
+                for _ in range(arguments.rounds):
+                    calls = max(1, images // bare_batch)
+                    seconds = [
+                        await service.on_device(partial(pipeline.call, size, steps, range(n * bare_batch, (n + 1) * bare_batch)))
+                        for n in range(calls)
+                    ]
+                    bare_rates.append(calls * bare_batch / sum(seconds))
+                    outcome = await drive(service.url, token, body, concurrency=concurrency, requests=images, duration=None)
+                    served_rates.append(outcome.images / outcome.elapsed)
+                    ratios.append(served_rates[-1] / bare_rates[-1])
+                calls_after, jobs_after = _jobs_per_call(service)
+            finally:
+                await service.on_device(pipeline.close)
+        jobs_per_call = (jobs_after - jobs_before) / max(1.0, calls_after - calls_before)
+        rows.append(Row(f"bare loop, batch {bare_batch}", {"images/s": f"{statistics.median(bare_rates):.2f}"}))
+        rows.append(
+            Row(
+                name,
+                {
+                    "images/s": f"{statistics.median(served_rates):.2f}",
+                    "jobs per call": f"{jobs_per_call:.1f}",
+                    "vs its bare loop": f"{statistics.median(ratios):.3f}",
+                    "rounds' ratios": " ".join(f"{ratio:.2f}" for ratio in ratios),
+                },
+            )
+        )
+    single = float(rows[0].values["images/s"])
+    for row in rows:
+        row.values["vs batch-1 loop"] = f"{float(row.values['images/s']) / single:.2f}"
+    columns = ("images/s", "vs batch-1 loop", "jobs per call", "vs its bare loop", "rounds' ratios")
     print_table(
-        f"batching: {model} {size}x{size}, {steps} steps, concurrency {concurrency}, {images} images, "
-        f"best of {arguments.rounds} rounds",
-        [
-            Row(name, {"images/s": f"{rate:.2f}", "vs batch-1 loop": f"{rate / single:.2f}", "vs batch-N loop": f"{rate / batched:.2f}"})
-            for name, rate in rates.items()
-        ],
+        f"batching: {model} {size}x{size}, {steps} steps, concurrency {concurrency}, {images} images a round, "
+        f"median of {arguments.rounds} rounds",
+        [Row(row.name, {column: row.values.get(column, "") for column in columns}) for row in rows],
     )
 
 
@@ -371,9 +401,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--requests", type=int, default=16, help="requests (overhead) or images (batching) to time")
+    parser.add_argument("--response", choices=("png", "json"), default="png", help="response format (overhead mode)")
+    parser.add_argument("--store", action="store_true", help="keep the images in the gallery too (overhead mode)")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of load (load mode)")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds of every configuration (batching mode)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of bare loop and service, alternating (batching mode)")
     parser.add_argument(
         "--max-wait-ms",
         type=float,

@@ -33,23 +33,40 @@ def test_overhead_compares_the_bare_call_with_the_service(bench_environment, cap
     output = capsys.readouterr().out
     bare, served = table_rows(output, "overhead:")
     assert bare[0] == "bare pipe()" and bare[3] == "1.000"
-    assert served[0] == "service (HTTP, PNG)" and float(served[3]) > 0
+    assert served[0] == "service (HTTP)" and float(served[3]) > 0
     assert served[4].endswith(" ms") and float(served[5]) > 0  # the paired extra and its ratio
     parts = {row[0] for row in table_rows(output, "where a request's time goes")}
     assert parts == {"validate", "queue", "device", "encode", "store"}
 
 
-def test_batching_reports_both_baselines_and_both_services(bench_environment, capsys) -> None:
+def test_overhead_of_stored_json_responses_times_serialising_and_storing(bench_environment, capsys) -> None:
+    arguments = ["bench", "--mode", "overhead", "--model", "sdxl-turbo", "--size", "64", "--steps", "1", "--requests", "2"]
+    assert main([*arguments, "--response", "json", "--store"]) == 0
+    output = capsys.readouterr().out
+    assert "JSON responses, stored" in output
+    parts = {row[0]: float(row[1]) for row in table_rows(output, "where a request's time goes")}
+    assert set(parts) == {"validate", "queue", "device", "encode", "store", "serialize"}
+    assert parts["store"] > 0 and parts["serialize"] > 0
+
+
+def test_batching_pairs_each_service_with_its_bare_loop(bench_environment, capsys) -> None:
     arguments = ["bench", "--mode", "batching", "--model", "sdxl-turbo", "--size", "64", "--steps", "1"]
-    assert main([*arguments, "--concurrency", "2", "--requests", "4", "--rounds", "1", "--max-wait-ms", "10"]) == 0
+    assert main([*arguments, "--concurrency", "2", "--requests", "4", "--rounds", "2", "--max-wait-ms", "10"]) == 0
     rows = table_rows(capsys.readouterr().out, "batching:")
     assert [row[0] for row in rows] == [
         "bare loop, batch 1",
-        "bare loop, batch 2",
         "service, batching off",
+        "bare loop, batch 2",
         "service, batching on (max 2, wait 10 ms)",
     ]
     assert all(float(row[1]) > 0 for row in rows)
+    bare_single, off, bare_batched, on = rows
+    assert bare_single[2] == "1.00"
+    assert off[3] == "1.0"  # batching off: one job per pipeline call
+    assert 1.0 <= float(on[3]) <= 2.0
+    for service in (off, on):
+        ratios = [float(ratio) for ratio in service[5].split()]
+        assert len(ratios) == 2 and all(ratio > 0 for ratio in ratios)
 
 
 def test_load_counts_statuses_and_refusals_carry_retry_after(bench_environment, capsys) -> None:
