@@ -56,7 +56,7 @@ def percentile(samples: Sequence[float], fraction: float) -> float:
 
 
 def milliseconds(seconds: float) -> str:
-    return f"{seconds * 1000:.1f} ms"
+    return f"{seconds * 1000:.1f} ms" if abs(seconds) >= 0.01 else f"{seconds * 1000:.2f} ms"
 
 
 def bench_settings(settings: Settings, model: str, size: int, **sections: dict[str, Any]) -> Settings:
@@ -250,6 +250,12 @@ async def overhead(settings: Settings, keys: KeyMaterial, token: str, arguments:
     # Each request ran right after its bare twin: the median of the differences
     # is far steadier than the difference of two wide distributions' medians.
     paired_extra = statistics.median(s - b for s, b in zip(served.latencies, bare, strict=True))
+    # A request's latency minus its own pipeline call (Server-Timing's `device`):
+    # what the service adds, measured within one request, so free of the
+    # call-to-call jitter that the pairs still carry.
+    own = statistics.median(
+        latency - timing["device"] / 1000 for latency, timing in zip(served.latencies, served.server_timing, strict=True)
+    )
     print_table(
         f"overhead: {arguments.model} {size}x{size}, {steps} steps, {arguments.requests} sequential requests, "
         f"{arguments.response.upper()} responses{', stored' if arguments.store else ''}",
@@ -262,6 +268,8 @@ async def overhead(settings: Settings, keys: KeyMaterial, token: str, arguments:
                     "ratio (p50)": "1.000",
                     "paired extra": "",
                     "paired ratio": "1.000",
+                    "own time": "",
+                    "own ratio": "1.000",
                 },
             ),
             Row(
@@ -272,6 +280,8 @@ async def overhead(settings: Settings, keys: KeyMaterial, token: str, arguments:
                     "ratio (p50)": f"{served_p50 / bare_p50:.3f}",
                     "paired extra": milliseconds(paired_extra),
                     "paired ratio": f"{(bare_p50 + paired_extra) / bare_p50:.3f}",
+                    "own time": milliseconds(own),
+                    "own ratio": f"{(bare_p50 + own) / bare_p50:.3f}",
                 },
             ),
         ],
@@ -284,29 +294,81 @@ async def overhead(settings: Settings, keys: KeyMaterial, token: str, arguments:
         )
 
 
-def _jobs_per_call(service: Service) -> tuple[float, float]:
-    """(pipeline calls, jobs) served so far, from the service's own metrics."""
-    from imagine.keys import metrics_key
+@dataclass(frozen=True)
+class DeviceWork:
+    """What a service's metrics say its device did so far."""
 
-    registry = service.app[metrics_key].registry
-    calls = registry.get_sample_value("imagine_batch_jobs_count") or 0.0
-    jobs = registry.get_sample_value("imagine_batch_jobs_sum") or 0.0
-    return calls, jobs
+    calls: float
+    jobs: float
+    generating_s: float
+
+    @classmethod
+    def of(cls, service: Service, model: str) -> DeviceWork:
+        from imagine.keys import metrics_key
+
+        registry = service.app[metrics_key].registry
+        return cls(
+            calls=registry.get_sample_value("imagine_batch_jobs_count") or 0.0,
+            jobs=registry.get_sample_value("imagine_batch_jobs_sum") or 0.0,
+            generating_s=registry.get_sample_value("imagine_generation_seconds_sum", {"model": model}) or 0.0,
+        )
+
+
+@dataclass
+class PairedRounds:
+    """Images/s of a bare loop and of the service, measured in alternation."""
+
+    bare: list[float] = field(default_factory=list)
+    served: list[float] = field(default_factory=list)
+    jobs_per_call: float = 0.0
+    # The share of the service's wall time its device spent in pipeline calls.
+    device_busy: float = 0.0
+
+    @property
+    def ratios(self) -> list[float]:
+        return [served / bare for served, bare in zip(self.served, self.bare, strict=True)]
+
+
+async def paired_rounds(
+    settings: Settings, keys: KeyMaterial, token: str, arguments: argparse.Namespace, bare_batch: int
+) -> PairedRounds:
+    """Round after round: the bare loop at `bare_batch` images a call, then N closed-loop clients."""
+    size, steps, images = arguments.size, arguments.steps, arguments.requests
+    body = _body(arguments.model, size, steps)
+    result = PairedRounds()
+    async with running_service(settings, keys) as service:
+        pipeline = await service.on_device(lambda: BarePipeline(settings, arguments.model))
+        try:
+            await service.on_device(lambda: pipeline.call(size, steps, range(bare_batch)))  # warm up
+            await drive(service.url, token, body, concurrency=1, requests=1, duration=None)
+            before, serving_s = DeviceWork.of(service, arguments.model), 0.0
+            for _ in range(arguments.rounds):
+                calls = max(1, images // bare_batch)
+                seconds = [
+                    await service.on_device(partial(pipeline.call, size, steps, range(n * bare_batch, (n + 1) * bare_batch)))
+                    for n in range(calls)
+                ]
+                result.bare.append(calls * bare_batch / sum(seconds))
+                outcome = await drive(service.url, token, body, concurrency=arguments.concurrency, requests=images, duration=None)
+                result.served.append(outcome.images / outcome.elapsed)
+                serving_s += outcome.elapsed
+            after = DeviceWork.of(service, arguments.model)
+        finally:
+            await service.on_device(pipeline.close)
+    result.jobs_per_call = (after.jobs - before.jobs) / max(1.0, after.calls - before.calls)
+    result.device_busy = (after.generating_s - before.generating_s) / serving_s
+    return result
 
 
 async def batching(settings: Settings, keys: KeyMaterial, token: str, arguments: argparse.Namespace) -> None:
     """Images/s of the service with batching off and on, each against the bare loop it should match.
 
     Batching off is paired with a bare batch-1 loop, batching on with a bare
-    batch-N loop. Within a service's run, its bare loop and a burst of N
-    closed-loop clients alternate, round after round, so a slow spell of a
-    shared machine hits both sides of a round alike: the median of the rounds'
-    ratios is what to read.
+    batch-N loop. Their rounds alternate, so a slow spell of a shared machine
+    hits both sides of a round alike: the median of the rounds' ratios is the
+    figure to read.
     """
-    size, steps, model, concurrency, images = (
-        arguments.size, arguments.steps, arguments.model, arguments.concurrency, arguments.requests,
-    )
-    body = _body(model, size, steps)
+    concurrency = arguments.concurrency
     runs = [
         ("service, batching off", {"max_size": 1}, 1),
         (
@@ -315,48 +377,32 @@ async def batching(settings: Settings, keys: KeyMaterial, token: str, arguments:
             concurrency,
         ),
     ]
+    measured = [
+        (name, bare_batch, await paired_rounds(settings.replace(batch=batch), keys, token, arguments, bare_batch))
+        for name, batch, bare_batch in runs
+    ]
+    single = statistics.median(measured[0][2].bare)
     rows = []
-    for name, batch, bare_batch in runs:
-        bare_rates, served_rates, ratios = [], [], []
-        async with running_service(settings.replace(batch=batch), keys) as service:
-            pipeline = await service.on_device(lambda: BarePipeline(settings, model))
-            try:
-                await service.on_device(lambda: pipeline.call(size, steps, range(bare_batch)))  # warm up
-                await drive(service.url, token, body, concurrency=1, requests=1, duration=None)
-                calls_before, jobs_before = _jobs_per_call(service)
-                for _ in range(arguments.rounds):
-                    calls = max(1, images // bare_batch)
-                    seconds = [
-                        await service.on_device(partial(pipeline.call, size, steps, range(n * bare_batch, (n + 1) * bare_batch)))
-                        for n in range(calls)
-                    ]
-                    bare_rates.append(calls * bare_batch / sum(seconds))
-                    outcome = await drive(service.url, token, body, concurrency=concurrency, requests=images, duration=None)
-                    served_rates.append(outcome.images / outcome.elapsed)
-                    ratios.append(served_rates[-1] / bare_rates[-1])
-                calls_after, jobs_after = _jobs_per_call(service)
-            finally:
-                await service.on_device(pipeline.close)
-        jobs_per_call = (jobs_after - jobs_before) / max(1.0, calls_after - calls_before)
-        rows.append(Row(f"bare loop, batch {bare_batch}", {"images/s": f"{statistics.median(bare_rates):.2f}"}))
+    for name, bare_batch, rounds in measured:
+        bare_rate, served_rate = statistics.median(rounds.bare), statistics.median(rounds.served)
+        rows.append(Row(f"bare loop, batch {bare_batch}", {"images/s": f"{bare_rate:.2f}", "vs batch-1 loop": f"{bare_rate / single:.2f}"}))
         rows.append(
             Row(
                 name,
                 {
-                    "images/s": f"{statistics.median(served_rates):.2f}",
-                    "jobs per call": f"{jobs_per_call:.1f}",
-                    "vs its bare loop": f"{statistics.median(ratios):.3f}",
-                    "rounds' ratios": " ".join(f"{ratio:.2f}" for ratio in ratios),
+                    "images/s": f"{served_rate:.2f}",
+                    "vs batch-1 loop": f"{served_rate / single:.2f}",
+                    "jobs per call": f"{rounds.jobs_per_call:.1f}",
+                    "device busy": f"{rounds.device_busy:.3f}",
+                    "vs its bare loop": f"{statistics.median(rounds.ratios):.3f}",
+                    "rounds' ratios": " ".join(f"{ratio:.2f}" for ratio in rounds.ratios),
                 },
             )
         )
-    single = float(rows[0].values["images/s"])
-    for row in rows:
-        row.values["vs batch-1 loop"] = f"{float(row.values['images/s']) / single:.2f}"
-    columns = ("images/s", "vs batch-1 loop", "jobs per call", "vs its bare loop", "rounds' ratios")
+    columns = ("images/s", "vs batch-1 loop", "jobs per call", "device busy", "vs its bare loop", "rounds' ratios")
     print_table(
-        f"batching: {model} {size}x{size}, {steps} steps, concurrency {concurrency}, {images} images a round, "
-        f"median of {arguments.rounds} rounds",
+        f"batching: {arguments.model} {arguments.size}x{arguments.size}, {arguments.steps} steps, concurrency {concurrency}, "
+        f"{arguments.requests} images a round, median of {arguments.rounds} rounds",
         [Row(row.name, {column: row.values.get(column, "") for column in columns}) for row in rows],
     )
 

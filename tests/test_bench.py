@@ -35,6 +35,8 @@ def test_overhead_compares_the_bare_call_with_the_service(bench_environment, cap
     assert bare[0] == "bare pipe()" and bare[3] == "1.000"
     assert served[0] == "service (HTTP)" and float(served[3]) > 0
     assert served[4].endswith(" ms") and float(served[5]) > 0  # the paired extra and its ratio
+    own = float(served[6].removesuffix(" ms"))  # latency minus the request's own pipeline call
+    assert 0 < own < float(served[1].removesuffix(" ms")) and float(served[7]) > 1
     parts = {row[0] for row in table_rows(output, "where a request's time goes")}
     assert parts == {"validate", "queue", "device", "encode", "store"}
 
@@ -65,7 +67,8 @@ def test_batching_pairs_each_service_with_its_bare_loop(bench_environment, capsy
     assert off[3] == "1.0"  # batching off: one job per pipeline call
     assert 1.0 <= float(on[3]) <= 2.0
     for service in (off, on):
-        ratios = [float(ratio) for ratio in service[5].split()]
+        assert 0 < float(service[4]) < 1  # the device's busy share of the wall time
+        ratios = [float(ratio) for ratio in service[6].split()]
         assert len(ratios) == 2 and all(ratio > 0 for ratio in ratios)
 
 
