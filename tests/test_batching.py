@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 from dataclasses import dataclass
+
+import pytest
 
 from imagine.batching import FairBatcher
 from imagine.keys import executor_key
@@ -72,6 +75,7 @@ async def test_a_batched_image_matches_the_same_request_run_alone(make_client, b
     # Two pipeline calls so far, the blocker's and one for all three requests.
     assert await batch_metric(client) == {"count": 2.0, "sum": 4.0}
 
+    all_alone = []
     for body, response in zip(bodies, together, strict=True):
         alone = await client.post(URL, json=body, headers=auth())
         assert response.status == alone.status == 200
@@ -83,6 +87,11 @@ async def test_a_batched_image_matches_the_same_request_run_alone(make_client, b
             pairs = [(pixels(await response.read()), pixels(await alone.read()))]
         for batched, single in pairs:
             assert_same_image(batched, single)
+        all_alone += [single for _, single in pairs]
+    # The tolerance tells images apart: any two different requests differ by far more.
+    for first, second in itertools.combinations(all_alone, 2):
+        with pytest.raises(AssertionError):
+            assert_same_image(first, second)
 
 
 async def test_a_cancelled_member_leaves_without_stopping_the_others(make_client, base_settings) -> None:
