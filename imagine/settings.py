@@ -172,13 +172,13 @@ _DEFLATE_TOP_LEVELS = {"isal": 3, "zlib": 9}
 
 @dataclass(frozen=True)
 class OutputSettings:
-    # Deflate for PNGs: "isal" (ISA-L, levels 0-3, several times faster) or "zlib" (levels 0-9).
+    # Deflate for PNGs: "isal" (ISA-L, levels 0-3, about twice as fast) or "zlib" (levels 0-9).
     png_deflate: str = "isal"
     # 0 stores the pixels uncompressed; 1 is the fastest real compression.
     png_compress_level: int = 1
     # zlib strategy (png_deflate = "zlib" only): huffman_only (fastest), rle, filtered, default.
     png_strategy: str = "huffman_only"
-    # Threads that encode PNGs, so the device thread never waits for zlib. One
+    # Threads that encode PNGs, so the device thread never waits for deflate. One
     # keeps up with a GPU (a 512px PNG takes milliseconds) and, on a CPU-only
     # box, leaves the cores to torch: two measured up to 15% slower batching there.
     encode_workers: int = 1
