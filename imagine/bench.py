@@ -74,22 +74,30 @@ def bench_settings(settings: Settings, model: str, size: int, **sections: dict[s
 
 
 class BarePipeline:
-    """The model loaded by the same plugin code the service uses, called directly."""
+    """The service's own loaded pipeline, called directly, as a script would call it.
 
-    def __init__(self, settings: Settings, model: str) -> None:
-        from imagine.plugins import collect_generators, plugin_manager
+    Sharing the service's pipeline means the same weights and no second copy in
+    memory: two copies of a full-size SDXL would not fit where one does.
+    Construct and call it on the device thread (`Service.on_device`).
+    """
 
-        self._generator = collect_generators(plugin_manager(), settings)[model]
-        self._generator.load()
-        self._pipe = self._generator.pipe
-        self._pipe.scheduler = self._generator.scheduler(self._generator.card.defaults.scheduler)
-        self._guidance = self._generator.card.defaults.guidance
+    def __init__(self, service: Service, model: str) -> None:
+        from imagine.keys import registry_key
+
+        registry = service.app[registry_key]
+        generator = registry.resolve(model)
+        registry.ensure_loaded(generator)
+        self._pipe = generator.pipe
+        self._scheduler = generator.scheduler(generator.card.defaults.scheduler)
+        self._guidance = generator.card.defaults.guidance
 
     def call(self, size: int, steps: int, seeds: Sequence[int]) -> float:
         """Seconds for one `pipe(...)` call making one image per seed."""
         import torch
 
         started = time.perf_counter()
+        # The service sets the scheduler a request asks for on every call; so does this.
+        self._pipe.scheduler = self._scheduler
         with torch.inference_mode():
             self._pipe(
                 prompt=[PROMPT] * len(seeds),
@@ -101,9 +109,6 @@ class BarePipeline:
                 output_type="pil",
             )
         return time.perf_counter() - started
-
-    def close(self) -> None:
-        self._generator.unload()
 
 
 # ---- the service, in this process ----------------------------------------
@@ -225,27 +230,24 @@ async def overhead(settings: Settings, keys: KeyMaterial, token: str, arguments:
     bare: list[float] = []
     served = Outcome([], Counter(), 0, 0.0)
     async with running_service(settings, keys) as service:
-        pipeline = await service.on_device(lambda: BarePipeline(settings, arguments.model))
-        try:
-            body = _body(arguments.model, size, steps, arguments.response, arguments.store)
-            await service.on_device(lambda: pipeline.call(size, steps, [0]))
-            await drive(service.url, token, body, concurrency=1, requests=1, duration=None)  # load and warm up
-            for number in range(arguments.requests):
-                bare_call = partial(service.on_device, partial(pipeline.call, size, steps, [number]))
-                # The same seed as the bare call, so both make the same image.
-                request = partial(drive, service.url, token, lambda _, seed=number: body(seed), concurrency=1, requests=1, duration=None)
-                # Which goes first alternates: the second of a pair runs a few
-                # milliseconds slower here, whichever it is.
-                if number % 2:
-                    bare.append(await bare_call())
-                    one = await request()
-                else:
-                    one = await request()
-                    bare.append(await bare_call())
-                served.latencies += one.latencies
-                served.server_timing += one.server_timing
-        finally:
-            await service.on_device(pipeline.close)
+        pipeline = await service.on_device(lambda: BarePipeline(service, arguments.model))
+        body = _body(arguments.model, size, steps, arguments.response, arguments.store)
+        await service.on_device(lambda: pipeline.call(size, steps, [0]))
+        await drive(service.url, token, body, concurrency=1, requests=1, duration=None)  # warm up
+        for number in range(arguments.requests):
+            bare_call = partial(service.on_device, partial(pipeline.call, size, steps, [number]))
+            # The same seed as the bare call, so both make the same image.
+            request = partial(drive, service.url, token, lambda _, seed=number: body(seed), concurrency=1, requests=1, duration=None)
+            # Which goes first alternates: the second of a pair runs a few
+            # milliseconds slower here, whichever it is.
+            if number % 2:
+                bare.append(await bare_call())
+                one = await request()
+            else:
+                one = await request()
+                bare.append(await bare_call())
+            served.latencies += one.latencies
+            served.server_timing += one.server_timing
     bare_p50, served_p50 = statistics.median(bare), statistics.median(served.latencies)
     # Each request ran right after its bare twin: the median of the differences
     # is far steadier than the difference of two wide distributions' medians.
@@ -337,24 +339,21 @@ async def paired_rounds(
     body = _body(arguments.model, size, steps)
     result = PairedRounds()
     async with running_service(settings, keys) as service:
-        pipeline = await service.on_device(lambda: BarePipeline(settings, arguments.model))
-        try:
-            await service.on_device(lambda: pipeline.call(size, steps, range(bare_batch)))  # warm up
-            await drive(service.url, token, body, concurrency=1, requests=1, duration=None)
-            before, serving_s = DeviceWork.of(service, arguments.model), 0.0
-            for _ in range(arguments.rounds):
-                calls = max(1, images // bare_batch)
-                seconds = [
-                    await service.on_device(partial(pipeline.call, size, steps, range(n * bare_batch, (n + 1) * bare_batch)))
-                    for n in range(calls)
-                ]
-                result.bare.append(calls * bare_batch / sum(seconds))
-                outcome = await drive(service.url, token, body, concurrency=arguments.concurrency, requests=images, duration=None)
-                result.served.append(outcome.images / outcome.elapsed)
-                serving_s += outcome.elapsed
-            after = DeviceWork.of(service, arguments.model)
-        finally:
-            await service.on_device(pipeline.close)
+        pipeline = await service.on_device(lambda: BarePipeline(service, arguments.model))
+        await service.on_device(lambda: pipeline.call(size, steps, range(bare_batch)))  # warm up
+        await drive(service.url, token, body, concurrency=1, requests=1, duration=None)
+        before, serving_s = DeviceWork.of(service, arguments.model), 0.0
+        for _ in range(arguments.rounds):
+            calls = max(1, images // bare_batch)
+            seconds = [
+                await service.on_device(partial(pipeline.call, size, steps, range(n * bare_batch, (n + 1) * bare_batch)))
+                for n in range(calls)
+            ]
+            result.bare.append(calls * bare_batch / sum(seconds))
+            outcome = await drive(service.url, token, body, concurrency=arguments.concurrency, requests=images, duration=None)
+            result.served.append(outcome.images / outcome.elapsed)
+            serving_s += outcome.elapsed
+        after = DeviceWork.of(service, arguments.model)
     result.jobs_per_call = (after.jobs - before.jobs) / max(1.0, after.calls - before.calls)
     result.device_busy = (after.generating_s - before.generating_s) / serving_s
     return result

@@ -121,9 +121,18 @@ def token(arguments: argparse.Namespace) -> int:
 
 
 def demo_models(arguments: argparse.Namespace) -> int:
+    target = Path(arguments.directory)
+    if arguments.full_size:
+        from imagine.full_size_models import build_full_size_sdxl
+
+        build_full_size_sdxl(target / "sdxl")
+        print(
+            f"Full-size SDXL with random weights written to {target / 'sdxl'}; to serve or bench it as both SDXL models:\n\n"
+            f'[models.sdxl]\nsource = "{target / "sdxl"}"\n\n[models.sdxl-turbo]\nsource = "{target / "sdxl"}"'
+        )
+        return 0
     from imagine.demo_models import build_demo_models
 
-    target = Path(arguments.directory)
     build_demo_models(target)
     print(f"Tiny random-weight demo models written to {target}")
     return 0
@@ -157,6 +166,9 @@ def _parser() -> argparse.ArgumentParser:
 
     demo_parser = commands.add_parser("demo-models", help="write tiny random-weight models in the real layouts")
     demo_parser.add_argument("directory", help="folder to write them to")
+    demo_parser.add_argument(
+        "--full-size", action="store_true", help="SDXL's real architecture instead (random weights, about 7 GB), for benchmarks"
+    )
     demo_parser.set_defaults(run=demo_models)
 
     from imagine.bench import add_arguments

@@ -51,7 +51,7 @@ _SCHEDULE: dict[str, Any] = {
 def build_demo_models(target: pathlib.Path) -> None:
     """Write all demo models under `target`, deterministically; marker last."""
     target.mkdir(parents=True, exist_ok=True)
-    _build_sdxl(target / "sdxl", seed=0, scheduler=_sdxl_base_scheduler())
+    _build_sdxl(target / "sdxl", seed=0, scheduler=sdxl_base_scheduler())
     _build_sdxl(target / "sdxl-turbo", seed=1, scheduler=_sdxl_turbo_scheduler())
     _build_lightning(target / "sdxl-lightning", first_seed=10)
     sd15 = _build_sd15(target / "sd15", seed=2)
@@ -157,20 +157,24 @@ def _clip_tokenizer(pad_token: str) -> Any:
     return CLIPTokenizer(vocab=_clip_vocab(), merges=[], pad_token=pad_token, model_max_length=77)
 
 
-def _clip_text_config(projection_dim: int | None = None) -> Any:
+def clip_text_config(projection_dim: int | None = None, **shape: Any) -> Any:
+    """A CLIP text encoder's config for the demo tokenizer: tiny unless `shape` says otherwise."""
     from transformers import CLIPTextConfig
 
     vocab = _clip_vocab()
     extra = {} if projection_dim is None else {"projection_dim": projection_dim}
-    return CLIPTextConfig(
-        vocab_size=len(vocab),
-        hidden_size=_TEXT_HIDDEN_SIZE,
-        intermediate_size=2 * _TEXT_HIDDEN_SIZE,
+    tiny = {
+        "vocab_size": len(vocab),
+        "hidden_size": _TEXT_HIDDEN_SIZE,
+        "intermediate_size": 2 * _TEXT_HIDDEN_SIZE,
         # The SDXL pipeline reads the penultimate layer, so at least two are needed.
-        num_hidden_layers=2,
-        num_attention_heads=2,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "hidden_act": "quick_gelu",
+    }
+    return CLIPTextConfig(
+        **(tiny | shape),
         max_position_embeddings=77,
-        hidden_act="quick_gelu",
         bos_token_id=vocab["<|startoftext|>"],
         eos_token_id=vocab["<|endoftext|>"],
         pad_token_id=1,
@@ -181,13 +185,13 @@ def _clip_text_config(projection_dim: int | None = None) -> Any:
 def _text_encoder() -> Any:
     from transformers import CLIPTextModel
 
-    return CLIPTextModel(_clip_text_config()).eval()
+    return CLIPTextModel(clip_text_config()).eval()
 
 
 def _text_encoder_with_projection() -> Any:
     from transformers import CLIPTextModelWithProjection
 
-    return CLIPTextModelWithProjection(_clip_text_config(projection_dim=_SDXL_PROJECTION_DIM)).eval()
+    return CLIPTextModelWithProjection(clip_text_config(projection_dim=_SDXL_PROJECTION_DIM)).eval()
 
 
 def _vae(scaling_factor: float) -> Any:
@@ -252,34 +256,46 @@ def _sd15_unet() -> Any:
     return _unet(sample_size=64, cross_attention_dim=_TEXT_HIDDEN_SIZE)
 
 
-def _sdxl_base_scheduler() -> Any:
-    from diffusers import EulerDiscreteScheduler
-
-    return EulerDiscreteScheduler(**_SCHEDULE, timestep_spacing="leading")
-
-
 def _sdxl_turbo_scheduler() -> Any:
     from diffusers import EulerAncestralDiscreteScheduler
 
     return EulerAncestralDiscreteScheduler(**_SCHEDULE, timestep_spacing="trailing")
 
 
-def _build_sdxl(folder: pathlib.Path, seed: int, scheduler: Any) -> None:
-    import torch
+def sdxl_pipeline(vae: Any, text_encoder: Any, text_encoder_2: Any, unet: Any, scheduler: Any) -> Any:
+    """An SDXL pipeline of these components, with the demo's CLIP-shaped tokenizers."""
     from diffusers import StableDiffusionXLPipeline
 
-    # One seed per pipeline: the components draw from it in a fixed order.
-    torch.manual_seed(seed)
-    pipe = StableDiffusionXLPipeline(
-        vae=_vae(scaling_factor=0.13025),
-        text_encoder=_text_encoder(),
-        text_encoder_2=_text_encoder_with_projection(),
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
         # As in the real SDXL: CLIP-L pads with <|endoftext|>, OpenCLIP-G with "!".
         tokenizer=_clip_tokenizer(pad_token="<|endoftext|>"),
         tokenizer_2=_clip_tokenizer(pad_token="!"),
-        unet=_sdxl_unet(),
+        unet=unet,
         scheduler=scheduler,
         add_watermarker=False,
+    )
+
+
+def sdxl_base_scheduler() -> Any:
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(**_SCHEDULE, timestep_spacing="leading")
+
+
+def _build_sdxl(folder: pathlib.Path, seed: int, scheduler: Any) -> None:
+    import torch
+
+    # One seed per pipeline: the components draw from it in a fixed order.
+    torch.manual_seed(seed)
+    pipe = sdxl_pipeline(
+        vae=_vae(scaling_factor=0.13025),
+        text_encoder=_text_encoder(),
+        text_encoder_2=_text_encoder_with_projection(),
+        unet=_sdxl_unet(),
+        scheduler=scheduler,
     )
     pipe.save_pretrained(folder, safe_serialization=True)
 
