@@ -30,6 +30,7 @@ from imagine.keys import (
     limiter_key,
     metrics_key,
     openapi_key,
+    png_encoder_key,
     registry_key,
     settings_key,
     trusted_networks_key,
@@ -48,6 +49,7 @@ from imagine.middlewares import (
 from imagine.models import ModelRegistry
 from imagine.openapi import build_document
 from imagine.plugins import collect_generators, plugin_manager
+from imagine.png import PngEncoder
 from imagine.ratelimit import MemoryBucketStore, RateLimiter, parse_networks
 from imagine.settings import Settings, SettingsError
 from imagine.signing import UrlSigner, load_url_secret
@@ -93,7 +95,9 @@ async def _rate_limiter(app: web.Application) -> AsyncIterator[None]:
         app[limiter_key] = RateLimiter(settings, MemoryBucketStore(), telemetry)
         yield
         return
-    from imagine.redis_buckets import redis_bucket_store  # only deployments that name Redis need its client
+    from imagine.redis_buckets import (
+        redis_bucket_store,  # only deployments that name Redis need its client
+    )
 
     async with redis_bucket_store(settings) as store:
         app[limiter_key] = RateLimiter(settings, store, telemetry)
@@ -137,10 +141,25 @@ async def _gallery(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _encode_pool(app: web.Application) -> AsyncIterator[None]:
-    workers = app[settings_key].output.encode_workers
-    app[encode_pool_key] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="imagine-encode")
+    output = app[settings_key].output
+    app[encode_pool_key] = ThreadPoolExecutor(max_workers=output.encode_workers, thread_name_prefix="imagine-encode")
+    # Each encoding thread deflates one piece itself and hands the others to these.
+    helpers = (
+        ThreadPoolExecutor(max_workers=output.encode_workers * (output.png_threads - 1), thread_name_prefix="imagine-deflate")
+        if output.png_threads > 1
+        else None
+    )
+    app[png_encoder_key] = PngEncoder(
+        level=output.png_compress_level,
+        engine=output.png_deflate,
+        strategy=output.png_strategy,
+        pieces=output.png_threads,
+        helpers=helpers,
+    )
     yield
     app[encode_pool_key].shutdown(wait=True)
+    if helpers is not None:
+        helpers.shutdown(wait=True)
 
 
 async def _client_session(app: web.Application) -> AsyncIterator[None]:

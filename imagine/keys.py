@@ -11,10 +11,11 @@ from aiohttp import web
 from imagine.auth import Principal, TokenVerifier
 from imagine.cloud_keys import CloudKeys
 from imagine.executor import DeviceExecutor
-from imagine.jobs import JobManager
 from imagine.gallery import GalleryStore
+from imagine.jobs import JobManager
 from imagine.metrics import Metrics
 from imagine.models import ModelRegistry
+from imagine.png import PngEncoder
 from imagine.ratelimit import BucketDecision, IPNetwork, RateLimiter
 from imagine.settings import Settings
 from imagine.signing import UrlSigner
@@ -27,6 +28,7 @@ executor_key = web.AppKey("executor", DeviceExecutor)
 jobs_key = web.AppKey("jobs", JobManager)
 trusted_networks_key = web.AppKey("trusted_networks", tuple[IPNetwork, ...])
 encode_pool_key = web.AppKey("encode_pool", ThreadPoolExecutor)
+png_encoder_key = web.AppKey("png_encoder", PngEncoder)
 client_session_key = web.AppKey("client_session", aiohttp.ClientSession)
 cloud_keys_key = web.AppKey("cloud_keys", CloudKeys)
 gallery_key = web.AppKey("gallery", GalleryStore)

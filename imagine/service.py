@@ -7,7 +7,6 @@ import base64
 import time
 from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 from aiohttp import web
@@ -16,8 +15,15 @@ from imagine.auth import Principal
 from imagine.executor import GenerationOutput, JobObserver, timeout_error
 from imagine.gallery import ImageMetadata
 from imagine.generators import CloudGenerator, GenerationRequest, Generator
-from imagine.keys import encode_pool_key, executor_key, gallery_key, metrics_key, settings_key
-from imagine.png import encode_png, parameters_text
+from imagine.keys import (
+    encode_pool_key,
+    executor_key,
+    gallery_key,
+    metrics_key,
+    png_encoder_key,
+    settings_key,
+)
+from imagine.png import parameters_text
 from imagine.telemetry import Telemetry
 
 
@@ -94,13 +100,7 @@ async def _run_remote(
 async def encode_images(app: web.Application, request: GenerationRequest, output: GenerationOutput) -> list[bytes]:
     """PNG-encode on the CPU pool, so neither the loop nor the device thread waits for deflate."""
     loop = asyncio.get_running_loop()
-    output_settings = app[settings_key].output
-    encode = partial(
-        encode_png,
-        compress_level=output_settings.png_compress_level,
-        engine=output_settings.png_deflate,
-        strategy=output_settings.png_strategy,
-    )
+    encode = app[png_encoder_key].encode
     return await asyncio.gather(
         *(
             loop.run_in_executor(app[encode_pool_key], encode, image, parameters_text(request, seed))

@@ -68,6 +68,7 @@ default_steps = 2
         ("[output]\npng_compress_level = 6\n", {}, "between 0 and 3 with isal"),
         ("[output]\npng_deflate = 'zlib'\npng_compress_level = 10\n", {}, "between 0 and 9 with zlib"),
         ("[output]\npng_deflate = 'brotli'\n", {}, "png_deflate"),
+        ("[output]\npng_threads = 0\n", {}, "png_threads must be at least 1"),
     ],
 )
 def test_bad_settings_are_refused_with_the_setting_named(tmp_path, text, environment, message) -> None:
