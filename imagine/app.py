@@ -95,9 +95,8 @@ async def _rate_limiter(app: web.Application) -> AsyncIterator[None]:
         app[limiter_key] = RateLimiter(settings, MemoryBucketStore(), telemetry)
         yield
         return
-    from imagine.redis_buckets import (
-        redis_bucket_store,  # only deployments that name Redis need its client
-    )
+    # Only deployments that name Redis need its client.
+    from imagine.redis_buckets import redis_bucket_store
 
     async with redis_bucket_store(settings) as store:
         app[limiter_key] = RateLimiter(settings, store, telemetry)

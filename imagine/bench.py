@@ -3,7 +3,7 @@
 Every mode runs its baseline in the same process, right before the service, so
 the ratios hold on a noisy machine. Results are a table on stdout.
 
-- overhead: the bare `pipe(...)` loop vs the same requests through HTTP (PNG).
+- overhead: the bare `pipe(...)` loop vs the same requests through HTTP (PNG or JSON).
 - batching: the service with batching off and on, each against its bare loop (batch 1 and batch N).
 - load: a bounded burst of concurrent HTTP clients; images/s, latency, statuses.
 """

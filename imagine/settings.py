@@ -179,7 +179,7 @@ class OutputSettings:
     # zlib strategy (png_deflate = "zlib" only): huffman_only (fastest), rle, filtered, default.
     png_strategy: str = "huffman_only"
     # Threads that deflate one large PNG side by side, each a piece of its rows
-    # (1: the encoding thread alone). Two halve a 256px PNG's deflate time.
+    # (1: the encoding thread alone). Two cut a 512px PNG from about 7 to 4 ms.
     png_threads: int = 2
     # Threads that encode PNGs, so the device thread never waits for deflate. One
     # keeps up with a GPU (a 512px PNG takes milliseconds) and, on a CPU-only
