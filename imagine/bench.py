@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import socket
 import statistics
+import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -27,6 +28,7 @@ import aiohttp
 from aiohttp import web
 
 from imagine.auth import KeyMaterial, load_key_material, sign_token
+from imagine.errors import ApiError
 from imagine.settings import Settings
 
 PROMPT = "a lighthouse at dusk, dramatic clouds"
@@ -60,7 +62,7 @@ def milliseconds(seconds: float) -> str:
 
 
 def bench_settings(settings: Settings, model: str, size: int, **sections: dict[str, Any]) -> Settings:
-    """Allow the benchmark's size, switch off what would distort timings (limits, previews)."""
+    """Allow the benchmark's size and switch off rate limits, which would distort the timings."""
     options = {name: dict(table) for name, table in settings.models.options.items()}
     options.setdefault(model, {})["min_size"] = min(size, int(options.get(model, {}).get("min_size", size)))
     return settings.replace(
@@ -462,7 +464,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token", help="load mode with --url: bearer token (default: signed with the local key)")
 
 
+def canonical_model(settings: Settings, name: str) -> str:
+    """A model's own name for a name or alias: settings and metrics know it by that name alone."""
+    from imagine.models import ModelRegistry
+    from imagine.plugins import collect_generators, plugin_manager
+
+    return ModelRegistry(collect_generators(plugin_manager(), settings), settings.models.default).resolve(name).name
+
+
 def run(settings: Settings, arguments: argparse.Namespace) -> int:
+    try:
+        arguments.model = canonical_model(settings, arguments.model)
+    except ApiError as error:
+        print(f"imagine bench: {error.message}", file=sys.stderr)
+        return 2
     keys = load_key_material(settings.auth, Path(settings.server.state_dir))
     settings = bench_settings(settings, arguments.model, arguments.size)
     token = arguments.token or sign_token(keys, settings.auth, sub="bench", scopes=("generate",), ttl_s=86400)

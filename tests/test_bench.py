@@ -79,3 +79,17 @@ def test_load_counts_statuses_and_refusals_carry_retry_after(bench_environment, 
     statuses = dict(part.split(": ") for part in row[4].split(", "))
     assert set(statuses) <= {"200", "503"} and int(statuses["200"]) > 0
     assert row[5] == "0"  # every 503 said when to come back
+
+
+def test_a_model_named_by_its_alias_is_benched_under_its_own_name(bench_environment, capsys) -> None:
+    arguments = ["bench", "--mode", "batching", "--model", "stable-diffusion-xl", "--size", "64", "--steps", "1"]
+    assert main([*arguments, "--concurrency", "2", "--requests", "2", "--rounds", "1"]) == 0
+    output = capsys.readouterr().out
+    assert "batching: sdxl 64x64" in output
+    for service in table_rows(output, "batching:")[1::2]:
+        assert float(service[4]) > 0  # the device's busy share, read from metrics labelled "sdxl"
+
+
+def test_an_unknown_model_is_refused_with_a_message(bench_environment, capsys) -> None:
+    assert main(["bench", "--mode", "overhead", "--model", "no-such-model"]) == 2
+    assert "no-such-model" in capsys.readouterr().err
