@@ -18,8 +18,12 @@ install: $(VENV)/.installed
 # torch first and pinned: it is the CPU wheel here and the CUDA build on a GPU
 # box, and installing it before the rest keeps pip from choosing another.
 $(VENV)/.installed: setup.cfg pyproject.toml
+	@echo "Setting up $(VENV) (first run, or after a dependency change): about 2 minutes on a fresh machine, more to download a CUDA torch."
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	@echo "Installing torch 2.13.0 (the CPU wheel here, the CUDA build on a GPU box)..."
 	$(BIN)/python -m pip install --quiet torch==2.13.0
+	@echo "Installing imagine and its dependencies (diffusers, transformers, aiohttp, ...) and the test tools..."
 	$(BIN)/python -m pip install --quiet -e ".[test]"
+	@echo "$(VENV) is ready."
 	touch $@

@@ -52,6 +52,7 @@ from imagine.plugins import collect_generators, plugin_manager
 from imagine.png import PngEncoder
 from imagine.ratelimit import MemoryBucketStore, RateLimiter, parse_networks
 from imagine.settings import Settings, SettingsError
+from imagine.shutdown import install as install_shutdown
 from imagine.signing import UrlSigner, load_url_secret
 from imagine.telemetry import Telemetry
 from imagine.views import (
@@ -177,9 +178,17 @@ async def _client_session(app: web.Application) -> AsyncIterator[None]:
 
 
 def create_app(
-    settings: Settings, *, keys: KeyMaterial | None = None, extra_plugins: Iterable[Any] = ()
+    settings: Settings,
+    *,
+    keys: KeyMaterial | None = None,
+    extra_plugins: Iterable[Any] = (),
+    handle_signals: bool = False,
 ) -> web.Application:
-    """Build the service. `extra_plugins` are registered beside the built-in and installed ones."""
+    """Build the service. `extra_plugins` are registered beside the built-in and installed ones.
+
+    With `handle_signals` (`imagine serve`), SIGTERM and SIGINT start the drain of accepted
+    work while the service still answers (see `imagine.shutdown`); apps under test leave them alone.
+    """
     app = web.Application(
         middlewares=[access_middleware, cors_middleware, error_middleware, ratelimit_middleware, auth_middleware],
         client_max_size=settings.server.max_body_bytes,
@@ -214,6 +223,8 @@ def create_app(
     app.on_startup.append(_openapi)
     # The gallery opens first and closes last: generations in flight may still store.
     app.cleanup_ctx.extend([_gallery, _rate_limiter, _encode_pool, _device_executor, _client_session, _jobs])
+    # Accepted work drains before any of these closes.
+    install_shutdown(app, handle_signals=handle_signals)
     base = settings.server.base_path
     for module in (system, models, generate, jobs, api_keys, batch, generate_image, gallery, openai_images, metrics, docs):
         app.router.add_routes(module.routes(base))

@@ -124,6 +124,13 @@ def sign_token(
     return jwt.encode(claims, keys.signing_key, algorithm=keys.algorithm)
 
 
+# A JWS in compact form: three base64url parts. Anything else (a stray byte
+# from a broken client, a space, a non-ASCII character) is refused before
+# PyJWT sees it, since it would fail there with a decoder's message or error.
+_COMPACT_JWT = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+MALFORMED = "malformed token"
+
+
 class InvalidToken(Exception):
     """Why a token was refused, in words safe to show the caller."""
 
@@ -158,6 +165,8 @@ class TokenVerifier:
             self._verified.move_to_end(token)
             return remembered.principal
         self._verified.pop(token, None)
+        if not _COMPACT_JWT.fullmatch(token):
+            raise InvalidToken(MALFORMED)
         claims = self._decode(token)
         principal = _principal(claims)
         self._verified[token] = _Verified(principal, float(claims.get("nbf", 0)), float(claims["exp"]))
@@ -177,6 +186,11 @@ class TokenVerifier:
                 leeway=self._settings.leeway_s,
                 options=options,
             )
+        except jwt.InvalidSignatureError:
+            raise InvalidToken("signature verification failed") from None
+        except jwt.DecodeError:
+            # PyJWT's own words quote the decoder ("Invalid header string: 'utf-8' codec can't ...").
+            raise InvalidToken(MALFORMED) from None
         except jwt.PyJWTError as error:
             raise InvalidToken(str(error) or type(error).__name__) from None
         return claims

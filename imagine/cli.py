@@ -15,6 +15,8 @@ from imagine.settings import Settings, SettingsError, load_settings
 
 DEFAULT_CONFIG = Path("imagine.toml")
 DEMO_TOKEN_TTL = "30d"
+# The demo model a first request is fastest on (one step at 512²).
+DEMO_TRY_IT_MODEL = "sdxl-turbo"
 
 
 def _config_path(given: str | None) -> Path | None:
@@ -42,7 +44,7 @@ def _banner(settings: Settings, keys: KeyMaterial, host: str, port: int, demo_fo
         )
     if keys.source == "development":
         token = sign_token(keys, settings.auth, sub="demo", scopes=("generate", "admin", "metrics"), ttl_s=parse_duration(DEMO_TOKEN_TTL))
-        model = "sdxl-turbo" if demo_folder is not None else settings.models.default
+        model = _try_it_model(settings, demo_folder)
         lines += [
             f"Tokens are signed with a development secret kept in {keys.location}; "
             "set IMAGINE_JWT_SECRET (32+ bytes) or auth.secret_file in production.",
@@ -57,6 +59,11 @@ def _banner(settings: Settings, keys: KeyMaterial, host: str, port: int, demo_fo
     return "\n".join(lines)
 
 
+def _try_it_model(settings: Settings, demo_folder: Path | None) -> str:
+    """The model of the printed curl line: the demo's fastest, else the configured default."""
+    return DEMO_TRY_IT_MODEL if demo_folder is not None else settings.models.default
+
+
 def _with_models(settings: Settings) -> tuple[Settings, Path | None]:
     """The demo models stand in when no weights are configured (built on first use)."""
     from imagine.demo_models import demo_settings, prepare_demo_models
@@ -65,9 +72,33 @@ def _with_models(settings: Settings) -> tuple[Settings, Path | None]:
         return settings, None
     demo_folder = Path(settings.server.cache_dir) / "demo-models"
     print(f"No model weights configured: using the demo models in {demo_folder}", flush=True)
+    if not demo_folder.exists():
+        print("Building them (first run only, about ten seconds)...", flush=True)
     if prepare_demo_models(demo_folder):
-        print("Built the demo models (first run).", flush=True)
-    return demo_settings(settings, demo_folder), demo_folder
+        print("Built the demo models.", flush=True)
+    settings = demo_settings(settings, demo_folder)
+    # Loaded while the banner is read, so the printed curl line does not wait for it.
+    preload = settings.models.preload
+    if DEMO_TRY_IT_MODEL not in preload:
+        settings = settings.replace(models={"preload": (*preload, DEMO_TRY_IT_MODEL)})
+    return settings, demo_folder
+
+
+# What the libraries print while loading, unless --verbose: progress bars for
+# every component read or written, and advice (such as "torchvision is not
+# installed") that a user of the service cannot act on. Set before they are
+# imported, and only where the caller's environment has not chosen already.
+QUIET_LIBRARIES = {
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "DIFFUSERS_VERBOSITY": "error",
+}
+
+
+def _quiet_libraries() -> None:
+    for name, value in QUIET_LIBRARIES.items():
+        os.environ.setdefault(name, value)
 
 
 def _bare_access_lines() -> None:
@@ -80,27 +111,18 @@ def _bare_access_lines() -> None:
 
 
 def serve(arguments: argparse.Namespace) -> int:
-    from aiohttp import web
-
     from imagine.app import create_app
+    from imagine.server import run_app
+    from imagine.shutdown import HANDLER_WAIT_S
 
     settings, keys = _settings_and_keys(arguments.config)
     host = arguments.host or settings.server.host
     port = arguments.port or settings.server.port
     settings, demo_folder = _with_models(settings)
-    app = create_app(settings, keys=keys)
+    app = create_app(settings, keys=keys, handle_signals=True)
     banner = _banner(settings, keys, host, port, demo_folder)
     _bare_access_lines()
-    # handler_cancellation: a client that hangs up cancels its handler, and so its job.
-    # access_log=None: imagine.access writes one structured line per request instead.
-    web.run_app(
-        app,
-        host=host,
-        port=port,
-        handler_cancellation=True,
-        access_log=None,
-        print=lambda _: print(banner, flush=True),
-    )
+    run_app(app, host=host, port=port, shutdown_timeout=HANDLER_WAIT_S, on_ready=lambda: print(banner, flush=True))
     return 0
 
 
@@ -149,14 +171,16 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imagine", description="Self-hosted text-to-image service")
     parser.add_argument("--version", action="version", version=f"imagine {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", help="also show the model libraries' progress bars and advice")
 
-    serve_parser = commands.add_parser("serve", help="run the HTTP service")
+    serve_parser = commands.add_parser("serve", parents=[common], help="run the HTTP service")
     serve_parser.add_argument("--config", help="TOML settings file (default: ./imagine.toml if present)")
     serve_parser.add_argument("--host", help="address to listen on (default: server.host)")
     serve_parser.add_argument("--port", type=int, help="port to listen on (default: server.port)")
     serve_parser.set_defaults(run=serve)
 
-    token_parser = commands.add_parser("token", help="print a bearer token signed with the service's key")
+    token_parser = commands.add_parser("token", parents=[common], help="print a bearer token signed with the service's key")
     token_parser.add_argument("--config", help="TOML settings file (default: ./imagine.toml if present)")
     token_parser.add_argument("--sub", required=True, help="the caller's identity")
     token_parser.add_argument("--scope", default="generate", help='space-separated scopes, e.g. "generate admin"')
@@ -164,7 +188,7 @@ def _parser() -> argparse.ArgumentParser:
     token_parser.add_argument("--ttl", default="30d", help="lifetime, e.g. 3600, 12h, 30d (default 30d)")
     token_parser.set_defaults(run=token)
 
-    demo_parser = commands.add_parser("demo-models", help="write tiny random-weight models in the real layouts")
+    demo_parser = commands.add_parser("demo-models", parents=[common], help="write tiny random-weight models in the real layouts")
     demo_parser.add_argument("directory", help="folder to write them to")
     demo_parser.add_argument(
         "--full-size", action="store_true", help="SDXL's real architecture instead (random weights, about 7 GB), for benchmarks"
@@ -173,7 +197,7 @@ def _parser() -> argparse.ArgumentParser:
 
     from imagine.bench import add_arguments
 
-    bench_parser = commands.add_parser("bench", help="measure the service against the bare pipeline; prints a table")
+    bench_parser = commands.add_parser("bench", parents=[common], help="measure the service against the bare pipeline; prints a table")
     add_arguments(bench_parser)
     bench_parser.set_defaults(run=bench)
     return parser
@@ -181,6 +205,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = _parser().parse_args(argv)
+    if not arguments.verbose:
+        _quiet_libraries()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(arguments.run(arguments))

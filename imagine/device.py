@@ -1,6 +1,6 @@
 """The accelerator: choice of device and dtype, memory figures, out-of-memory handling.
 
-Everything here imports torch lazily and is called only on the device thread,
+What needs torch imports it lazily and is called only on the device thread,
 which publishes a `DeviceReport` that the event loop can read without torch.
 """
 
@@ -51,6 +51,18 @@ def choose_dtype(preference: str, device: str) -> str:
     if preference != "auto":
         return preference
     return "float32" if device == "cpu" else "float16"
+
+
+def planned(device_preference: str, dtype_preference: str, chosen_device: str | None) -> tuple[str | None, str | None]:
+    """The device and dtype a model will load with, without torch (so the event loop may ask).
+
+    `chosen_device` is what the device thread resolved `auto` to, None before it has looked: only
+    `auto` needs it, and until then what depends on it is unknown (None).
+    """
+    where = chosen_device if device_preference == "auto" else device_preference
+    if where is None:
+        return None, None if dtype_preference == "auto" else dtype_preference
+    return where, choose_dtype(dtype_preference, where)
 
 
 def report(device: str) -> DeviceReport:

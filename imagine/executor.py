@@ -137,8 +137,19 @@ def _resolve(future: asyncio.Future[Any], result: Any, error: ApiError | None) -
         future.set_result(result)
 
 
+# A replica that stops is restarted, or another behind the proxy takes the retry, within seconds.
+SHUTDOWN_RETRY_AFTER_S = 5
+# How long stop() waits for the device thread: a step longer than this is not worth delaying the exit for.
+STOP_JOIN_S = 5.0
+
+
 def shutting_down_error() -> ApiError:
-    return ApiError(503, "SERVICE_UNAVAILABLE", "The service is shutting down")
+    return ApiError(
+        503,
+        "SERVICE_UNAVAILABLE",
+        "The service is shutting down, retry later",
+        headers={"Retry-After": str(SHUTDOWN_RETRY_AFTER_S)},
+    )
 
 
 class DeviceExecutor:
@@ -166,6 +177,9 @@ class DeviceExecutor:
         self._queue: collections.deque[Job] = collections.deque()
         self._controls: collections.deque[ControlTask] = collections.deque()
         self._condition = threading.Condition()
+        # Jobs submitted and not settled yet, wherever they are (queued, in a forming batch, running).
+        self._unfinished: set[Job] = set()
+        self._accepting = True
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -188,20 +202,40 @@ class DeviceExecutor:
     async def stop(self) -> None:
         with self._condition:
             self._stopping = True
-            abandoned = list(self._queue)
+            self._accepting = False
+            self._condition.notify_all()
+        if self.fail_unfinished():
+            log.warning("the device executor stopped with generations left; they failed with SERVICE_UNAVAILABLE")
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, STOP_JOIN_S)
+            if self._thread.is_alive():
+                log.warning("the device thread is still busy after %g s; exiting without it", STOP_JOIN_S)
+
+    def close_intake(self) -> list[Job]:
+        """Refuse new generations and control tasks from now on (503); the jobs accepted and not finished."""
+        with self._condition:
+            self._accepting = False
+            return list(self._unfinished)
+
+    def fail_unfinished(self) -> int:
+        """Fail every unfinished job with SERVICE_UNAVAILABLE: queued ones now, running ones at their next step.
+
+        Returns how many there were; queued control tasks fail the same way.
+        """
+        error = shutting_down_error()
+        with self._condition:
+            unfinished = list(self._unfinished)
+            queued = list(self._queue)
             self._queue.clear()
             controls = list(self._controls)
             self._controls.clear()
-            self._condition.notify_all()
-        shutting_down = shutting_down_error()
-        for job in abandoned:
-            self._settle(job, JobState.CANCELLED, error=shutting_down)
+        for job in unfinished:
+            job.request_stop(error)  # a forming batch drops it, a running one at its next step
+        for job in queued:
+            self._settle(job, JobState.FAILED, error=error)
         for control in controls:
-            _resolve(control.future, None, shutting_down)
-        for job in self.running:
-            job.request_stop(shutting_down)
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join)
+            _resolve(control.future, None, error)
+        return len(unfinished)
 
     @property
     def alive(self) -> bool:
@@ -228,6 +262,8 @@ class DeviceExecutor:
         future.add_done_callback(lambda done: done.cancelled() or done.exception())
         job = Job(request=request, generator=generator, timeout_s=timeout_s, future=future, observer=observer, owner=owner)
         with self._condition:
+            if not self._accepting:
+                raise shutting_down_error()
             if len(self._queue) >= self.capacity:
                 raise ApiError(
                     503,
@@ -237,6 +273,7 @@ class DeviceExecutor:
                     headers={"Retry-After": str(self.retry_after_s())},
                 )
             self._queue.append(job)
+            self._unfinished.add(job)
             self._condition.notify()
         if observer is not None:
             observer.queued(self.position(job), self.eta_s(job))
@@ -248,7 +285,7 @@ class DeviceExecutor:
         future: asyncio.Future[T] = self._loop.create_future()
         future.add_done_callback(lambda done: done.cancelled() or done.exception())
         with self._condition:
-            if self._stopping:
+            if self._stopping or not self._accepting:
                 raise shutting_down_error()
             self._controls.append(ControlTask(task, future))
             self._condition.notify()
@@ -316,6 +353,8 @@ class DeviceExecutor:
         """Record the outcome and resolve the future on the loop (callable from any thread)."""
         job.state = state
         self.outcomes[state.value] += 1
+        with self._condition:
+            self._unfinished.discard(job)
         assert self._loop is not None
         try:
             on_loop = asyncio.get_running_loop() is self._loop

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from imagine.auth import Principal
 from imagine.errors import ApiError, error_body
+from imagine.executor import shutting_down_error
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -74,6 +75,8 @@ class TrackedJob:
         self.created_at = time.time()
         self.finished_at: float | None = None
         self.events: list[JobEvent] = []
+        # What POST /jobs answered; a replay of that request answers it again.
+        self.acceptance: dict[str, Any] = {}
         self.task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
 
@@ -157,6 +160,7 @@ class JobManager:
         self._max_per_subject = max_per_subject
         self._jobs: dict[str, TrackedJob] = {}
         self._idempotency: dict[tuple[str, str], str] = {}  # (sub, key) -> job id
+        self._accepting = True
 
     def _forget_expired(self) -> None:
         cutoff = time.time() - self._ttl_s
@@ -207,9 +211,12 @@ class JobManager:
         to_json: Callable[[Generated], Coroutine[Any, Any, dict[str, Any]]],
     ) -> TrackedJob:
         """Create the job and queue its work at once (so a full queue is refused now)."""
+        if not self._accepting:
+            raise shutting_down_error()
         self._make_room(principal.sub)
         job = TrackedJob(principal.sub, total_steps, wants_preview, fingerprint)
         work = start(job)
+        job.acceptance = {"id": job.id, "status": "queued", "position": job.position, "eta_seconds": job.eta_s}
         self._jobs[job.id] = job
         if key is not None:
             self._idempotency[(principal.sub, key)] = job.id
@@ -247,9 +254,27 @@ class JobManager:
             await asyncio.wait([job.task])
         return job
 
-    async def close(self) -> None:
-        tasks = [job.task for job in self._jobs.values() if job.task is not None and not job.task.done()]
-        for task in tasks:
-            task.cancel()
+    def close_intake(self) -> list[TrackedJob]:
+        """Refuse new jobs from now on (503); the jobs not finished yet."""
+        self._accepting = False
+        return self.unfinished()
+
+    def unfinished(self) -> list[TrackedJob]:
+        return [job for job in self._jobs.values() if not job.finished]
+
+    async def fail_unfinished(self) -> int:
+        """End every unfinished job as failed with SERVICE_UNAVAILABLE, so a poller learns why; returns how many."""
+        jobs = self.unfinished()
+        error = shutting_down_error().body()
+        for job in jobs:
+            job.finish("failed", error=error)  # before the cancel, which would record it as cancelled
+            if job.task is not None:
+                job.task.cancel()
+        tasks = [job.task for job in jobs if job.task is not None]
         if tasks:
             await asyncio.wait(tasks)
+        return len(jobs)
+
+    async def close(self) -> None:
+        if failed := await self.fail_unfinished():
+            log.warning("%d unfinished jobs failed with SERVICE_UNAVAILABLE as the service stopped", failed)

@@ -7,6 +7,7 @@ middleware sits outside both so that a refusal from either is contract JSON.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -75,10 +76,12 @@ async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamR
         and "Access-Control-Request-Method" in request.headers
         and _allowed_origin(request) is not None
     ):
+        # The route's own methods; a preflight for an unknown path learns nothing.
+        allowed = getattr(request.match_info.http_exception, "allowed_methods", None) or {"GET", "POST", "DELETE"}
         return web.Response(
             status=204,
             headers={
-                "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
+                "Access-Control-Allow-Methods": ", ".join(sorted({*allowed, "OPTIONS"})),
                 "Access-Control-Allow-Headers": request.headers.get(
                     "Access-Control-Request-Headers", "Authorization, Content-Type"
                 ),
@@ -117,6 +120,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         request[error_code_key] = code
         headers = {key: value for key, value in error.headers.items() if key.lower() == "allow"}
         return _error_response(request, error.status, error_body(code, _http_message(error, request)), headers)
+    except ConnectionResetError:
+        # The client hung up while its answer was being written, before aiohttp
+        # noticed and cancelled the handler: the same event as that
+        # cancellation (499 in the access log), not a failure of ours.
+        raise asyncio.CancelledError() from None
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         request[error_code_key] = "INTERNAL_ERROR"

@@ -76,6 +76,8 @@ class ModelRegistry:
         loading = not generator.loaded
         if loading:
             self._make_room(generator)
+            # A first request waits for this: say so, or a slow load looks like a hung server.
+            log.info("loading model %s", generator.name)
             started = time.perf_counter()
             try:
                 self._load(generator)

@@ -8,7 +8,9 @@ rate limits (429 and the RateLimit-* headers), `X-Request-ID` and the contract's
 error body for any other failure is added here and never repeated in the views.
 
 Request bodies are the pydantic models the handlers validate with; response
-schemas are written by hand in the views, as `Component`s when shared.
+schemas are written by hand in the views, as `Component`s when shared. A schema
+that depends on what the app registered (its plugins' names, say) is a
+`FromApp`, made when the document is built.
 """
 
 from __future__ import annotations
@@ -39,8 +41,15 @@ class Component:
     schema: Mapping[str, Any]
 
 
-# Anything a view may put where a schema goes: plain JSON Schema, a Component, a pydantic model.
-Schema = Mapping[str, Any] | Component | type[BaseModel]
+@dataclass(frozen=True)
+class FromApp:
+    """A schema only the app knows (what its plugins registered, say): made when the document is built."""
+
+    build: Callable[[web.Application], Schema]
+
+
+# Anything a view may put where a schema goes: plain JSON Schema, a Component, a pydantic model, a FromApp.
+Schema = Mapping[str, Any] | Component | type[BaseModel] | FromApp
 
 ERROR = Component(
     "Error",
@@ -173,7 +182,7 @@ def build_document(app: web.Application, base_path: str) -> dict[str, Any]:
             continue
         path = resource.canonical.removeprefix(base_path) or "/"
         answer = _complete(declared, route.handler, route.method, path)
-        paths.setdefault(path, {})[route.method.lower()] = _resolve(answer, schemas)
+        paths.setdefault(path, {})[route.method.lower()] = _resolve(answer, schemas, app)
     schemas[ERROR.name] = dict(ERROR.schema)
     return {
         "openapi": "3.1.0",
@@ -238,11 +247,13 @@ def _with_headers(response: Mapping[str, Any], rate_limited: bool) -> dict[str, 
     return {**response, "headers": {**headers, **response.get("headers", {})}}
 
 
-def _resolve(value: Any, schemas: dict[str, Any]) -> Any:
+def _resolve(value: Any, schemas: dict[str, Any], app: web.Application) -> Any:
     """Copy `value`, publishing Components and pydantic models under components/schemas."""
+    if isinstance(value, FromApp):
+        return _resolve(value.build(app), schemas, app)
     if isinstance(value, Component):
         if value.name not in schemas:
-            schemas[value.name] = _resolve(dict(value.schema), schemas)
+            schemas[value.name] = _resolve(dict(value.schema), schemas, app)
         return {"$ref": f"#/components/schemas/{value.name}"}
     if isinstance(value, type) and issubclass(value, BaseModel):
         if value.__name__ not in schemas:
@@ -251,7 +262,7 @@ def _resolve(value: Any, schemas: dict[str, Any]) -> Any:
             schemas[value.__name__] = schema
         return {"$ref": f"#/components/schemas/{value.__name__}"}
     if isinstance(value, Mapping):
-        return {key: _resolve(item, schemas) for key, item in value.items()}
+        return {key: _resolve(item, schemas, app) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_resolve(item, schemas) for item in value]
+        return [_resolve(item, schemas, app) for item in value]
     return value

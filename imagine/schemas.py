@@ -7,6 +7,7 @@ once the model is known, and reported in the same `{"loc", "msg"}` form.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 from collections.abc import Mapping
@@ -15,8 +16,9 @@ from typing import Annotated, Any, Literal
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
-from imagine.errors import field_error, validation_error
+from imagine.errors import ApiError, field_error, validation_error
 from imagine.generators import GenerationRequest, Generator, LoraWeight
+from imagine.keys import settings_key
 
 MAX_SEED = 4_294_967_295
 Prompt = Annotated[str, StringConstraints(min_length=1, max_length=2000)]
@@ -90,19 +92,104 @@ def parse_load_model_body(body: Any) -> LoadModelBody:
         raise validation_error(pydantic_errors(error)) from None
 
 
-def pydantic_errors(error: ValidationError) -> list[dict[str, Any]]:
-    return [{"loc": ["body", *entry["loc"]], "msg": entry["msg"]} for entry in error.errors(include_url=False)]
+def pydantic_errors(error: ValidationError, where: str = "body") -> list[dict[str, Any]]:
+    """`{"loc", "msg"}` per field, `loc` under `where` ("body", "query"); the rejected value is never echoed."""
+    return [{"loc": [where, *entry["loc"]], "msg": _message(entry)} for entry in error.errors(include_url=False)]
+
+
+def _message(entry: Mapping[str, Any]) -> str:
+    """A validator's own words: pydantic prefixes what one raised with "Value error, " or "Assertion failed, "."""
+    raised = entry.get("ctx", {}).get("error")
+    if entry["type"] in ("value_error", "assertion_error") and raised is not None and str(raised):
+        return str(raised)
+    return str(entry["msg"])
+
+
+# Deeper than any body this contract defines; far below where the decoder or
+# anything that walks the result (validation, logging) would recurse too deep.
+MAX_JSON_DEPTH = 32
 
 
 async def read_json(request: web.Request) -> Any:
-    """The body as JSON; 400 for another content type or malformed JSON (413 is aiohttp's)."""
+    """The body as JSON, refused with 400 unless it is one plain, shallow JSON document.
+
+    413 is aiohttp's (`client_max_size`); a body that stalls gets 408 after
+    `server.body_timeout_s`.
+    """
     if request.content_type != "application/json":
         raise validation_error([{"loc": ["header", "Content-Type"], "msg": "must be application/json"}])
-    raw = await request.read()
+    raw = await read_body(request)
     try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise validation_error([{"loc": ["body"], "msg": "malformed JSON: not UTF-8"}]) from None
+    try:
+        document = json.loads(text, object_pairs_hook=_refuse_duplicate_keys)
+    except _DuplicateKey as duplicate:
+        raise validation_error([{"loc": ["body", duplicate.key], "msg": "appears more than once"}]) from None
+    except json.JSONDecodeError as error:
         raise validation_error([{"loc": ["body"], "msg": f"malformed JSON: {error}"}]) from None
+    except RecursionError:
+        raise _too_deep() from None
+    except ValueError:
+        # int() refuses numbers of more than sys.get_int_max_str_digits() digits.
+        raise validation_error([{"loc": ["body"], "msg": "malformed JSON: a number is too long"}]) from None
+    if _depth(document) > MAX_JSON_DEPTH:
+        raise _too_deep()
+    return document
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The whole body, or 408 if it has not arrived within `server.body_timeout_s`."""
+    timeout_s = request.app[settings_key].server.body_timeout_s
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await request.read()
+    except TimeoutError:
+        raise ApiError(
+            408, "REQUEST_TIMEOUT", f"The request body did not arrive within {timeout_s:g} seconds"
+        ) from None
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A proxy or client library may read the first of two equal keys while we read the last."""
+    document = dict(pairs)
+    if len(document) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return document
+
+
+def _depth(document: Any) -> int:
+    """Nesting depth, walked without recursion (the document may be hostile)."""
+    deepest = 0
+    pending = [(document, 1)]
+    while pending:
+        value, depth = pending.pop()
+        if isinstance(value, dict):
+            children: Any = value.values()
+        elif isinstance(value, list):
+            children = value
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > MAX_JSON_DEPTH:
+            break
+        pending.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def _too_deep() -> ApiError:
+    return validation_error([{"loc": ["body"], "msg": f"nested more than {MAX_JSON_DEPTH} levels deep"}])
 
 
 def _merge_aliases(body: Mapping[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:

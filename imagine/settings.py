@@ -35,6 +35,9 @@ class ServerSettings:
     port: int = 9000
     base_path: str = "/imagine"
     max_body_bytes: int = 16 * 1024 * 1024
+    # A request body that has not fully arrived by then is refused (408): a
+    # stalled upload would otherwise hold its connection and handler forever.
+    body_timeout_s: float = 30.0
     # Peers whose X-Forwarded-For is believed (addresses or CIDR networks).
     trusted_proxies: tuple[str, ...] = ()
     cors_origins: tuple[str, ...] = ("*",)
@@ -48,6 +51,10 @@ class ServerSettings:
     public_url: str = ""
     # One structured line per request on the `imagine.access` logger (replaces aiohttp's).
     access_log: bool = True
+    # On SIGTERM, accepted work (queued and running generations, jobs) may finish
+    # for this long while new work is refused (503); then the rest fails. Keep
+    # deploy/imagine@.service's TimeoutStopSec about 30 s above it.
+    shutdown_grace_s: float = 30.0
 
     def __post_init__(self) -> None:
         if not self.base_path.startswith("/") or self.base_path.endswith("/"):
@@ -56,10 +63,14 @@ class ServerSettings:
             raise SettingsError("server.port must be between 1 and 65535")
         if self.max_body_bytes < 1024:
             raise SettingsError("server.max_body_bytes must be at least 1024")
+        if not 0 < self.body_timeout_s <= 3600:
+            raise SettingsError("server.body_timeout_s must be more than 0 and at most 3600 seconds")
         if self.public_url:
             parts = urllib.parse.urlsplit(self.public_url)
             if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/") or parts.query:
                 raise SettingsError("server.public_url must be an origin such as 'https://images.example.com'")
+        if not 0 <= self.shutdown_grace_s <= 3600:
+            raise SettingsError("server.shutdown_grace_s must be between 0 and 3600 seconds")
 
 
 @dataclass(frozen=True)

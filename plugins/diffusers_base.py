@@ -114,6 +114,12 @@ class DiffusersGenerator(Generator):
     def load(self) -> None:
         import diffusers
         import torch
+        from huggingface_hub.utils import are_progress_bars_disabled
+
+        # diffusers' own bars ("Loading pipeline components") have no switch
+        # of their own in the environment: they follow the hub's.
+        if are_progress_bars_disabled():
+            diffusers.utils.logging.disable_progress_bar()
 
         self.device = device.choose_device(self._device_preference)
         self.dtype = device.choose_dtype(self._dtype_preference, self.device)

@@ -118,3 +118,19 @@ def test_serve_prints_a_token_and_a_curl_line_that_writes_a_png(served, tmp_path
         capture_output=True, text=True, timeout=30,
     )
     assert health.returncode == 0 and '"status": "healthy"' in health.stdout
+
+
+def test_serve_preloads_the_curl_lines_model_and_keeps_library_noise_out(served) -> None:
+    process, lines, _ = served
+    # The curl line's model loads before anyone asks for it, so the first request does not wait.
+    while not any("model sdxl-turbo loaded" in line for line in lines):
+        line = process.stdout.readline()
+        assert line, "".join(lines)
+        lines.append(line)
+    process.terminate()
+    lines.append(process.stdout.read())
+    output = "".join(lines)
+    assert "loading model sdxl-turbo" in output
+    # No progress bars or library advice among the service's own lines.
+    assert "it/s]" not in output and "%|" not in output, output
+    assert "torchvision" not in output, output

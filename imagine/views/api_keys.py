@@ -12,7 +12,7 @@ from imagine.auth import requires
 from imagine.cloud_keys import key_preview
 from imagine.errors import ApiError, field_error, validation_error
 from imagine.keys import cloud_keys_key, principal_key
-from imagine.openapi import error_response, json_response, obj, operation
+from imagine.openapi import Component, FromApp, error_response, json_response, obj, operation
 from imagine.schemas import pydantic_errors, read_json
 
 log = logging.getLogger(__name__)
@@ -28,12 +28,19 @@ class ApiKeyBody(BaseModel):
     api_key: ApiKeyText
 
 
+def _body_schema(app: web.Application) -> Component:
+    """ApiKeyBody, its `service` limited to the key services of the cloud backends this app registered."""
+    schema = ApiKeyBody.model_json_schema()
+    schema["properties"]["service"]["enum"] = app[cloud_keys_key].services
+    return Component(ApiKeyBody.__name__, schema)
+
+
 @requires("admin")
 @operation(
     "Set a cloud backend's API key (seed 003)",
     tags=["models"],
     description="Kept in the key file (owner-only) and used at once; never returned, only a masked preview.",
-    body=ApiKeyBody,
+    body=FromApp(_body_schema),
     responses={
         200: json_response(
             "Stored",

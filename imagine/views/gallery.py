@@ -30,6 +30,7 @@ from imagine.openapi import (
     path_parameter,
     query_parameter,
 )
+from imagine.schemas import pydantic_errors
 from imagine.signing import EXPIRES_PARAM, SIGNATURE_PARAM
 from imagine.urls import gallery_path
 from imagine.views.generate import GENERATION_RESULT
@@ -104,9 +105,7 @@ def parse_query(request: web.Request) -> GalleryQuery:
     try:
         return GalleryQuery.model_validate(values)
     except ValidationError as error:
-        raise validation_error(
-            [{"loc": ["query", *entry["loc"]], "msg": entry["msg"]} for entry in error.errors(include_url=False)]
-        ) from None
+        raise validation_error(pydantic_errors(error, "query")) from None
 
 
 def not_found() -> ApiError:
@@ -281,10 +280,12 @@ async def delete_image(request: web.Request) -> web.Response:
 
 
 def routes(base: str) -> list[web.RouteDef]:
-    # The ".png" route first: "{image_id}" alone would match "img_....png" as well.
+    # Ids have no dot, so "<id>.png" is the PNG's route alone: a request there is allowed (and told, in
+    # a 405's Allow) only the PNG's methods, never the metadata route's DELETE.
+    image = base + "/gallery/{image_id:[^/.]+}"
     return [
         web.get(base + "/gallery", list_images),
         web.get(base + "/gallery/{image_id}.png", image_png),
-        web.get(base + "/gallery/{image_id}", show_image),
-        web.delete(base + "/gallery/{image_id}", delete_image),
+        web.get(image, show_image),
+        web.delete(image, delete_image),
     ]

@@ -13,18 +13,18 @@ from imagine.auth import check_model_grant, requires
 from imagine.errors import validation_error
 from imagine.keys import principal_key, registry_key
 from imagine.openapi import json_response, obj, operation
-from imagine.schemas import MAX_SEED, parse_generate_body, pydantic_errors, read_json, resolve_request
+from imagine.schemas import MAX_SEED, Prompt, parse_generate_body, pydantic_errors, read_json, resolve_request
 from imagine.views.generate import GENERATION_ERRORS
 
 MODEL = "sdxl"
 
 
 class GenerateImageBody(BaseModel):
-    """Seed 004's body and ranges; the prompt's own rules are /generate's, checked next."""
+    """Seed 004's body and ranges; the prompt's own rules are /generate's (not blank is checked next)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    prompt: str
+    prompt: Prompt
     negative_prompt: str = ""
     steps: int = Field(30, ge=10, le=100)
     guidance: float = Field(7.5, ge=1.0, le=20.0, allow_inf_nan=False)

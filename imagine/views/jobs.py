@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 from aiohttp import web
@@ -27,15 +28,19 @@ from imagine.schemas import GenerateBody, parse_generate_body, read_json, resolv
 from imagine.views.generate import GENERATION_ERRORS, GENERATION_RESULT
 
 MAX_IDEMPOTENCY_KEY = 255
+# Event ids are 1, 2, 3...: the stream's own ids are the only values Last-Event-ID may carry.
+EVENT_ID = "[0-9]{1,9}"
 
 JOB_ID = path_parameter("job_id", "The id POST /jobs answered with")
 ACCEPTED = obj(
     {
         "id": {"type": "string"},
         "status": {"const": "queued"},
-        "position": {"type": "integer", "description": "1 for the next job to run; 0 once running"},
+        "position": {"type": "integer", "description": "1 for the next job to run; 0 when it was taken at once"},
         "eta_seconds": {"type": "number"},
-    }
+    },
+    description="What accepting the job answered. A replay (`Idempotent-Replayed: true`) answers it again, "
+    "however far the job has got since: its state now is at `Location`.",
 )
 JOB = Component(
     "Job",
@@ -72,9 +77,17 @@ def accepted(request: web.Request, job: TrackedJob, *, replayed: bool) -> web.Re
     headers = {"Location": job_url(request, job)}
     if replayed:
         headers["Idempotent-Replayed"] = "true"
-    snapshot = job.snapshot()
-    body = {key: snapshot[key] for key in ("id", "status", "position", "eta_seconds")}
-    return web.json_response(body, status=202, headers=headers)
+    return web.json_response(job.acceptance, status=202, headers=headers)
+
+
+def resume_after(request: web.Request) -> int:
+    """The Last-Event-ID a reconnecting client sent (0 without one); 400 for anything but an event id."""
+    value = request.headers.get("Last-Event-ID")
+    if value is None:
+        return 0
+    if re.fullmatch(EVENT_ID, value) is None:
+        raise validation_error([{"loc": ["header", "Last-Event-ID"], "msg": "must be an event id of this stream"}])
+    return int(value)
 
 
 @requires("generate")
@@ -82,7 +95,8 @@ def accepted(request: web.Request, job: TrackedJob, *, replayed: bool) -> web.Re
     "Queue a generation and answer at once",
     tags=["jobs"],
     description="The body is /generate's, plus `preview` for latent previews in progress events. The same "
-    "`Idempotency-Key` and body from the same caller return the same job (`Idempotent-Replayed: true`).",
+    "`Idempotency-Key` and body from the same caller return the same job (`Idempotent-Replayed: true`) with "
+    "the same answer.",
     parameters=[
         header_parameter(
             "Idempotency-Key", "Makes retries safe: same key, same body, same job", {"type": "string", "maxLength": 255}
@@ -90,7 +104,9 @@ def accepted(request: web.Request, job: TrackedJob, *, replayed: bool) -> web.Re
     ],
     body=GenerateBody,
     responses={
-        202: json_response("Queued (`Location` is the job's URL)", ACCEPTED, headers=["Location"]),
+        202: json_response(
+            "Queued (`Location` is the job's URL)", ACCEPTED, headers=["Location", "Idempotent-Replayed"]
+        ),
         409: error_response("Idempotency-Key reused with another body"),
         **GENERATION_ERRORS,
     },
@@ -160,16 +176,19 @@ async def cancel_job(request: web.Request) -> web.Response:
     "resume. Closing the stream never cancels the job.",
     parameters=[
         JOB_ID,
-        header_parameter("Last-Event-ID", "Resume after this event", {"type": "string", "pattern": "^[0-9]{1,9}$"}),
+        header_parameter(
+            "Last-Event-ID", "Resume after this event (the `id` of one)", {"type": "string", "pattern": f"^{EVENT_ID}$"}
+        ),
     ],
-    responses={200: content_response("The event stream", {"text/event-stream": EVENT}), **NOT_FOUND},
+    responses={
+        200: content_response("The event stream", {"text/event-stream": EVENT}),
+        400: error_response("Last-Event-ID is not an event id"),
+        **NOT_FOUND,
+    },
 )
 async def job_events(request: web.Request) -> web.StreamResponse:
+    after = resume_after(request)
     job = request.app[jobs_key].get(request[principal_key], request.match_info["job_id"])
-    try:
-        after = max(0, int(request.headers.get("Last-Event-ID", "0")))
-    except ValueError:
-        after = 0
     response = web.StreamResponse(
         headers={
             "Content-Type": "text/event-stream",

@@ -6,10 +6,11 @@ from typing import Any
 
 from aiohttp import web
 
+from imagine import device
 from imagine.auth import requires
 from imagine.errors import validation_error
 from imagine.generators import CloudGenerator, Generator
-from imagine.keys import executor_key, registry_key
+from imagine.keys import executor_key, registry_key, settings_key
 from imagine.memory import ModelMemory
 from imagine.openapi import Component, error_response, json_response, obj, operation, path_parameter
 from imagine.schemas import LoadModelBody, parse_load_model_body, read_json
@@ -40,8 +41,12 @@ LOCAL_MODEL = Component(
             "description": {"type": "string"},
             "aliases": STRINGS,
             "loaded": {"type": "boolean"},
-            "device": NULLABLE_STRING,
-            "dtype": NULLABLE_STRING,
+            "device": {
+                **NULLABLE_STRING,
+                "description": "Where it runs, or will load when not loaded yet; null for `auto` until the device "
+                "thread has chosen (seconds after startup)",
+            },
+            "dtype": {**NULLABLE_STRING, "description": "The weights' dtype, or the one it will load with"},
             "defaults": obj(
                 {
                     "steps": {"type": "integer"},
@@ -133,16 +138,28 @@ LOAD_ERRORS = {
 }
 
 
-def local_model(generator: Generator, memory: ModelMemory) -> dict[str, Any]:
+def placement(app: web.Application, generator: Generator) -> tuple[str | None, str | None]:
+    """Device and dtype: the loaded model's, else the ones it will load with (the device memory.device names)."""
+    if generator.loaded:
+        runtime = generator.runtime_info()
+        return runtime.get("device"), runtime.get("dtype")
+    executor = app[executor_key]
+    models = app[settings_key].models
+    # The device thread publishes its first report once it has resolved the device.
+    chosen = None if executor.report is device.UNPROBED else executor.device
+    return device.planned(models.device, models.dtype, chosen)
+
+
+def local_model(app: web.Application, generator: Generator, memory: ModelMemory) -> dict[str, Any]:
     card = generator.card
-    runtime = generator.runtime_info()
+    where, dtype = placement(app, generator)
     entry: dict[str, Any] = {
         "name": generator.name,
         "description": card.description,
         "aliases": list(card.aliases),
         "loaded": generator.loaded,
-        "device": runtime.get("device"),
-        "dtype": runtime.get("dtype"),
+        "device": where,
+        "dtype": dtype,
         "defaults": {
             "steps": card.defaults.steps,
             "guidance": card.defaults.guidance,
@@ -186,7 +203,7 @@ async def list_models(request: web.Request) -> web.Response:
     memory = registry.memory()
     return web.json_response(
         {
-            "local_models": {g.name: local_model(g, memory[g.name]) for g in generators if g.uses_device},
+            "local_models": {g.name: local_model(request.app, g, memory[g.name]) for g in generators if g.uses_device},
             "cloud_models": {g.name: cloud_model(g) for g in generators if isinstance(g, CloudGenerator)},
             "memory": model_memory(request.app),
         }

@@ -21,7 +21,7 @@ from imagine.auth import check_model_grant, requires
 from imagine.errors import ApiError, field_error, validation_error
 from imagine.keys import principal_key, registry_key
 from imagine.openapi import Component, json_response, obj, operation
-from imagine.schemas import parse_generate_body, pydantic_errors, read_json, resolve_request
+from imagine.schemas import Prompt, parse_generate_body, pydantic_errors, read_json, resolve_request
 from imagine.urls import signed_image_url
 from imagine.views.generate import GENERATION_ERRORS
 
@@ -33,7 +33,8 @@ _OPENAI_FIELDS = {"width": "size", "height": "size", "img_size": "size", "num_im
 class ImagesGenerationBody(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    prompt: str
+    # /generate's length rules, so the document states them; not blank is checked by /generate's body.
+    prompt: Prompt
     model: str | None = None
     n: int | None = Field(None, ge=1, le=4)
     size: str | None = None

@@ -1,0 +1,216 @@
+"""Hostile bodies and headers get a 4xx in the contract's shape, never a 500 or a traceback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import struct
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from imagine.app import create_app
+from tests.conftest import KEYS, auth
+from tests.slow_plugin import SlowPlugin
+
+# Every route that reads a JSON body.
+JSON_ROUTES = [
+    "/imagine/generate",
+    "/imagine/jobs",
+    "/imagine/generate/batch",
+    "/imagine/generate-image",
+    "/imagine/v1/images/generations",
+    "/imagine/load_model",
+    "/imagine/api-key",
+]
+
+ADMIN = auth(scope="generate admin")
+AUTH_LINE = "Authorization: " + auth()["Authorization"]
+
+
+def error_code(route: str, body: dict) -> str:
+    """The contract's code, or OpenAI's error type under /v1."""
+    if "/v1/" in route:
+        return body["error"]["type"]
+    return body["error"]["code"]
+
+
+def assert_no_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    assert not [record for record in caplog.records if record.exc_info or record.levelno >= logging.ERROR]
+
+
+async def post_raw(client, route: str, body: str | bytes):
+    return await client.post(route, data=body, headers={**ADMIN, "Content-Type": "application/json"})
+
+
+@pytest.mark.parametrize("route", JSON_ROUTES)
+async def test_deeply_nested_json_is_a_400_on_every_route(client, caplog, route) -> None:
+    for depth in (1000, 100_000):
+        response = await post_raw(client, route, "[" * depth + "]" * depth)
+        assert response.status == 400, await response.text()
+        body = await response.json()
+        assert error_code(route, body) in ("VALIDATION_ERROR", "invalid_request_error")
+        assert "nested" in json.dumps(body)
+    assert_no_traceback(caplog)
+
+
+async def test_nesting_inside_a_field_is_refused_before_validation(client) -> None:
+    nested = '{"prompt": "x", "loras": ' + "[" * 500 + "]" * 500 + "}"
+    response = await post_raw(client, "/imagine/generate", nested)
+    assert response.status == 400
+    assert "nested more than" in (await response.json())["detail"]
+
+
+@pytest.mark.parametrize("route", JSON_ROUTES)
+async def test_a_number_of_thousands_of_digits_is_a_400(client, caplog, route) -> None:
+    response = await post_raw(client, route, '{"prompt":"x","seed":' + "9" * 4301 + "}")
+    assert response.status == 400, await response.text()
+    assert "number is too long" in json.dumps(await response.json())
+    assert_no_traceback(caplog)
+
+
+async def test_a_large_but_parseable_seed_is_a_field_error(client) -> None:
+    response = await post_raw(client, "/imagine/generate", '{"prompt":"x","seed":' + "9" * 4000 + "}")
+    assert response.status == 400
+    errors = (await response.json())["error"]["details"]["errors"]
+    assert errors[0]["loc"] == ["body", "seed"]
+
+
+@pytest.mark.parametrize("route", ["/imagine/generate", "/imagine/jobs", "/imagine/v1/images/generations"])
+async def test_duplicate_keys_are_refused(client, route) -> None:
+    response = await post_raw(client, route, '{"prompt":"x","width":99999,"width":64}')
+    assert response.status == 400, await response.text()
+    body = await response.json()
+    assert "width" in json.dumps(body)
+    assert "more than once" in json.dumps(body)
+
+
+async def test_duplicate_keys_in_a_nested_object_are_refused(client) -> None:
+    body = '{"prompt":"x","loras":[{"name":"a","name":"b"}]}'
+    response = await post_raw(client, "/imagine/generate", body)
+    assert response.status == 400
+    assert (await response.json())["error"]["details"]["errors"][0]["loc"] == ["body", "name"]
+
+
+async def test_a_body_that_is_not_utf8_is_a_400(client) -> None:
+    response = await post_raw(client, "/imagine/generate", b'{"prompt":"\xe9"}')
+    assert response.status == 400
+    assert "UTF-8" in (await response.json())["detail"]
+
+
+async def raw_exchange(client, request: bytes, *, keep_open_s: float = 0.0, read_timeout_s: float = 20.0) -> bytes:
+    """Send raw bytes to the test server and read what comes back until it closes or goes quiet."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        if keep_open_s:
+            await asyncio.sleep(keep_open_s)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), read_timeout_s)
+        length = next(
+            int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")
+        )
+        return head + await asyncio.wait_for(reader.readexactly(length), read_timeout_s)
+    finally:
+        writer.close()
+
+
+def status_and_body(answer: bytes) -> tuple[int, dict]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split(b" ")[1]), json.loads(body)
+
+
+@pytest.mark.parametrize("token", [b"\xe9", b"abc\xff.def.ghi", "é".encode()])
+async def test_a_token_that_is_not_ascii_is_a_401(client, caplog, token) -> None:
+    answer = await raw_exchange(
+        client, b"GET /imagine/health HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + token + b"\r\n\r\n"
+    )
+    status, body = status_and_body(answer)
+    assert status == 401
+    assert body["error"]["code"] == "AUTHENTICATION_ERROR"
+    assert body["error"]["details"]["reason"] == "malformed token"
+    assert_no_traceback(caplog)
+
+
+@pytest.mark.parametrize("token", ["garbage", "a.b.c", "eyJhbGciOi.\u00b7.x", "e30.e30.x", "!!!.***.???"])
+async def test_a_garbage_token_is_called_malformed(client, token) -> None:
+    response = await client.get("/imagine/health", headers={"Authorization": f"Bearer {token}"})
+    assert response.status == 401
+    assert (await response.json())["error"]["details"]["reason"] == "malformed token"
+
+
+async def test_a_stalled_body_gets_408(make_client, base_settings, caplog) -> None:
+    client = await make_client(base_settings.replace(server={"body_timeout_s": 0.5}))
+    token = ADMIN["Authorization"].encode()
+    head = (
+        b"POST /imagine/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Authorization: " + token + b"\r\nContent-Length: 100\r\n\r\n"
+    )
+    status, body = status_and_body(await raw_exchange(client, head + b'{"prom'))
+    assert status == 408
+    assert body["error"]["code"] == "REQUEST_TIMEOUT"
+    assert_no_traceback(caplog)
+
+
+async def test_a_trickling_chunked_body_gets_408(make_client, base_settings) -> None:
+    client = await make_client(base_settings.replace(server={"body_timeout_s": 0.5}))
+    token = ADMIN["Authorization"].encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+    writer.write(
+        b"POST /imagine/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Authorization: " + token + b"\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+
+    async def trickle() -> None:
+        for byte in b'{"prompt":"a slow cat"}':
+            writer.write(b"1\r\n" + bytes([byte]) + b"\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.2)
+
+    trickling = asyncio.create_task(trickle())
+    try:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 20)
+        assert head.startswith(b"HTTP/1.1 408"), head
+    finally:
+        trickling.cancel()
+        writer.close()
+
+
+async def test_closing_an_event_stream_early_is_a_499_not_an_error(base_settings, caplog) -> None:
+    # Handlers are not cancelled when their client leaves, so every close below
+    # meets the handler's next write: the race `imagine serve` (which cancels
+    # them) loses now and then.
+    runner = web.AppRunner(
+        create_app(base_settings, keys=KEYS, extra_plugins=(SlowPlugin(step_seconds=0.01),)), handler_cancellation=False
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as client:
+            submitted = await client.post("/imagine/jobs", json={"prompt": "a", "model": "slow", "steps": 400}, headers=auth())
+            job_id = (await submitted.json())["id"]
+            for _ in range(5):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(f"GET /imagine/jobs/{job_id}/events HTTP/1.1\r\nHost: x\r\n{AUTH_LINE}\r\n\r\n".encode())
+                await reader.readuntil(b"\r\n\r\n")
+                await reader.read(1)
+                # SO_LINGER 0: close with a reset, as a killed client does.
+                writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                writer.close()
+            route = 'route="/imagine/jobs/{job_id}/events"'
+            for _ in range(200):
+                text = await (await client.get("/imagine/metrics", headers=auth(scope="metrics"))).text()
+                served = [line for line in text.splitlines() if line.startswith("imagine_http_requests_total") and route in line]
+                if sum(float(line.rsplit(" ", 1)[1]) for line in served) >= 5:
+                    break
+                await asyncio.sleep(0.05)
+    finally:
+        await runner.cleanup()
+    assert served and all('status="499"' in line for line in served), served
+    assert 'code="INTERNAL_ERROR"' not in text
+    assert_no_traceback(caplog)
