@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from imagine import __version__
-from imagine.auth import KeyMaterial, KeyMaterialError, load_key_material, parse_duration, sign_token
+from imagine.security.tokens import KeyMaterial, KeyMaterialError, load_key_material, parse_duration, sign_token
 from imagine.settings import Settings, SettingsError, load_settings
 
 DEFAULT_CONFIG = Path("imagine.toml")
@@ -66,7 +66,7 @@ def _try_it_model(settings: Settings, demo_folder: Path | None) -> str:
 
 def _with_models(settings: Settings) -> tuple[Settings, Path | None]:
     """The demo models stand in when no weights are configured (built on first use)."""
-    from imagine.demo_models import demo_settings, prepare_demo_models
+    from imagine.devtools.demo_models import demo_settings, prepare_demo_models
 
     if settings.models.has_sources:
         return settings, None
@@ -111,9 +111,9 @@ def _bare_access_lines() -> None:
 
 
 def serve(arguments: argparse.Namespace) -> int:
-    from imagine.app import create_app
-    from imagine.server import run_app
-    from imagine.shutdown import HANDLER_WAIT_S
+    from imagine.http.app import create_app
+    from imagine.http.server import run_app
+    from imagine.http.shutdown import HANDLER_WAIT_S
 
     settings, keys = _settings_and_keys(arguments.config)
     host = arguments.host or settings.server.host
@@ -145,7 +145,7 @@ def token(arguments: argparse.Namespace) -> int:
 def demo_models(arguments: argparse.Namespace) -> int:
     target = Path(arguments.directory)
     if arguments.full_size:
-        from imagine.full_size_models import build_full_size_sdxl
+        from imagine.devtools.full_size_models import build_full_size_sdxl
 
         build_full_size_sdxl(target / "sdxl")
         print(
@@ -153,7 +153,7 @@ def demo_models(arguments: argparse.Namespace) -> int:
             f'[models.sdxl]\nsource = "{target / "sdxl"}"\n\n[models.sdxl-turbo]\nsource = "{target / "sdxl"}"'
         )
         return 0
-    from imagine.demo_models import build_demo_models
+    from imagine.devtools.demo_models import build_demo_models
 
     build_demo_models(target)
     print(f"Tiny random-weight demo models written to {target}")
@@ -161,7 +161,7 @@ def demo_models(arguments: argparse.Namespace) -> int:
 
 
 def bench(arguments: argparse.Namespace) -> int:
-    from imagine import bench as benchmark
+    from imagine.devtools import bench as benchmark
 
     settings, _ = _with_models(load_settings(_config_path(arguments.config)))
     return benchmark.run(settings, arguments)
@@ -195,7 +195,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo_parser.set_defaults(run=demo_models)
 
-    from imagine.bench import add_arguments
+    from imagine.devtools.bench import add_arguments
 
     bench_parser = commands.add_parser("bench", parents=[common], help="measure the service against the bare pipeline; prints a table")
     add_arguments(bench_parser)

@@ -2,7 +2,7 @@
 
 Every setting has a safe default, so `imagine serve` starts with no file at all.
 Secrets (the JWT secret, cloud keys) are never read from here: they come from
-the environment or from files named here (see `imagine.auth`).
+the environment or from files named here (see `imagine.security.tokens`).
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from imagine import device
-from imagine.generators import (
+from imagine.engine import device
+from imagine.plugin.generators import (
     GenerationInterrupted,
     GenerationRequest,
     Generator,
@@ -20,7 +20,7 @@ from imagine.generators import (
     StepProgress,
 )
 from imagine.settings import ModelsSettings
-from plugins.components import POOL
+from imagine_plugins.components import POOL
 
 if TYPE_CHECKING:
     from PIL import Image

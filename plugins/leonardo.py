@@ -3,7 +3,7 @@
 One job: POST /generations, poll GET /generations/{id} with backoff until it is
 COMPLETE or FAILED, download the JPEGs from Leonardo's CDN and hand back
 images that imagine encodes as PNG like any other generator's. The job's
-deadline is the caller's (`imagine.service` cancels us); the API key is read at
+deadline is the caller's (`imagine.engine.generation` cancels us); the API key is read at
 every job, sent only to Leonardo's API (never to the CDN), and scrubbed from
 anything Leonardo says back.
 """
@@ -27,9 +27,9 @@ import aiohttp
 import yarl
 from PIL import Image
 
-from imagine.cloud_keys import KeySpec
+from imagine.security.cloud_api_keys import KeySpec
 from imagine.errors import ApiError, field_error
-from imagine.generators import (
+from imagine.plugin.generators import (
     CloudGenerator,
     GenerationRequest,
     Generator,
@@ -38,9 +38,9 @@ from imagine.generators import (
     ModelLimits,
     RemoteImages,
 )
-from imagine.hookspecs import hookimpl
+from imagine.plugin.hookspecs import hookimpl
 from imagine.settings import LeonardoSettings, Settings, SettingsError
-from plugins import leonardo_catalog as catalog
+from imagine_plugins import leonardo_catalog as catalog
 
 log = logging.getLogger(__name__)
 

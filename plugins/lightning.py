@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from imagine.errors import ApiError
-from imagine.generators import GenerationRequest, Generator, ModelCard, ModelDefaults, ModelLimits
-from imagine.hookspecs import hookimpl
+from imagine.plugin.generators import GenerationRequest, Generator, ModelCard, ModelDefaults, ModelLimits
+from imagine.plugin.hookspecs import hookimpl
 from imagine.settings import ModelsSettings, Settings, SettingsError
-from plugins import sdxl
-from plugins.sdxl import SDXLGenerator
+from imagine_plugins import sdxl
+from imagine_plugins.sdxl import SDXLGenerator
 
 NAME = "sdxl-lightning"
 HUB_REPO = "ByteDance/SDXL-Lightning"

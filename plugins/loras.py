@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from imagine.generators import LoraWeight
+from imagine.plugin.generators import LoraWeight
 
 SUFFIX = ".safetensors"
 

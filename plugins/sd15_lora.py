@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from imagine.errors import validation_error
-from imagine.generators import (
+from imagine.plugin.generators import (
     GenerationRequest,
     Generator,
     LoraWeight,
@@ -32,10 +32,10 @@ from imagine.generators import (
     ModelDefaults,
     ModelLimits,
 )
-from imagine.hookspecs import hookimpl
+from imagine.plugin.hookspecs import hookimpl
 from imagine.settings import ModelsSettings, Settings, SettingsError
-from plugins.diffusers_base import DiffusersGenerator
-from plugins.loras import LoraFolder, is_path_like
+from imagine_plugins.diffusers_base import DiffusersGenerator
+from imagine_plugins.loras import LoraFolder, is_path_like
 
 log = logging.getLogger(__name__)
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from imagine.generators import Generator, ModelCard, ModelDefaults, ModelLimits
-from imagine.hookspecs import hookimpl
+from imagine.plugin.generators import Generator, ModelCard, ModelDefaults, ModelLimits
+from imagine.plugin.hookspecs import hookimpl
 from imagine.settings import Settings
-from plugins.diffusers_base import DiffusersGenerator
+from imagine_plugins.diffusers_base import DiffusersGenerator
 
 DEFAULT_SOURCE = "stabilityai/stable-diffusion-xl-base-1.0"
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from imagine.generators import Generator, ModelCard, ModelDefaults, ModelLimits
-from imagine.hookspecs import hookimpl
+from imagine.plugin.generators import Generator, ModelCard, ModelDefaults, ModelLimits
+from imagine.plugin.hookspecs import hookimpl
 from imagine.settings import Settings
-from plugins.sdxl import SDXLGenerator
+from imagine_plugins.sdxl import SDXLGenerator
 
 DEFAULT_SOURCE = "stabilityai/sdxl-turbo"
 

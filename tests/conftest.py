@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imagine.app import create_app
-from imagine.auth import KeyMaterial
-from imagine.demo_models import demo_settings, prepare_demo_models
+from imagine.http.app import create_app
+from imagine.security.tokens import KeyMaterial
+from imagine.devtools.demo_models import demo_settings, prepare_demo_models
 from imagine.settings import Settings, load_settings
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 from PIL import Image
 
-from imagine.generators import (
+from imagine.plugin.generators import (
     GenerationRequest,
     Generator,
     ModelCard,
@@ -22,7 +22,7 @@ from imagine.generators import (
     ModelLimits,
     StepCallback,
 )
-from imagine.hookspecs import hookimpl
+from imagine.plugin.hookspecs import hookimpl
 from tests.weightless import WeightlessGenerator
 
 TRIGGER = "out of memory"

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 from PIL import Image
 
-from imagine.generators import (
+from imagine.plugin.generators import (
     GenerationInterrupted,
     GenerationRequest,
     Generator,
@@ -22,7 +22,7 @@ from imagine.generators import (
     StepCallback,
     StepProgress,
 )
-from imagine.hookspecs import hookimpl
+from imagine.plugin.hookspecs import hookimpl
 from imagine.settings import Settings
 from tests.weightless import WeightlessGenerator
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from imagine.cloud_keys import CloudKeys, KeySpec, key_preview
+from imagine.security.cloud_api_keys import CloudKeys, KeySpec, key_preview
 from imagine.settings import Settings
 from tests.conftest import auth
 from tests.fake_leonardo import API_PREFIX, FakeLeonardo

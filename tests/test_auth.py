@@ -14,7 +14,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from imagine.app import create_app
+from imagine.http.app import create_app
 from tests.conftest import SECRET, auth, make_token
 
 GENERATE_TOO_WIDE = {"prompt": "a cat", "width": 4096}  # passes auth, then fails validation (400)

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from imagine.batching import FairBatcher
-from imagine.keys import executor_key
+from imagine.engine.batching import FairBatcher
+from imagine.http.app_keys import executor_key
 from tests.conftest import assert_same_image, auth, data_url_png, pixels
 from tests.slow_plugin import SlowPlugin
 

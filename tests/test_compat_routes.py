@@ -8,7 +8,7 @@ import io
 
 from PIL import Image
 
-from imagine.keys import executor_key
+from imagine.http.app_keys import executor_key
 from tests.conftest import auth
 from tests.slow_plugin import SlowPlugin
 

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from imagine.cloud_keys import KeySpec
-from imagine.generators import CloudGenerator, Generator, ModelCard, ModelDefaults, ModelLimits, RemoteImages
-from imagine.hookspecs import hookimpl
+from imagine.security.cloud_api_keys import KeySpec
+from imagine.plugin.generators import CloudGenerator, Generator, ModelCard, ModelDefaults, ModelLimits, RemoteImages
+from imagine.plugin.hookspecs import hookimpl
 from imagine.settings import Settings
 from tests.conftest import auth
 from tests.slow_plugin import SlowPlugin

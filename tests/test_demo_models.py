@@ -12,7 +12,7 @@ import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from safetensors.torch import load_file
 
-from imagine.demo_models import (
+from imagine.devtools.demo_models import (
     DEMO_MODELS_VERSION,
     LIGHTNING_STEPS,
     LORA_NAMES,
@@ -146,7 +146,7 @@ def test_ensure_rebuilds_a_folder_of_another_version(demo_models: pathlib.Path, 
 
 
 def test_importing_the_module_does_not_import_torch() -> None:
-    code = "import sys, imagine.demo_models; assert 'torch' not in sys.modules, 'torch was imported'"
+    code = "import sys, imagine.devtools.demo_models; assert 'torch' not in sys.modules, 'torch was imported'"
     repo_root = pathlib.Path(__file__).resolve().parent.parent
 
     result = subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True)

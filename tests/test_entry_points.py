@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from imagine.keys import registry_key
-from imagine.plugins import PluginError, collect_generators, plugin_manager
+from imagine.http.app_keys import registry_key
+from imagine.plugin.manager import PluginError, collect_generators, plugin_manager
 from tests.conftest import auth
 from tests.oom_plugin import TRIGGER
 
@@ -65,7 +65,7 @@ async def test_a_load_that_runs_out_of_memory_makes_room_and_tries_again(make_cl
 
 
 COPYCAT = """
-from imagine.hookspecs import hookimpl
+from imagine.plugin.hookspecs import hookimpl
 from tests.oom_plugin import OutOfMemoryGenerator
 
 
@@ -83,4 +83,4 @@ def test_an_installed_plugin_claiming_a_builtin_name_stops_the_start(tmp_path, m
     with pytest.raises(PluginError) as refused:
         collect_generators(plugin_manager(), base_settings)
     message = str(refused.value)
-    assert "'sdxl-lightning'" in message and "plugins.lightning" in message and "copycat" in message
+    assert "'sdxl-lightning'" in message and "imagine_plugins.lightning" in message and "copycat" in message

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from imagine.gallery import INDEX_FILE, GalleryStore, ImageMetadata, ListQuery, new_id, storage_folder
-from imagine.keys import gallery_key
+from imagine.storage.gallery import INDEX_FILE, GalleryStore, ImageMetadata, ListQuery, new_id, storage_folder
+from imagine.http.app_keys import gallery_key
 from tests.conftest import auth
 
 GENERATE = "/imagine/generate"

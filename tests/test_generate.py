@@ -12,7 +12,7 @@ import aiohttp
 import numpy as np
 from PIL import Image
 
-from imagine.keys import executor_key
+from imagine.http.app_keys import executor_key
 from tests.conftest import auth, data_url_png, pixels
 from tests.slow_plugin import SlowPlugin
 
@@ -108,7 +108,7 @@ async def test_non_latin1_prompt_is_kept_in_an_itxt_chunk(client) -> None:
 
 
 async def test_defaults_per_model_at_their_real_sizes(make_client, base_settings, demo_folder) -> None:
-    from imagine.demo_models import demo_settings
+    from imagine.devtools.demo_models import demo_settings
 
     # The demo models with their real cards: turbo answers 512x512 in one step by default.
     client = await make_client(demo_settings(base_settings.replace(models={"options": {}}), demo_folder))
@@ -217,7 +217,7 @@ async def test_a_model_that_fails_to_load_is_reported_not_fatal(make_client, bas
 
 
 def test_importing_the_app_does_not_import_torch() -> None:
-    code = "import sys, imagine.app, imagine.cli; print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
+    code = "import sys, imagine.http.app, imagine.cli; print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert output.strip() == "[]"
 

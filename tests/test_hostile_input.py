@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from imagine.app import create_app
+from imagine.http.app import create_app
 from tests.conftest import KEYS, auth
 from tests.slow_plugin import SlowPlugin
 

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imagine.app import create_app
+from imagine.http.app import create_app
 from imagine.settings import Settings, SettingsError, load_settings
-from plugins.leonardo_catalog import MODELS
+from imagine_plugins.leonardo_catalog import MODELS
 from tests.conftest import KEYS, auth, pixels
 from tests.fake_leonardo import API_PREFIX, FakeLeonardo, gradient
 from tests.slow_plugin import SlowPlugin

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from imagine.plugins import collect_generators, plugin_manager
+from imagine.plugin.manager import collect_generators, plugin_manager
 from imagine.settings import SettingsError, load_settings
 
 TOML = """
@@ -81,8 +81,8 @@ def test_mistakes_stop_the_start_with_the_setting_named(tmp_path, text, fragment
 def test_building_the_app_with_every_builtin_plugin_imports_no_torch() -> None:
     code = (
         "import sys\n"
-        "from imagine.app import create_app\n"
-        "from imagine.auth import KeyMaterial\n"
+        "from imagine.http.app import create_app\n"
+        "from imagine.security.tokens import KeyMaterial\n"
         "from imagine.settings import Settings\n"
         "create_app(Settings(), keys=KeyMaterial('HS256', b'k' * 32, b'k' * 32, 'environment'))\n"
         "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'peft') if m in sys.modules))\n"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from imagine.keys import registry_key
+from imagine.http.app_keys import registry_key
 from tests.conftest import auth, data_url_png, pixels
 
 URL = "/imagine/generate"

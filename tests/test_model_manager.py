@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from imagine.demo_models import DEMO_SOURCES
-from imagine.keys import executor_key
+from imagine.devtools.demo_models import DEMO_SOURCES
+from imagine.http.app_keys import executor_key
 from tests.conftest import auth
 from tests.slow_plugin import SlowPlugin
 

@@ -13,7 +13,7 @@ import openai
 import pytest
 from PIL import Image
 
-from imagine.keys import url_signer_key
+from imagine.http.app_keys import url_signer_key
 from tests.conftest import auth, make_token
 
 ROUTE = "/imagine/v1/images/generations"
@@ -198,7 +198,7 @@ async def test_forwarded_host_and_proto_count_only_from_a_trusted_proxy(make_cli
 
 def test_signing_secret_is_owner_only_and_stable_or_from_the_environment(tmp_path) -> None:
     from imagine.settings import SettingsError
-    from imagine.signing import SECRET_ENV, SECRET_FILE, UrlSigner, load_url_secret
+    from imagine.security.url_signing import SECRET_ENV, SECRET_FILE, UrlSigner, load_url_secret
 
     secret = load_url_secret(tmp_path, {})
     assert len(secret) >= 32

@@ -17,8 +17,8 @@ from schemathesis import GenerationMode
 from schemathesis.config import SchemathesisConfig
 from schemathesis.core.failures import FailureGroup
 
-from imagine.app import create_app
-from imagine.demo_models import demo_settings
+from imagine.http.app import create_app
+from imagine.devtools.demo_models import demo_settings
 from imagine.settings import Settings, load_settings
 from tests.conftest import KEYS, make_token
 from tests.processes import LOOPBACK, free_port

@@ -7,9 +7,9 @@ import pathlib
 
 import pytest
 
-from imagine import hookspecs
-from imagine.hookspecs import hookimpl
-from imagine.plugins import PluginError, collect_generators, plugin_manager
+from imagine.plugin import hookspecs
+from imagine.plugin.hookspecs import hookimpl
+from imagine.plugin.manager import PluginError, collect_generators, plugin_manager
 from imagine.settings import Settings
 from tests.slow_plugin import SlowGenerator
 
@@ -39,7 +39,7 @@ def test_a_duplicate_name_fails_with_both_plugins_named() -> None:
     with pytest.raises(PluginError) as refused:
         collect_generators(manager, Settings())
     message = str(refused.value)
-    assert "'sdxl'" in message and "plugins.sdxl" in message and "Claims" in message
+    assert "'sdxl'" in message and "imagine_plugins.sdxl" in message and "Claims" in message
 
 
 def test_an_alias_may_not_shadow_another_model() -> None:

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imagine.generators import GenerationRequest, LoraWeight
-from imagine.png import ZLIB_STRATEGIES, PngEncoder, parameters_text
+from imagine.plugin.generators import GenerationRequest, LoraWeight
+from imagine.http.png import ZLIB_STRATEGIES, PngEncoder, parameters_text
 
 
 def chunk_types(png: bytes) -> list[bytes]:

@@ -17,8 +17,8 @@ from typing import NamedTuple
 import pytest
 from aiohttp import http_parser, web, web_protocol
 
-from imagine.app import create_app
-from imagine.server import make_runner
+from imagine.http.app import create_app
+from imagine.http.server import make_runner
 from imagine.settings import Settings
 from tests.conftest import KEYS
 from tests.processes import LOOPBACK

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from imagine.ratelimit import client_ip, parse_networks
+from imagine.security.ratelimit import client_ip, parse_networks
 from imagine.settings import RateLimitSettings
 from tests.conftest import auth
 

@@ -8,9 +8,9 @@ import time
 import pytest
 import redis as redis_sync
 
-from imagine import redis_buckets
-from imagine.ratelimit import BucketSpec
-from imagine.redis_buckets import KEY_PREFIX, redis_bucket_store
+from imagine.security import redis_buckets
+from imagine.security.ratelimit import BucketSpec
+from imagine.security.redis_buckets import KEY_PREFIX, redis_bucket_store
 from imagine.settings import RateLimitSettings, SettingsError, load_settings
 from tests.conftest import auth
 from tests.processes import free_port, redis_server

@@ -17,10 +17,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from imagine.executor import DeviceExecutor
-from imagine.keys import executor_key
+from imagine.engine.executor import DeviceExecutor
+from imagine.http.app_keys import executor_key
 from imagine.settings import ServerSettings, SettingsError, load_settings
-from imagine.shutdown import OVERRUN_S
+from imagine.http.shutdown import OVERRUN_S
 from tests.conftest import SECRET, auth
 from tests.processes import LOOPBACK, free_port, stop, wait_for_port
 from tests.slow_plugin import SlowPlugin
@@ -31,7 +31,7 @@ JOBS = "/imagine/jobs"
 GENERATE = "/imagine/generate"
 
 PLUGIN = """\
-from imagine.hookspecs import hookimpl
+from imagine.plugin.hookspecs import hookimpl
 from tests.slow_plugin import SlowGenerator
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from imagine.generators import Generator
+from imagine.plugin.generators import Generator
 
 
 class WeightlessGenerator(Generator):

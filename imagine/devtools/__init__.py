@@ -1,0 +1,1 @@
+"""Developer tools, apart from the service: bench, demo and full-size models."""

@@ -1,0 +1,485 @@
+"""`imagine bench`: the service measured against the bare pipeline, in one invocation.
+
+Every mode runs its baseline in the same process, right before the service, so
+the ratios hold on a noisy machine. Results are a table on stdout.
+
+- overhead: the bare `pipe(...)` loop vs the same requests through HTTP (PNG or JSON).
+- batching: the service with batching off and on, each against its bare loop (batch 1 and batch N).
+- load: a bounded burst of concurrent HTTP clients; images/s, latency, statuses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import socket
+import statistics
+import sys
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiohttp
+from aiohttp import web
+
+from imagine.security.tokens import KeyMaterial, load_key_material, sign_token
+from imagine.errors import ApiError
+from imagine.settings import Settings
+
+PROMPT = "a lighthouse at dusk, dramatic clouds"
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    values: dict[str, str]
+
+
+def print_table(title: str, rows: Sequence[Row]) -> None:
+    columns = ["run", *rows[0].values]
+    cells = [[row.name, *row.values.values()] for row in rows]
+    widths = [max(len(str(line[index])) for line in [columns, *cells]) for index in range(len(columns))]
+    print(f"\n{title}")
+    print("  ".join(column.ljust(width) for column, width in zip(columns, widths, strict=True)))
+    print("  ".join("-" * width for width in widths))
+    for line in cells:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths, strict=True)))
+
+
+def percentile(samples: Sequence[float], fraction: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+
+
+def milliseconds(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms" if abs(seconds) >= 0.01 else f"{seconds * 1000:.2f} ms"
+
+
+def bench_settings(settings: Settings, model: str, size: int, **sections: dict[str, Any]) -> Settings:
+    """Allow the benchmark's size and switch off rate limits, which would distort the timings."""
+    options = {name: dict(table) for name, table in settings.models.options.items()}
+    options.setdefault(model, {})["min_size"] = min(size, int(options.get(model, {}).get("min_size", size)))
+    return settings.replace(
+        models={"options": options, "default": model},
+        ratelimit={"enabled": False},
+        **sections,
+    )
+
+
+# ---- the bare pipeline ---------------------------------------------------
+
+
+class BarePipeline:
+    """The service's own loaded pipeline, called directly, as a script would call it.
+
+    Sharing the service's pipeline means the same weights and no second copy in
+    memory: two copies of a full-size SDXL would not fit where one does.
+    Construct and call it on the device thread (`Service.on_device`).
+    """
+
+    def __init__(self, service: Service, model: str) -> None:
+        from imagine.http.app_keys import registry_key
+
+        registry = service.app[registry_key]
+        generator = registry.resolve(model)
+        registry.ensure_loaded(generator)
+        self._pipe = generator.pipe
+        self._scheduler = generator.scheduler(generator.card.defaults.scheduler)
+        self._guidance = generator.card.defaults.guidance
+
+    def call(self, size: int, steps: int, seeds: Sequence[int]) -> float:
+        """Seconds for one `pipe(...)` call making one image per seed."""
+        import torch
+
+        started = time.perf_counter()
+        # The service sets the scheduler a request asks for on every call; so does this.
+        self._pipe.scheduler = self._scheduler
+        with torch.inference_mode():
+            self._pipe(
+                prompt=[PROMPT] * len(seeds),
+                width=size,
+                height=size,
+                num_inference_steps=steps,
+                guidance_scale=self._guidance,
+                generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
+                output_type="pil",
+            )
+        return time.perf_counter() - started
+
+
+# ---- the service, in this process ----------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class Service:
+    url: str
+    app: web.Application
+
+    async def on_device(self, work: Callable[[], T]) -> T:
+        """Run torch work on the service's device thread.
+
+        One thread must do all of a process's torch work: a second live thread
+        with an OpenMP team of its own halves the device thread's speed on a CPU,
+        which would make any baseline run beside the service unfair to both.
+        """
+        from imagine.http.app_keys import executor_key
+
+        return await self.app[executor_key].call(work)
+
+
+@contextlib.asynccontextmanager
+async def running_service(settings: Settings, keys: KeyMaterial) -> AsyncIterator[Service]:
+    from imagine.http.app import create_app
+
+    app = create_app(settings, keys=keys)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    port = _free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield Service(f"http://127.0.0.1:{port}{settings.server.base_path}", app)
+    finally:
+        await runner.cleanup()
+
+
+@dataclass
+class Outcome:
+    latencies: list[float]
+    statuses: Counter[int]
+    images: int
+    elapsed: float
+    refusals_without_retry_after: int = 0
+    server_timing: list[dict[str, float]] = field(default_factory=list)
+
+
+def _server_timing(header: str) -> dict[str, float]:
+    """`queue;dur=0.1, generate;dur=130.2` -> {"queue": 0.1, "generate": 130.2} (milliseconds)."""
+    parts = {}
+    for entry in header.split(","):
+        name, _, rest = entry.strip().partition(";dur=")
+        if rest:
+            parts[name] = float(rest)
+    return parts
+
+
+async def drive(
+    url: str, token: str, body: Callable[[int], dict[str, Any]], *, concurrency: int, requests: int | None, duration: float | None
+) -> Outcome:
+    """`concurrency` clients sending requests back to back; stops after `requests` or `duration`."""
+    outcome = Outcome([], Counter(), 0, 0.0)
+    numbers = iter(range(10**9))
+    deadline = time.monotonic() + duration if duration else None
+    headers = {"Authorization": f"Bearer {token}"}
+    timeout = aiohttp.ClientTimeout(total=600)
+
+    async def client(session: aiohttp.ClientSession) -> None:
+        while True:
+            number = next(numbers)
+            if (requests is not None and number >= requests) or (deadline is not None and time.monotonic() > deadline):
+                return
+            started = time.perf_counter()
+            async with session.post(f"{url}/generate", json=body(number), headers=headers) as response:
+                await response.read()
+                outcome.statuses[response.status] += 1
+                if response.status == 200:
+                    outcome.latencies.append(time.perf_counter() - started)
+                    outcome.images += 1
+                    if "Server-Timing" in response.headers:
+                        outcome.server_timing.append(_server_timing(response.headers["Server-Timing"]))
+                elif response.status == 503 and "Retry-After" not in response.headers:
+                    outcome.refusals_without_retry_after += 1
+                if response.status in (429, 503):
+                    await asyncio.sleep(0.05)
+
+    started = time.perf_counter()
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        await asyncio.gather(*(client(session) for _ in range(concurrency)))
+    outcome.elapsed = time.perf_counter() - started
+    return outcome
+
+
+def _body(model: str, size: int, steps: int, response: str = "png", store: bool = False) -> Callable[[int], dict[str, Any]]:
+    return lambda number: {
+        "prompt": PROMPT,
+        "model": model,
+        "width": size,
+        "height": size,
+        "num_inference_steps": steps,
+        "seed": number,
+        "response_format": response,
+        "store": store,
+    }
+
+
+# ---- modes -----------------------------------------------------------------
+
+
+async def overhead(settings: Settings, keys: KeyMaterial, token: str, arguments: argparse.Namespace) -> None:
+    """Bare calls and HTTP requests are made in pairs, so drifts in machine load hit both alike."""
+    size, steps = arguments.size, arguments.steps
+    bare: list[float] = []
+    served = Outcome([], Counter(), 0, 0.0)
+    async with running_service(settings, keys) as service:
+        pipeline = await service.on_device(lambda: BarePipeline(service, arguments.model))
+        body = _body(arguments.model, size, steps, arguments.response, arguments.store)
+        await service.on_device(lambda: pipeline.call(size, steps, [0]))
+        await drive(service.url, token, body, concurrency=1, requests=1, duration=None)  # warm up
+        for number in range(arguments.requests):
+            bare_call = partial(service.on_device, partial(pipeline.call, size, steps, [number]))
+            # The same seed as the bare call, so both make the same image.
+            request = partial(drive, service.url, token, lambda _, seed=number: body(seed), concurrency=1, requests=1, duration=None)
+            # Which goes first alternates: the second of a pair runs a few
+            # milliseconds slower here, whichever it is.
+            if number % 2:
+                bare.append(await bare_call())
+                one = await request()
+            else:
+                one = await request()
+                bare.append(await bare_call())
+            served.latencies += one.latencies
+            served.server_timing += one.server_timing
+    bare_p50, served_p50 = statistics.median(bare), statistics.median(served.latencies)
+    # Each request ran right after its bare twin: the median of the differences
+    # is far steadier than the difference of two wide distributions' medians.
+    paired_extra = statistics.median(s - b for s, b in zip(served.latencies, bare, strict=True))
+    # A request's latency minus its own pipeline call (Server-Timing's `device`):
+    # what the service adds, measured within one request, so free of the
+    # call-to-call jitter that the pairs still carry.
+    own = statistics.median(
+        latency - timing["device"] / 1000 for latency, timing in zip(served.latencies, served.server_timing, strict=True)
+    )
+    print_table(
+        f"overhead: {arguments.model} {size}x{size}, {steps} steps, {arguments.requests} sequential requests, "
+        f"{arguments.response.upper()} responses{', stored' if arguments.store else ''}",
+        [
+            Row(
+                "bare pipe()",
+                {
+                    "p50": milliseconds(bare_p50),
+                    "p95": milliseconds(percentile(bare, 0.95)),
+                    "ratio (p50)": "1.000",
+                    "paired extra": "",
+                    "paired ratio": "1.000",
+                    "own time": "",
+                    "own ratio": "1.000",
+                },
+            ),
+            Row(
+                "service (HTTP)",
+                {
+                    "p50": milliseconds(served_p50),
+                    "p95": milliseconds(percentile(served.latencies, 0.95)),
+                    "ratio (p50)": f"{served_p50 / bare_p50:.3f}",
+                    "paired extra": milliseconds(paired_extra),
+                    "paired ratio": f"{(bare_p50 + paired_extra) / bare_p50:.3f}",
+                    "own time": milliseconds(own),
+                    "own ratio": f"{(bare_p50 + own) / bare_p50:.3f}",
+                },
+            ),
+        ],
+    )
+    if served.server_timing:
+        parts = sorted({name for timing in served.server_timing for name in timing})
+        print_table(
+            "where a request's time goes (service side, median)",
+            [Row(part, {"ms": f"{statistics.median(t.get(part, 0.0) for t in served.server_timing):.2f}"}) for part in parts],
+        )
+
+
+@dataclass(frozen=True)
+class DeviceWork:
+    """What a service's metrics say its device did so far."""
+
+    calls: float
+    jobs: float
+    generating_s: float
+
+    @classmethod
+    def of(cls, service: Service, model: str) -> DeviceWork:
+        from imagine.http.app_keys import metrics_key
+
+        registry = service.app[metrics_key].registry
+        return cls(
+            calls=registry.get_sample_value("imagine_batch_jobs_count") or 0.0,
+            jobs=registry.get_sample_value("imagine_batch_jobs_sum") or 0.0,
+            generating_s=registry.get_sample_value("imagine_generation_seconds_sum", {"model": model}) or 0.0,
+        )
+
+
+@dataclass
+class PairedRounds:
+    """Images/s of a bare loop and of the service, measured in alternation."""
+
+    bare: list[float] = field(default_factory=list)
+    served: list[float] = field(default_factory=list)
+    jobs_per_call: float = 0.0
+    # The share of the service's wall time its device spent in pipeline calls.
+    device_busy: float = 0.0
+
+    @property
+    def ratios(self) -> list[float]:
+        return [served / bare for served, bare in zip(self.served, self.bare, strict=True)]
+
+
+async def paired_rounds(
+    settings: Settings, keys: KeyMaterial, token: str, arguments: argparse.Namespace, bare_batch: int
+) -> PairedRounds:
+    """Round after round: the bare loop at `bare_batch` images a call, then N closed-loop clients."""
+    size, steps, images = arguments.size, arguments.steps, arguments.requests
+    body = _body(arguments.model, size, steps)
+    result = PairedRounds()
+    async with running_service(settings, keys) as service:
+        pipeline = await service.on_device(lambda: BarePipeline(service, arguments.model))
+        await service.on_device(lambda: pipeline.call(size, steps, range(bare_batch)))  # warm up
+        await drive(service.url, token, body, concurrency=1, requests=1, duration=None)
+        before, serving_s = DeviceWork.of(service, arguments.model), 0.0
+        for _ in range(arguments.rounds):
+            calls = max(1, images // bare_batch)
+            seconds = [
+                await service.on_device(partial(pipeline.call, size, steps, range(n * bare_batch, (n + 1) * bare_batch)))
+                for n in range(calls)
+            ]
+            result.bare.append(calls * bare_batch / sum(seconds))
+            outcome = await drive(service.url, token, body, concurrency=arguments.concurrency, requests=images, duration=None)
+            result.served.append(outcome.images / outcome.elapsed)
+            serving_s += outcome.elapsed
+        after = DeviceWork.of(service, arguments.model)
+    result.jobs_per_call = (after.jobs - before.jobs) / max(1.0, after.calls - before.calls)
+    result.device_busy = (after.generating_s - before.generating_s) / serving_s
+    return result
+
+
+async def batching(settings: Settings, keys: KeyMaterial, token: str, arguments: argparse.Namespace) -> None:
+    """Images/s of the service with batching off and on, each against the bare loop it should match.
+
+    Batching off is paired with a bare batch-1 loop, batching on with a bare
+    batch-N loop. Their rounds alternate, so a slow spell of a shared machine
+    hits both sides of a round alike: the median of the rounds' ratios is the
+    figure to read.
+    """
+    concurrency = arguments.concurrency
+    runs = [
+        ("service, batching off", {"max_size": 1}, 1),
+        (
+            f"service, batching on (max {concurrency}, wait {arguments.max_wait_ms:g} ms)",
+            {"max_size": concurrency, "max_wait_ms": arguments.max_wait_ms},
+            concurrency,
+        ),
+    ]
+    measured = [
+        (name, bare_batch, await paired_rounds(settings.replace(batch=batch), keys, token, arguments, bare_batch))
+        for name, batch, bare_batch in runs
+    ]
+    single = statistics.median(measured[0][2].bare)
+    rows = []
+    for name, bare_batch, rounds in measured:
+        bare_rate, served_rate = statistics.median(rounds.bare), statistics.median(rounds.served)
+        rows.append(Row(f"bare loop, batch {bare_batch}", {"images/s": f"{bare_rate:.2f}", "vs batch-1 loop": f"{bare_rate / single:.2f}"}))
+        rows.append(
+            Row(
+                name,
+                {
+                    "images/s": f"{served_rate:.2f}",
+                    "vs batch-1 loop": f"{served_rate / single:.2f}",
+                    "jobs per call": f"{rounds.jobs_per_call:.1f}",
+                    "device busy": f"{rounds.device_busy:.3f}",
+                    "vs its bare loop": f"{statistics.median(rounds.ratios):.3f}",
+                    "rounds' ratios": " ".join(f"{ratio:.2f}" for ratio in rounds.ratios),
+                },
+            )
+        )
+    columns = ("images/s", "vs batch-1 loop", "jobs per call", "device busy", "vs its bare loop", "rounds' ratios")
+    print_table(
+        f"batching: {arguments.model} {arguments.size}x{arguments.size}, {arguments.steps} steps, concurrency {concurrency}, "
+        f"{arguments.requests} images a round, median of {arguments.rounds} rounds",
+        [Row(row.name, {column: row.values.get(column, "") for column in columns}) for row in rows],
+    )
+
+
+async def load(settings: Settings, keys: KeyMaterial, token: str, arguments: argparse.Namespace) -> None:
+    body = _body(arguments.model, arguments.size, arguments.steps)
+
+    async def run(url: str) -> Outcome:
+        return await drive(url, token, body, concurrency=arguments.concurrency, requests=None, duration=arguments.duration)
+
+    if arguments.url:
+        outcome = await run(arguments.url.rstrip("/"))
+    else:
+        async with running_service(settings.replace(queue={"max_size": arguments.queue_size}), keys) as service:
+            await drive(service.url, token, body, concurrency=1, requests=1, duration=None)
+            outcome = await run(service.url)
+    latencies = outcome.latencies or [0.0]
+    print_table(
+        f"load: {arguments.concurrency} clients for {arguments.duration:g} s",
+        [
+            Row(
+                arguments.url or "in-process service",
+                {
+                    "images/s": f"{outcome.images / outcome.elapsed:.2f}",
+                    "p50": milliseconds(statistics.median(latencies)),
+                    "p95": milliseconds(percentile(latencies, 0.95)),
+                    "statuses": ", ".join(f"{status}: {count}" for status, count in sorted(outcome.statuses.items())),
+                    "503 without Retry-After": str(outcome.refusals_without_retry_after),
+                },
+            )
+        ],
+    )
+
+
+MODES = {"overhead": overhead, "batching": batching, "load": load}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mode", choices=sorted(MODES), required=True)
+    parser.add_argument("--config", help="TOML settings file (default: ./imagine.toml if present, else the demo models)")
+    parser.add_argument("--model", default="sdxl")
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--requests", type=int, default=16, help="requests (overhead) or images (batching) to time")
+    parser.add_argument("--response", choices=("png", "json"), default="png", help="response format (overhead mode)")
+    parser.add_argument("--store", action="store_true", help="keep the images in the gallery too (overhead mode)")
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds of load (load mode)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of bare loop and service, alternating (batching mode)")
+    parser.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=25.0,
+        help="batch.max_wait_ms of the batching-on service: closed-loop clients resubmit together, a moment apart",
+    )
+    parser.add_argument("--queue-size", type=int, default=16, help="queue.max_size of the in-process service (load mode)")
+    parser.add_argument("--url", help="load mode: a running service's base URL instead of an in-process one")
+    parser.add_argument("--token", help="load mode with --url: bearer token (default: signed with the local key)")
+
+
+def canonical_model(settings: Settings, name: str) -> str:
+    """A model's own name for a name or alias: settings and metrics know it by that name alone."""
+    from imagine.engine.registry import ModelRegistry
+    from imagine.plugin.manager import collect_generators, plugin_manager
+
+    return ModelRegistry(collect_generators(plugin_manager(), settings), settings.models.default).resolve(name).name
+
+
+def run(settings: Settings, arguments: argparse.Namespace) -> int:
+    try:
+        arguments.model = canonical_model(settings, arguments.model)
+    except ApiError as error:
+        print(f"imagine bench: {error.message}", file=sys.stderr)
+        return 2
+    keys = load_key_material(settings.auth, Path(settings.server.state_dir))
+    settings = bench_settings(settings, arguments.model, arguments.size)
+    token = arguments.token or sign_token(keys, settings.auth, sub="bench", scopes=("generate",), ttl_s=86400)
+    asyncio.run(MODES[arguments.mode](settings, keys, token, arguments))
+    return 0

@@ -1,0 +1,205 @@
+"""One generation from validated request to encoded PNGs: what every generating route shares."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from collections.abc import Coroutine, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from imagine.security.tokens import Principal
+from imagine.engine.executor import GenerationOutput, JobObserver, timeout_error
+from imagine.storage.gallery import ImageMetadata
+from imagine.plugin.generators import CloudGenerator, GenerationRequest, Generator
+from imagine.http.app_keys import (
+    encode_pool_key,
+    executor_key,
+    gallery_key,
+    metrics_key,
+    png_encoder_key,
+    settings_key,
+)
+from imagine.http.png import parameters_text
+from imagine.engine.telemetry import Telemetry
+
+
+@dataclass(frozen=True)
+class Generated:
+    request: GenerationRequest
+    generator: Generator
+    output: GenerationOutput
+    pngs: list[bytes]
+    ids: list[str]  # gallery ids; empty when not stored
+    encode_time: float = 0.0
+    store_time: float = 0.0
+
+    def timings(self) -> dict[str, float]:
+        """Seconds spent in each stage after validation."""
+        return {
+            "queue": self.output.queue_time,
+            "device": self.output.generation_time,
+            "encode": self.encode_time,
+            "store": self.store_time,
+        }
+
+
+def server_timing(timings: Mapping[str, float]) -> str:
+    """Where the time went, as a Server-Timing header (milliseconds) that browsers' tools display."""
+    return ", ".join(f"{name};dur={seconds * 1000:.2f}" for name, seconds in timings.items())
+
+
+def run_generation(
+    app: web.Application,
+    principal: Principal,
+    request: GenerationRequest,
+    generator: Generator,
+    observer: JobObserver | None = None,
+) -> Coroutine[Any, Any, GenerationOutput]:
+    """Queue local work now (a full queue is refused at once, 503); the coroutine awaits it."""
+    timeout_s = app[settings_key].queue.timeout_s
+    if isinstance(generator, CloudGenerator):
+        return _run_remote(request, generator, timeout_s, observer, app[metrics_key])
+    executor = app[executor_key]
+    job = executor.submit(request, generator, timeout_s, observer, owner=principal.sub)
+    return executor.wait(job)
+
+
+async def _run_remote(
+    request: GenerationRequest,
+    generator: CloudGenerator,
+    timeout_s: float,
+    observer: JobObserver | None,
+    telemetry: Telemetry,
+) -> GenerationOutput:
+    """A cloud call waits on the network, not the device: await it here, so the GPU queue keeps moving."""
+    if observer is not None:
+        observer.started()
+    started = time.perf_counter()
+    try:
+        async with asyncio.timeout(timeout_s):
+            remote = await generator.generate_remote(request)
+    except TimeoutError:
+        raise timeout_error(timeout_s) from None
+    elapsed = time.perf_counter() - started
+    telemetry.generated(generator.name, elapsed - remote.queue_time, len(remote.images))
+    telemetry.credits_spent(generator.name, remote.credits)
+    return GenerationOutput(
+        images=remote.images,
+        seeds=remote.seeds,
+        generation_time=elapsed - remote.queue_time,
+        queue_time=remote.queue_time,
+        vram_used=0.0,
+        runtime=generator.runtime_info(),
+    )
+
+
+async def encode_images(app: web.Application, request: GenerationRequest, output: GenerationOutput) -> list[bytes]:
+    """PNG-encode on the CPU pool, so neither the loop nor the device thread waits for deflate."""
+    loop = asyncio.get_running_loop()
+    encode = app[png_encoder_key].encode
+    return await asyncio.gather(
+        *(
+            loop.run_in_executor(app[encode_pool_key], encode, image, parameters_text(request, seed))
+            for image, seed in zip(output.images, output.seeds, strict=True)
+        )
+    )
+
+
+def image_metadata(request: GenerationRequest, output: GenerationOutput, seed: int) -> ImageMetadata:
+    """What the gallery keeps about one image of a generation."""
+    return ImageMetadata(
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt,
+        model=request.model,
+        seed=seed,
+        width=request.width,
+        height=request.height,
+        steps=request.steps,
+        guidance=request.guidance,
+        scheduler=request.scheduler,
+        loras=tuple((lora.name, lora.weight) for lora in request.loras),
+        generation_time=round(output.generation_time, 3),
+        vram_used=output.vram_used,
+    )
+
+
+def start(
+    app: web.Application,
+    principal: Principal,
+    request: GenerationRequest,
+    generator: Generator,
+    *,
+    store: bool,
+    observer: JobObserver | None = None,
+) -> Coroutine[Any, Any, Generated]:
+    """Queue a generation now; the returned coroutine finishes it: encode, and keep the
+    images in the caller's gallery unless `store` is False."""
+    running = run_generation(app, principal, request, generator, observer)
+
+    async def finish() -> Generated:
+        output = await running
+        encoding = time.perf_counter()
+        pngs = await encode_images(app, request, output)
+        storing = time.perf_counter()
+        ids: list[str] = []
+        if store:
+            images = [(png, image_metadata(request, output, seed)) for png, seed in zip(pngs, output.seeds, strict=True)]
+            ids = await app[gallery_key].add(principal.sub, images)
+        return Generated(
+            request,
+            generator,
+            output,
+            pngs,
+            ids=ids,
+            encode_time=storing - encoding,
+            store_time=time.perf_counter() - storing,
+        )
+
+    return finish()
+
+
+async def generate(
+    app: web.Application, principal: Principal, request: GenerationRequest, generator: Generator, *, store: bool
+) -> Generated:
+    """Generate, encode and (unless `store` is False) keep the images in the caller's gallery."""
+    return await start(app, principal, request, generator, store=store)
+
+
+def data_url(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def result_json(generated: Generated) -> dict[str, Any]:
+    """The JSON result of /generate, also used inside batch results."""
+    request, output = generated.request, generated.output
+    runtime = output.runtime
+    return {
+        "images": [data_url(png) for png in generated.pngs],
+        "ids": generated.ids,
+        "seed": output.seeds[0],
+        "seeds": output.seeds,
+        "model": request.model,
+        "prompt": request.prompt,
+        "negative_prompt": request.negative_prompt,
+        "generation_time": round(output.generation_time, 3),
+        "queue_time": round(output.queue_time, 3),
+        "vram_used": output.vram_used,
+        "parameters": {
+            "num_inference_steps": request.steps,
+            "guidance_scale": request.guidance,
+            "width": request.width,
+            "height": request.height,
+            "scheduler": request.scheduler,
+            "loras": [{"name": lora.name, "weight": lora.weight} for lora in request.loras],
+        },
+        "model_info": {
+            "base_model": generated.generator.card.extra.get("base_model", generated.generator.name),
+            "lora_applied": bool(request.loras),
+            "device": runtime.get("device"),
+            "dtype": runtime.get("dtype"),
+        },
+    }

@@ -1,0 +1,280 @@
+"""Asynchronous jobs: owned by their subject, observable as an event log, kept for a while.
+
+A job is the same executor job that /generate awaits, with an observer that
+turns queue moves and denoising steps into numbered events. Streams replay the
+log from any event id, so a client that reconnects with Last-Event-ID misses
+nothing; only DELETE cancels a job, never a dropped stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import io
+import json
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from imagine.security.tokens import Principal
+from imagine.errors import ApiError, error_body
+from imagine.engine.executor import shutting_down_error
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from imagine.engine.generation import Generated
+
+log = logging.getLogger(__name__)
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    id: int
+    type: str
+    data: dict[str, Any]
+
+    def sse(self) -> bytes:
+        return f"id: {self.id}\nevent: {self.type}\ndata: {json.dumps(self.data)}\n\n".encode()
+
+
+def body_fingerprint(body: Any) -> str:
+    """Equal JSON bodies, whatever their key order or spacing, share a fingerprint."""
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def preview_data_url(image: Image.Image) -> str:
+    # A latent-sized image (1/8 of the output per side): encoding it is cheap
+    # enough for the loop, unlike the full-size PNGs that go to the pool.
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=1)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+class TrackedJob:
+    """One job's state and event log; also the executor's observer for it."""
+
+    def __init__(self, owner: str, total_steps: int, wants_preview: bool, fingerprint: str) -> None:
+        self.id = "job_" + secrets.token_urlsafe(16)
+        self.owner = owner
+        self.wants_preview = wants_preview
+        self.fingerprint = fingerprint
+        self.status = "queued"
+        self.position = 0
+        self.eta_s = 0.0
+        self.step = 0
+        self.total = total_steps
+        self.result: dict[str, Any] | None = None
+        self.error: dict[str, Any] | None = None
+        self.created_at = time.time()
+        self.finished_at: float | None = None
+        self.events: list[JobEvent] = []
+        # What POST /jobs answered; a replay of that request answers it again.
+        self.acceptance: dict[str, Any] = {}
+        self.task: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()
+
+    # -- JobObserver (called on the loop) --------------------------------
+
+    def queued(self, position: int, eta_s: float) -> None:
+        if self.status == "queued" and position != self.position:
+            self.position, self.eta_s = position, eta_s
+            self._emit("queued", {"position": position, "eta_seconds": eta_s})
+
+    def started(self) -> None:
+        if self.status == "queued":
+            self.status, self.position = "running", 0
+            self._emit("started", {"total": self.total})
+
+    def progress(self, step: int, total: int, preview: Image.Image | None) -> None:
+        if self.status != "running":
+            return
+        self.step, self.total = step, total
+        data: dict[str, Any] = {"step": step, "total": total}
+        if preview is not None:
+            data["preview"] = preview_data_url(preview)
+        self._emit("progress", data)
+
+    # -- outcome -----------------------------------------------------------
+
+    def finish(self, status: str, *, result: dict[str, Any] | None = None, error: dict[str, Any] | None = None) -> None:
+        if self.status in TERMINAL:
+            return
+        self.status, self.result, self.error = status, result, error
+        self.finished_at = time.time()
+        self._emit(status, result if result is not None else (error or {}))
+
+    @property
+    def finished(self) -> bool:
+        return self.status in TERMINAL
+
+    def _emit(self, kind: str, data: dict[str, Any]) -> None:
+        self.events.append(JobEvent(len(self.events) + 1, kind, data))
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def stream(self, after: int, keepalive_s: float) -> AsyncIterator[JobEvent | None]:
+        """Events with ids above `after`, as they come, until the last; None means keep-alive."""
+        sent = after
+        while True:
+            for event in self.events[sent:]:
+                sent = event.id
+                yield event
+            if self.finished and sent >= len(self.events):
+                return
+            changed = self._changed
+            try:
+                await asyncio.wait_for(changed.wait(), timeout=keepalive_s)
+            except TimeoutError:
+                yield None
+
+    def snapshot(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "id": self.id,
+            "status": self.status,
+            "position": self.position,
+            "eta_seconds": self.eta_s if self.status == "queued" else 0.0,
+            "progress": {"step": self.step, "total": self.total},
+            "created_at": self.created_at,
+        }
+        if self.result is not None:
+            body["result"] = self.result
+        if self.error is not None:
+            body["error"] = self.error
+        return body
+
+
+def not_found() -> ApiError:
+    return ApiError(404, "NOT_FOUND", "Job not found")
+
+
+class JobManager:
+    def __init__(self, *, ttl_s: float, max_per_subject: int) -> None:
+        self._ttl_s = ttl_s
+        self._max_per_subject = max_per_subject
+        self._jobs: dict[str, TrackedJob] = {}
+        self._idempotency: dict[tuple[str, str], str] = {}  # (sub, key) -> job id
+        self._accepting = True
+
+    def _forget_expired(self) -> None:
+        cutoff = time.time() - self._ttl_s
+        for job in [job for job in self._jobs.values() if job.finished_at is not None and job.finished_at < cutoff]:
+            self._forget(job)
+
+    def _forget(self, job: TrackedJob) -> None:
+        del self._jobs[job.id]
+        self._idempotency = {key: job_id for key, job_id in self._idempotency.items() if job_id != job.id}
+
+    def _make_room(self, owner: str) -> None:
+        """Keep each subject under its bound by forgetting its oldest finished jobs."""
+        owned = sorted((job for job in self._jobs.values() if job.owner == owner), key=lambda job: job.created_at)
+        excess = len(owned) - self._max_per_subject + 1
+        for job in [job for job in owned if job.finished][: max(0, excess)]:
+            self._forget(job)
+        if sum(job.owner == owner for job in self._jobs.values()) >= self._max_per_subject:
+            raise ApiError(
+                429,
+                "RATE_LIMIT_EXCEEDED",
+                f"Too many unfinished jobs ({self._max_per_subject}); wait for some to finish or cancel them",
+                headers={"Retry-After": "5"},
+            )
+
+    def replay(self, principal: Principal, key: str | None, fingerprint: str) -> TrackedJob | None:
+        """The job an earlier submit with this Idempotency-Key made; 409 if the body changed."""
+        self._forget_expired()
+        if key is None:
+            return None
+        job_id = self._idempotency.get((principal.sub, key))
+        if job_id is None:
+            return None
+        job = self._jobs[job_id]
+        if job.fingerprint != fingerprint:
+            raise ApiError(
+                409, "CONFLICT", "This Idempotency-Key was used with a different request body", details={"job_id": job.id}
+            )
+        return job
+
+    def submit(
+        self,
+        principal: Principal,
+        key: str | None,
+        fingerprint: str,
+        total_steps: int,
+        wants_preview: bool,
+        start: Callable[[TrackedJob], Coroutine[Any, Any, Generated]],
+        to_json: Callable[[Generated], Coroutine[Any, Any, dict[str, Any]]],
+    ) -> TrackedJob:
+        """Create the job and queue its work at once (so a full queue is refused now)."""
+        if not self._accepting:
+            raise shutting_down_error()
+        self._make_room(principal.sub)
+        job = TrackedJob(principal.sub, total_steps, wants_preview, fingerprint)
+        work = start(job)
+        job.acceptance = {"id": job.id, "status": "queued", "position": job.position, "eta_seconds": job.eta_s}
+        self._jobs[job.id] = job
+        if key is not None:
+            self._idempotency[(principal.sub, key)] = job.id
+        job.task = asyncio.create_task(self._run(job, work, to_json), name=job.id)
+        return job
+
+    async def _run(
+        self,
+        job: TrackedJob,
+        work: Coroutine[Any, Any, Generated],
+        to_json: Callable[[Generated], Coroutine[Any, Any, dict[str, Any]]],
+    ) -> None:
+        try:
+            job.finish("succeeded", result=await to_json(await work))
+        except asyncio.CancelledError:
+            job.finish("cancelled")
+        except ApiError as error:
+            job.finish("cancelled" if error.code == "CANCELLED" else "failed", error=error.body())
+        except Exception:
+            log.exception("job %s failed", job.id)
+            job.finish("failed", error=error_body("INTERNAL_ERROR", "Generation failed"))
+
+    def get(self, principal: Principal, job_id: str) -> TrackedJob:
+        """Another subject's job is indistinguishable from a missing one."""
+        self._forget_expired()
+        job = self._jobs.get(job_id)
+        if job is None or job.owner != principal.sub:
+            raise not_found()
+        return job
+
+    async def cancel(self, principal: Principal, job_id: str) -> TrackedJob:
+        job = self.get(principal, job_id)
+        if job.task is not None and not job.finished:
+            job.task.cancel()
+            await asyncio.wait([job.task])
+        return job
+
+    def close_intake(self) -> list[TrackedJob]:
+        """Refuse new jobs from now on (503); the jobs not finished yet."""
+        self._accepting = False
+        return self.unfinished()
+
+    def unfinished(self) -> list[TrackedJob]:
+        return [job for job in self._jobs.values() if not job.finished]
+
+    async def fail_unfinished(self) -> int:
+        """End every unfinished job as failed with SERVICE_UNAVAILABLE, so a poller learns why; returns how many."""
+        jobs = self.unfinished()
+        error = shutting_down_error().body()
+        for job in jobs:
+            job.finish("failed", error=error)  # before the cancel, which would record it as cancelled
+            if job.task is not None:
+                job.task.cancel()
+        tasks = [job.task for job in jobs if job.task is not None]
+        if tasks:
+            await asyncio.wait(tasks)
+        return len(jobs)
+
+    async def close(self) -> None:
+        if failed := await self.fail_unfinished():
+            log.warning("%d unfinished jobs failed with SERVICE_UNAVAILABLE as the service stopped", failed)

@@ -1,0 +1,231 @@
+"""The application factory: settings in, a ready aiohttp application out."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from imagine import __version__
+from imagine.http.access import access_middleware, add_request_id
+from imagine.security.tokens import KeyMaterial, TokenVerifier, load_key_material
+from imagine.security.cloud_api_keys import CloudKeys
+from imagine.engine.executor import DeviceExecutor
+from imagine.storage.gallery import GalleryStore, storage_folder
+from imagine.plugin.generators import CloudGenerator
+from imagine.engine.jobs import JobManager
+from imagine.http.app_keys import (
+    client_session_key,
+    cloud_keys_key,
+    encode_pool_key,
+    executor_key,
+    gallery_key,
+    jobs_key,
+    limiter_key,
+    metrics_key,
+    openapi_key,
+    png_encoder_key,
+    registry_key,
+    settings_key,
+    trusted_networks_key,
+    url_signer_key,
+    verifier_key,
+)
+from imagine.engine.memory import GIB
+from imagine.http.metrics import Metrics
+from imagine.http.middlewares import (
+    add_response_headers,
+    auth_middleware,
+    cors_middleware,
+    error_middleware,
+    ratelimit_middleware,
+)
+from imagine.engine.registry import ModelRegistry
+from imagine.http.openapi import build_document
+from imagine.plugin.manager import collect_generators, plugin_manager
+from imagine.http.png import PngEncoder
+from imagine.security.ratelimit import MemoryBucketStore, RateLimiter, parse_networks
+from imagine.settings import Settings, SettingsError
+from imagine.http.shutdown import install as install_shutdown
+from imagine.security.url_signing import UrlSigner, load_url_secret
+from imagine.engine.telemetry import Telemetry
+from imagine.http.views import (
+    api_keys,
+    generate_batch,
+    docs,
+    gallery,
+    generate,
+    generate_image,
+    jobs,
+    metrics,
+    models,
+    openai_images,
+    system,
+)
+
+# How often age-based retention runs between generations (each one also applies it).
+RETENTION_SWEEP_S = 600.0
+
+
+def _registry(settings: Settings, extra_plugins: Iterable[Any], telemetry: Telemetry) -> ModelRegistry:
+    generators = collect_generators(plugin_manager(extra_plugins), settings)
+    budget_gb = settings.models.memory_budget_gb
+    registry = ModelRegistry(
+        generators, settings.models.default, int(budget_gb * GIB) if budget_gb else None, telemetry=telemetry
+    )
+    for name in (settings.models.default, *settings.models.preload):
+        try:
+            registry.resolve(name)
+        except Exception:
+            raise SettingsError(f"model '{name}' is not registered; known: {', '.join(registry.names)}") from None
+    return registry
+
+
+async def _rate_limiter(app: web.Application) -> AsyncIterator[None]:
+    """Buckets in this process, or in Redis (`ratelimit.storage`) with a client that lives as long as the app."""
+    settings = app[settings_key].ratelimit
+    telemetry = app[metrics_key]
+    telemetry.watch_limiter_store(lambda: app[limiter_key].problem() is None)
+    if not settings.shared:
+        app[limiter_key] = RateLimiter(settings, MemoryBucketStore(), telemetry)
+        yield
+        return
+    # Only deployments that name Redis need its client.
+    from imagine.security.redis_buckets import redis_bucket_store
+
+    async with redis_bucket_store(settings) as store:
+        app[limiter_key] = RateLimiter(settings, store, telemetry)
+        yield
+
+
+async def _openapi(app: web.Application) -> None:
+    """on_startup: the router is complete by now, whichever modules added routes."""
+    app[openapi_key] = build_document(app, app[settings_key].server.base_path)
+
+
+async def _device_executor(app: web.Application) -> AsyncIterator[None]:
+    app[executor_key].start()
+    yield
+    await app[executor_key].stop()
+
+
+async def _jobs(app: web.Application) -> AsyncIterator[None]:
+    jobs = app[settings_key].jobs
+    app[jobs_key] = JobManager(ttl_s=jobs.ttl_s, max_per_subject=jobs.max_per_subject)
+    yield
+    await app[jobs_key].close()
+
+
+async def _gallery(app: web.Application) -> AsyncIterator[None]:
+    store = app[gallery_key]
+    await store.open()
+
+    async def sweep() -> None:
+        while True:
+            await asyncio.sleep(RETENTION_SWEEP_S)
+            await store.apply_retention()
+
+    sweeper = asyncio.create_task(sweep()) if app[settings_key].gallery.max_age_days else None
+    yield
+    if sweeper is not None:
+        sweeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sweeper
+    await store.close()
+
+
+async def _encode_pool(app: web.Application) -> AsyncIterator[None]:
+    output = app[settings_key].output
+    app[encode_pool_key] = ThreadPoolExecutor(max_workers=output.encode_workers, thread_name_prefix="imagine-encode")
+    # Each encoding thread deflates one piece itself and hands the others to these.
+    helpers = (
+        ThreadPoolExecutor(max_workers=output.encode_workers * (output.png_threads - 1), thread_name_prefix="imagine-deflate")
+        if output.png_threads > 1
+        else None
+    )
+    app[png_encoder_key] = PngEncoder(
+        level=output.png_compress_level,
+        engine=output.png_deflate,
+        strategy=output.png_strategy,
+        pieces=output.png_threads,
+        helpers=helpers,
+    )
+    yield
+    app[encode_pool_key].shutdown(wait=True)
+    if helpers is not None:
+        helpers.shutdown(wait=True)
+
+
+async def _client_session(app: web.Application) -> AsyncIterator[None]:
+    """One outgoing HTTP session for the whole app, handed to every cloud generator."""
+    session = aiohttp.ClientSession(headers={"User-Agent": f"imagine/{__version__}"})
+    app[client_session_key] = session
+    cloud = [g for g in app[registry_key].generators() if isinstance(g, CloudGenerator)]
+    try:
+        for generator in cloud:
+            await generator.start(session, app[cloud_keys_key].getter(generator.key_spec.service))
+        yield
+    finally:
+        for generator in cloud:
+            await generator.close()
+        await session.close()
+
+
+def create_app(
+    settings: Settings,
+    *,
+    keys: KeyMaterial | None = None,
+    extra_plugins: Iterable[Any] = (),
+    handle_signals: bool = False,
+) -> web.Application:
+    """Build the service. `extra_plugins` are registered beside the built-in and installed ones.
+
+    With `handle_signals` (`imagine serve`), SIGTERM and SIGINT start the drain of accepted
+    work while the service still answers (see `imagine.http.shutdown`); apps under test leave them alone.
+    """
+    app = web.Application(
+        middlewares=[access_middleware, cors_middleware, error_middleware, ratelimit_middleware, auth_middleware],
+        client_max_size=settings.server.max_body_bytes,
+    )
+    app[settings_key] = settings
+    keys = keys or load_key_material(settings.auth, Path(settings.server.state_dir))
+    app[verifier_key] = TokenVerifier(keys, settings.auth)
+    app[metrics_key] = telemetry = Metrics()
+    app[trusted_networks_key] = parse_networks(settings.server.trusted_proxies)
+    registry = _registry(settings, extra_plugins, telemetry)
+    app[registry_key] = registry
+    app[executor_key] = DeviceExecutor(
+        registry,
+        max_queue=settings.queue.max_size,
+        device_preference=settings.models.device,
+        preload=settings.models.preload,
+        preview_every=settings.jobs.preview_every,
+        batch_max_images=settings.batch.max_size,
+        batch_max_wait_ms=settings.batch.max_wait_ms,
+        telemetry=telemetry,
+    )
+    telemetry.watch_queue(lambda: app[executor_key].depth, settings.queue.max_size)
+    app[cloud_keys_key] = CloudKeys(g.key_spec for g in registry.generators() if isinstance(g, CloudGenerator))
+    gallery_settings = settings.gallery
+    app[gallery_key] = GalleryStore(
+        storage_folder(settings),
+        max_images=gallery_settings.max_images,
+        max_age_s=gallery_settings.max_age_days * 86400,
+    )
+    app[url_signer_key] = UrlSigner(load_url_secret(Path(settings.server.state_dir)), gallery_settings.url_ttl_s)
+    app.on_response_prepare.extend([add_response_headers, add_request_id])
+    app.on_startup.append(_openapi)
+    # The gallery opens first and closes last: generations in flight may still store.
+    app.cleanup_ctx.extend([_gallery, _rate_limiter, _encode_pool, _device_executor, _client_session, _jobs])
+    # Accepted work drains before any of these closes.
+    install_shutdown(app, handle_signals=handle_signals)
+    base = settings.server.base_path
+    for module in (system, models, generate, jobs, api_keys, generate_batch, generate_image, gallery, openai_images, metrics, docs):
+        app.router.add_routes(module.routes(base))
+    return app

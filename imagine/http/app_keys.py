@@ -1,0 +1,46 @@
+"""Every typed key stored on the application or on a request."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from imagine.security.tokens import Principal, TokenVerifier
+from imagine.security.cloud_api_keys import CloudKeys
+from imagine.engine.executor import DeviceExecutor
+from imagine.storage.gallery import GalleryStore
+from imagine.engine.jobs import JobManager
+from imagine.http.metrics import Metrics
+from imagine.engine.registry import ModelRegistry
+from imagine.http.png import PngEncoder
+from imagine.security.ratelimit import BucketDecision, IPNetwork, RateLimiter
+from imagine.settings import Settings
+from imagine.security.url_signing import UrlSigner
+
+settings_key = web.AppKey("settings", Settings)
+verifier_key = web.AppKey("verifier", TokenVerifier)
+limiter_key = web.AppKey("limiter", RateLimiter)
+registry_key = web.AppKey("registry", ModelRegistry)
+executor_key = web.AppKey("executor", DeviceExecutor)
+jobs_key = web.AppKey("jobs", JobManager)
+trusted_networks_key = web.AppKey("trusted_networks", tuple[IPNetwork, ...])
+encode_pool_key = web.AppKey("encode_pool", ThreadPoolExecutor)
+png_encoder_key = web.AppKey("png_encoder", PngEncoder)
+client_session_key = web.AppKey("client_session", aiohttp.ClientSession)
+cloud_keys_key = web.AppKey("cloud_keys", CloudKeys)
+gallery_key = web.AppKey("gallery", GalleryStore)
+url_signer_key = web.AppKey("url_signer", UrlSigner)
+metrics_key = web.AppKey("metrics", Metrics)
+# The OpenAPI document, built once the router is complete (at startup).
+openapi_key = web.AppKey("openapi", dict[str, Any])
+
+principal_key = web.RequestKey("principal", Principal)
+rate_decisions_key = web.RequestKey("rate_decisions", list[BucketDecision])
+request_id_key = web.RequestKey("request_id", str)
+# Set by the routes that waited for the device, for the access log.
+queue_wait_key = web.RequestKey("queue_wait", float)
+# The contract error code of an error response, for the access log and metrics.
+error_code_key = web.RequestKey("error_code", str)

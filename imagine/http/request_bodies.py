@@ -1,0 +1,288 @@
+"""Request bodies: parsing, field validation, and filling in a model's defaults.
+
+pydantic checks types and ranges field by field (strictly: "512" is not a
+width); what depends on the chosen model (sizes, steps, schedulers) is checked
+once the model is known, and reported in the same `{"loc", "msg"}` form.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+
+from imagine.errors import ApiError, field_error, validation_error
+from imagine.plugin.generators import GenerationRequest, Generator, LoraWeight
+from imagine.http.app_keys import settings_key
+
+MAX_SEED = 4_294_967_295
+Prompt = Annotated[str, StringConstraints(min_length=1, max_length=2000)]
+
+# Seed-compatible aliases: alias -> canonical field.
+ALIASES = {"steps": "num_inference_steps", "guidance": "guidance_scale"}
+
+
+class LoraSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+    weight: float = Field(1.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+
+
+def _document_aliases(schema: dict[str, Any]) -> None:
+    """The aliases are merged before validation, so pydantic never sees them: the OpenAPI document must."""
+    properties = schema["properties"]
+    for alias, canonical in ALIASES.items():
+        properties[alias] = {**properties[canonical], "title": alias, "description": f"Alias of {canonical}"}
+
+
+class GenerateBody(BaseModel):
+    """POST /generate, and every route that takes the same body."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_document_aliases)
+
+    prompt: Prompt
+    negative_prompt: str = Field("", max_length=2000)
+    model: str | None = None
+    width: int | None = Field(None, ge=8, le=8192, multiple_of=8)
+    height: int | None = Field(None, ge=8, le=8192, multiple_of=8)
+    img_size: int | None = Field(None, ge=8, le=8192, multiple_of=8)
+    num_inference_steps: int | None = Field(None, ge=1, le=1000)
+    guidance_scale: float | None = Field(None, ge=0.0, le=20.0, allow_inf_nan=False)
+    num_images: int = Field(1, ge=1, le=4)
+    seed: int | None = Field(-1, ge=-1, le=MAX_SEED)
+    loras: list[LoraSpec] = Field(default_factory=list, max_length=8)
+    scheduler: str | None = None
+    leonardo_model: str | None = None
+    aspect_ratio: str | None = None
+    preset_style: str | None = None
+    quality: str | None = None
+    response_format: Literal["png", "json"] | None = None
+    store: bool = True
+    # Jobs only: progress events carry a low-resolution preview.
+    preview: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, prompt: str) -> str:
+        if not prompt.strip():
+            raise ValueError("must not be blank")
+        return prompt
+
+
+class LoadModelBody(BaseModel):
+    """POST /load_model (seed 003)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+
+
+def parse_load_model_body(body: Any) -> LoadModelBody:
+    if not isinstance(body, dict):
+        raise validation_error([{"loc": ["body"], "msg": "must be a JSON object"}])
+    try:
+        return LoadModelBody.model_validate(body)
+    except ValidationError as error:
+        raise validation_error(pydantic_errors(error)) from None
+
+
+def pydantic_errors(error: ValidationError, where: str = "body") -> list[dict[str, Any]]:
+    """`{"loc", "msg"}` per field, `loc` under `where` ("body", "query"); the rejected value is never echoed."""
+    return [{"loc": [where, *entry["loc"]], "msg": _message(entry)} for entry in error.errors(include_url=False)]
+
+
+def _message(entry: Mapping[str, Any]) -> str:
+    """A validator's own words: pydantic prefixes what one raised with "Value error, " or "Assertion failed, "."""
+    raised = entry.get("ctx", {}).get("error")
+    if entry["type"] in ("value_error", "assertion_error") and raised is not None and str(raised):
+        return str(raised)
+    return str(entry["msg"])
+
+
+# Deeper than any body this contract defines; far below where the decoder or
+# anything that walks the result (validation, logging) would recurse too deep.
+MAX_JSON_DEPTH = 32
+
+
+async def read_json(request: web.Request) -> Any:
+    """The body as JSON, refused with 400 unless it is one plain, shallow JSON document.
+
+    413 is aiohttp's (`client_max_size`); a body that stalls gets 408 after
+    `server.body_timeout_s`.
+    """
+    if request.content_type != "application/json":
+        raise validation_error([{"loc": ["header", "Content-Type"], "msg": "must be application/json"}])
+    raw = await read_body(request)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise validation_error([{"loc": ["body"], "msg": "malformed JSON: not UTF-8"}]) from None
+    try:
+        document = json.loads(text, object_pairs_hook=_refuse_duplicate_keys)
+    except _DuplicateKey as duplicate:
+        raise validation_error([{"loc": ["body", duplicate.key], "msg": "appears more than once"}]) from None
+    except json.JSONDecodeError as error:
+        raise validation_error([{"loc": ["body"], "msg": f"malformed JSON: {error}"}]) from None
+    except RecursionError:
+        raise _too_deep() from None
+    except ValueError:
+        # int() refuses numbers of more than sys.get_int_max_str_digits() digits.
+        raise validation_error([{"loc": ["body"], "msg": "malformed JSON: a number is too long"}]) from None
+    if _depth(document) > MAX_JSON_DEPTH:
+        raise _too_deep()
+    return document
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The whole body, or 408 if it has not arrived within `server.body_timeout_s`."""
+    timeout_s = request.app[settings_key].server.body_timeout_s
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await request.read()
+    except TimeoutError:
+        raise ApiError(
+            408, "REQUEST_TIMEOUT", f"The request body did not arrive within {timeout_s:g} seconds"
+        ) from None
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A proxy or client library may read the first of two equal keys while we read the last."""
+    document = dict(pairs)
+    if len(document) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return document
+
+
+def _depth(document: Any) -> int:
+    """Nesting depth, walked without recursion (the document may be hostile)."""
+    deepest = 0
+    pending = [(document, 1)]
+    while pending:
+        value, depth = pending.pop()
+        if isinstance(value, dict):
+            children: Any = value.values()
+        elif isinstance(value, list):
+            children = value
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > MAX_JSON_DEPTH:
+            break
+        pending.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def _too_deep() -> ApiError:
+    return validation_error([{"loc": ["body"], "msg": f"nested more than {MAX_JSON_DEPTH} levels deep"}])
+
+
+def _merge_aliases(body: Mapping[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Move seed aliases to their canonical fields; an alias may only repeat its field's value."""
+    merged = dict(body)
+    errors = []
+    for alias, canonical in ALIASES.items():
+        if alias not in merged:
+            continue
+        value = merged.pop(alias)
+        if canonical in merged and merged[canonical] != value:
+            errors.append(field_error(alias, f"conflicts with {canonical}; send one of them"))
+        else:
+            merged[canonical] = value
+    return merged, errors
+
+
+def parse_generate_body(body: Any) -> GenerateBody:
+    if not isinstance(body, dict):
+        raise validation_error([{"loc": ["body"], "msg": "must be a JSON object"}])
+    merged, errors = _merge_aliases(body)
+    try:
+        parsed = GenerateBody.model_validate(merged)
+    except ValidationError as error:
+        errors.extend(pydantic_errors(error))
+        raise validation_error(errors) from None
+    if errors:
+        raise validation_error(errors)
+    if parsed.img_size is not None:
+        for name in ("width", "height"):
+            if getattr(parsed, name) not in (None, parsed.img_size):
+                errors.append(field_error(name, "conflicts with img_size, which sets width and height"))
+    if errors:
+        raise validation_error(errors)
+    return parsed
+
+
+def resolve_request(body: GenerateBody, generator: Generator) -> GenerationRequest:
+    """Fill in the model's defaults and check the values against its limits."""
+    card = generator.card
+    defaults, limits = card.defaults, card.limits
+    width = body.width or body.img_size or defaults.width
+    height = body.height or body.img_size or defaults.height
+    steps = body.num_inference_steps if body.num_inference_steps is not None else defaults.steps
+    guidance = body.guidance_scale if body.guidance_scale is not None else defaults.guidance
+    scheduler = body.scheduler or defaults.scheduler
+    seed = secrets.randbelow(MAX_SEED + 1) if body.seed in (None, -1) else body.seed
+
+    errors = []
+    for name, value in (("width", width), ("height", height)):
+        if not limits.min_size <= value <= limits.max_size:
+            errors.append(field_error(name, f"must be between {limits.min_size} and {limits.max_size} for {generator.name}"))
+    steps_field = "num_inference_steps"
+    if limits.step_choices is not None:
+        if steps not in limits.step_choices:
+            choices = ", ".join(str(choice) for choice in limits.step_choices)
+            errors.append(field_error(steps_field, f"{generator.name} has checkpoints for {choices} steps only"))
+    elif not limits.min_steps <= steps <= limits.max_steps:
+        errors.append(field_error(steps_field, f"must be between {limits.min_steps} and {limits.max_steps} for {generator.name}"))
+    if guidance > limits.max_guidance:
+        errors.append(field_error("guidance_scale", f"must be at most {limits.max_guidance:g} for {generator.name}"))
+    if limits.schedulers and scheduler not in limits.schedulers:
+        errors.append(field_error("scheduler", f"must be one of {', '.join(limits.schedulers)} for {generator.name}"))
+    if body.loras and not card.extra.get("takes_loras"):
+        errors.append(field_error("loras", f"{generator.name} does not take LoRAs"))
+    if "loras" in body.model_fields_set:
+        loras = tuple(LoraWeight(lora.name, lora.weight) for lora in body.loras)
+    else:
+        loras = defaults.loras
+    if errors:
+        raise validation_error(errors)
+
+    options = tuple(
+        (name, value)
+        for name in ("leonardo_model", "aspect_ratio", "preset_style", "quality")
+        if (value := getattr(body, name)) is not None
+    )
+    request = GenerationRequest(
+        prompt=body.prompt,
+        negative_prompt=body.negative_prompt,
+        model=generator.name,
+        width=width,
+        height=height,
+        steps=steps,
+        guidance=guidance,
+        num_images=body.num_images,
+        seed=seed,
+        scheduler=scheduler,
+        loras=loras,
+        options=options,
+    )
+    errors = generator.validate(request)
+    if errors:
+        raise validation_error(errors)
+    return generator.with_options(request)
+

@@ -1,0 +1,104 @@
+"""POST /generate/batch (seed 000): up to eight /generate bodies in one request.
+
+Every item is checked and submitted on its own, all at once, so compatible
+items queue together on the device and one bad item fails only itself. The
+answer is 200 whenever the array itself is valid; each item says whether it
+succeeded, with /generate's JSON result or the usual error JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from imagine.engine import generation
+from imagine.security.tokens import Principal, check_model_grant, requires
+from imagine.errors import ApiError, error_body, validation_error
+from imagine.http.app_keys import encode_pool_key, principal_key, registry_key
+from imagine.http.openapi import ERROR, error_response, json_response, obj, operation
+from imagine.http.request_bodies import GenerateBody, parse_generate_body, read_json, resolve_request
+from imagine.http.views.generate import GENERATION_ERRORS, GENERATION_RESULT
+
+log = logging.getLogger(__name__)
+
+MAX_ITEMS = 8
+
+BATCH = {
+    "type": "array",
+    "minItems": 1,
+    "maxItems": MAX_ITEMS,
+    # Any JSON is a valid item as far as the request goes: an item that is not a valid GenerateBody
+    # fails only its own result, so the items are documented as GenerateBody or anything.
+    "items": {"anyOf": [GenerateBody, {}], "description": "A /generate body"},
+}
+BATCH_RESULTS = obj(
+    {
+        "results": {
+            "type": "array",
+            "description": "One per item, in the order sent",
+            "items": {
+                "oneOf": [
+                    obj({"index": {"type": "integer"}, "success": {"const": True}, "result": GENERATION_RESULT}),
+                    obj(
+                        {
+                            "index": {"type": "integer"},
+                            "success": {"const": False},
+                            "status": {"type": "integer", "description": "What /generate would have answered"},
+                            "error": ERROR,
+                        }
+                    ),
+                ]
+            },
+        }
+    }
+)
+
+
+async def _run_item(app: web.Application, principal: Principal, index: int, item: Any) -> dict[str, Any]:
+    try:
+        body = parse_generate_body(item)
+        generator = app[registry_key].resolve(body.model)
+        check_model_grant(principal, generator.name)
+        wanted = resolve_request(body, generator)
+        generated = await generation.generate(app, principal, wanted, generator, store=body.store)
+    except ApiError as error:
+        return {"index": index, "success": False, "status": error.status, "error": error.body()}
+    except Exception:
+        # As the error middleware does for a whole request: a bug fails this item, not its siblings.
+        log.exception("batch item %d failed", index)
+        return {"index": index, "success": False, "status": 500, "error": error_body("INTERNAL_ERROR", "Internal server error")}
+    return {"index": index, "success": True, "result": generation.result_json(generated)}
+
+
+@requires("generate")
+@operation(
+    "Generate for up to eight /generate bodies at once (seed 000)",
+    tags=["generation"],
+    description="Every item is checked and run on its own, so one bad item fails only itself: the answer is 200 "
+    "whenever the array is valid, each result with /generate's JSON or the usual error JSON.",
+    body=BATCH,
+    responses={
+        200: json_response("Every item's result", BATCH_RESULTS),
+        400: error_response(f"Not a JSON array of 1 to {MAX_ITEMS} items"),
+        413: GENERATION_ERRORS[413],
+    },
+)
+async def generate_batch(request: web.Request) -> web.Response:
+    items = await read_json(request)
+    if not isinstance(items, list) or not 1 <= len(items) <= MAX_ITEMS:
+        raise validation_error([{"loc": ["body"], "msg": f"must be a JSON array of 1 to {MAX_ITEMS} /generate bodies"}])
+    principal = request[principal_key]
+    # gather starts every item at once: each is queued on the executor before the first one finishes.
+    results = await asyncio.gather(*(_run_item(request.app, principal, index, item) for index, item in enumerate(items)))
+    payload = await asyncio.get_running_loop().run_in_executor(
+        request.app[encode_pool_key], lambda: json.dumps({"results": results}).encode()
+    )
+    return web.Response(body=payload, content_type="application/json")
+
+
+def routes(base: str) -> list[web.RouteDef]:
+    return [web.post(base + "/generate/batch", generate_batch)]

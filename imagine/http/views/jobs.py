@@ -1,0 +1,214 @@
+"""Asynchronous jobs: submit (202), poll, stream progress as Server-Sent Events, cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import Any
+
+from aiohttp import web
+
+from imagine.engine import generation
+from imagine.security.tokens import check_model_grant, requires
+from imagine.errors import validation_error
+from imagine.engine.jobs import TrackedJob, body_fingerprint
+from imagine.http.app_keys import encode_pool_key, jobs_key, principal_key, registry_key, settings_key
+from imagine.http.openapi import (
+    ERROR,
+    Component,
+    content_response,
+    error_response,
+    header_parameter,
+    json_response,
+    obj,
+    operation,
+    path_parameter,
+)
+from imagine.http.request_bodies import GenerateBody, parse_generate_body, read_json, resolve_request
+from imagine.http.views.generate import GENERATION_ERRORS, GENERATION_RESULT
+
+MAX_IDEMPOTENCY_KEY = 255
+# Event ids are 1, 2, 3...: the stream's own ids are the only values Last-Event-ID may carry.
+EVENT_ID = "[0-9]{1,9}"
+
+JOB_ID = path_parameter("job_id", "The id POST /jobs answered with")
+ACCEPTED = obj(
+    {
+        "id": {"type": "string"},
+        "status": {"const": "queued"},
+        "position": {"type": "integer", "description": "1 for the next job to run; 0 when it was taken at once"},
+        "eta_seconds": {"type": "number"},
+    },
+    description="What accepting the job answered. A replay (`Idempotent-Replayed: true`) answers it again, "
+    "however far the job has got since: its state now is at `Location`.",
+)
+JOB = Component(
+    "Job",
+    obj(
+        {
+            "id": {"type": "string"},
+            "status": {"enum": ["queued", "running", "succeeded", "failed", "cancelled"]},
+            "position": {"type": "integer"},
+            "eta_seconds": {"type": "number"},
+            "progress": obj({"step": {"type": "integer"}, "total": {"type": "integer"}}),
+            "created_at": {"type": "number", "description": "Unix time"},
+            "result": GENERATION_RESULT,
+            "error": ERROR,
+        },
+        required=["id", "status", "position", "eta_seconds", "progress", "created_at"],
+    ),
+)
+NOT_FOUND = {404: error_response("No such job for this caller")}
+# One event of the stream (what OpenAPI 3.2 calls the itemSchema); `data` is JSON text.
+EVENT = obj(
+    {
+        "id": {"type": "string", "pattern": "^[0-9]+$"},
+        "event": {"enum": ["queued", "started", "progress", "succeeded", "failed", "cancelled"]},
+        "data": {"type": "string", "contentMediaType": "application/json"},
+    }
+)
+
+
+def job_url(request: web.Request, job: TrackedJob) -> str:
+    return f"{request.app[settings_key].server.base_path}/jobs/{job.id}"
+
+
+def accepted(request: web.Request, job: TrackedJob, *, replayed: bool) -> web.Response:
+    headers = {"Location": job_url(request, job)}
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return web.json_response(job.acceptance, status=202, headers=headers)
+
+
+def resume_after(request: web.Request) -> int:
+    """The Last-Event-ID a reconnecting client sent (0 without one); 400 for anything but an event id."""
+    value = request.headers.get("Last-Event-ID")
+    if value is None:
+        return 0
+    if re.fullmatch(EVENT_ID, value) is None:
+        raise validation_error([{"loc": ["header", "Last-Event-ID"], "msg": "must be an event id of this stream"}])
+    return int(value)
+
+
+@requires("generate")
+@operation(
+    "Queue a generation and answer at once",
+    tags=["jobs"],
+    description="The body is /generate's, plus `preview` for latent previews in progress events. The same "
+    "`Idempotency-Key` and body from the same caller return the same job (`Idempotent-Replayed: true`) with "
+    "the same answer.",
+    parameters=[
+        header_parameter(
+            "Idempotency-Key", "Makes retries safe: same key, same body, same job", {"type": "string", "maxLength": 255}
+        )
+    ],
+    body=GenerateBody,
+    responses={
+        202: json_response(
+            "Queued (`Location` is the job's URL)", ACCEPTED, headers=["Location", "Idempotent-Replayed"]
+        ),
+        409: error_response("Idempotency-Key reused with another body"),
+        **GENERATION_ERRORS,
+    },
+)
+async def submit_job(request: web.Request) -> web.Response:
+    app = request.app
+    principal = request[principal_key]
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not 0 < len(key) <= MAX_IDEMPOTENCY_KEY:
+        raise validation_error([{"loc": ["header", "Idempotency-Key"], "msg": "must be 1-255 characters"}])
+    raw = await read_json(request)
+    fingerprint = body_fingerprint(raw)
+    jobs = app[jobs_key]
+    earlier = jobs.replay(principal, key, fingerprint)
+    if earlier is not None:
+        return accepted(request, earlier, replayed=True)
+    body = parse_generate_body(raw)
+    generator = app[registry_key].resolve(body.model)
+    check_model_grant(principal, generator.name)
+    wanted = resolve_request(body, generator)
+
+    async def to_json(generated: generation.Generated) -> dict[str, Any]:
+        return await asyncio.get_running_loop().run_in_executor(app[encode_pool_key], generation.result_json, generated)
+
+    job = jobs.submit(
+        principal,
+        key,
+        fingerprint,
+        wanted.steps,
+        body.preview,
+        lambda observer: generation.start(app, principal, wanted, generator, store=body.store, observer=observer),
+        to_json,
+    )
+    return accepted(request, job, replayed=False)
+
+
+@requires("generate")
+@operation(
+    "A job's state, and its result or error once finished",
+    tags=["jobs"],
+    parameters=[JOB_ID],
+    responses={200: json_response("The job", JOB), **NOT_FOUND},
+)
+async def get_job(request: web.Request) -> web.Response:
+    job = request.app[jobs_key].get(request[principal_key], request.match_info["job_id"])
+    return web.json_response(job.snapshot())
+
+
+@requires("generate")
+@operation(
+    "Cancel a job: dropped if queued, stopped at its next step if running",
+    tags=["jobs"],
+    parameters=[JOB_ID],
+    responses={200: json_response("The job, cancelled (or already finished)", JOB), **NOT_FOUND},
+)
+async def cancel_job(request: web.Request) -> web.Response:
+    job = await request.app[jobs_key].cancel(request[principal_key], request.match_info["job_id"])
+    return web.json_response(job.snapshot())
+
+
+@requires("generate")
+@operation(
+    "A job's progress as Server-Sent Events",
+    tags=["jobs"],
+    description="Events `queued`, `started`, `progress` (step, total, optional `preview` data URL), then "
+    "`succeeded` (the /generate JSON), `failed` or `cancelled`. Numbered: reconnect with `Last-Event-ID` to "
+    "resume. Closing the stream never cancels the job.",
+    parameters=[
+        JOB_ID,
+        header_parameter(
+            "Last-Event-ID", "Resume after this event (the `id` of one)", {"type": "string", "pattern": f"^{EVENT_ID}$"}
+        ),
+    ],
+    responses={
+        200: content_response("The event stream", {"text/event-stream": EVENT}),
+        400: error_response("Last-Event-ID is not an event id"),
+        **NOT_FOUND,
+    },
+)
+async def job_events(request: web.Request) -> web.StreamResponse:
+    after = resume_after(request)
+    job = request.app[jobs_key].get(request[principal_key], request.match_info["job_id"])
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            # nginx must pass events through as they come, not buffer them.
+            "X-Accel-Buffering": "no",
+        }
+    )
+    await response.prepare(request)
+    async for event in job.stream(after, request.app[settings_key].jobs.keepalive_s):
+        # A comment line keeps proxies from closing an idle stream.
+        await response.write(b": keep-alive\n\n" if event is None else event.sse())
+    await response.write_eof()
+    return response
+
+
+def routes(base: str) -> list[web.RouteDef]:
+    return [
+        web.post(base + "/jobs", submit_job),
+        web.get(base + "/jobs/{job_id}", get_job),
+        web.delete(base + "/jobs/{job_id}", cancel_job),
+        web.get(base + "/jobs/{job_id}/events", job_events),
+    ]

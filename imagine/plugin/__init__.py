@@ -1,0 +1,1 @@
+"""The plugin interface: what a plugin author imports."""
