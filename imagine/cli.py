@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from imagine import __version__
-from imagine.security.tokens import KeyMaterial, KeyMaterialError, load_key_material, parse_duration, sign_token
+from imagine.security.tokens import JwtKeys, JwtKeyError, load_jwt_keys, parse_duration, sign_token
 from imagine.settings import Settings, SettingsError, load_settings
 
 DEFAULT_CONFIG = Path("imagine.toml")
@@ -28,12 +28,12 @@ def _config_path(given: str | None) -> Path | None:
     return DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None
 
 
-def _settings_and_keys(config: str | None) -> tuple[Settings, KeyMaterial]:
+def _settings_and_keys(config: str | None) -> tuple[Settings, JwtKeys]:
     settings = load_settings(_config_path(config))
-    return settings, load_key_material(settings.auth, Path(settings.server.state_dir))
+    return settings, load_jwt_keys(settings.auth, Path(settings.server.state_dir))
 
 
-def _banner(settings: Settings, keys: KeyMaterial, host: str, port: int, demo_folder: Path | None) -> str:
+def _banner(settings: Settings, keys: JwtKeys, host: str, port: int, demo_folder: Path | None) -> str:
     shown_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     url = f"http://{shown_host}:{port}{settings.server.base_path}"
     lines = [f"imagine {__version__} is serving on {url}"]
@@ -66,9 +66,9 @@ def _try_it_model(settings: Settings, demo_folder: Path | None) -> str:
 
 def _with_models(settings: Settings) -> tuple[Settings, Path | None]:
     """The demo models stand in when no weights are configured (built on first use)."""
-    from imagine.devtools.demo_models import demo_settings, prepare_demo_models
+    from imagine.devtools.demo_models import demo_settings, names_weights, prepare_demo_models
 
-    if settings.models.has_sources:
+    if names_weights(settings):
         return settings, None
     demo_folder = Path(settings.server.cache_dir) / "demo-models"
     print(f"No model weights configured: using the demo models in {demo_folder}", flush=True)
@@ -210,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(arguments.run(arguments))
-    except (SettingsError, KeyMaterialError, ValueError) as error:
+    except (SettingsError, JwtKeyError, ValueError) as error:
         print(f"imagine: {error}", file=sys.stderr)
         return 2
 

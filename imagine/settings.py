@@ -3,6 +3,11 @@
 Every setting has a safe default, so `imagine serve` starts with no file at all.
 Secrets (the JWT secret, cloud keys) are never read from here: they come from
 the environment or from files named here (see `imagine.security.tokens`).
+
+The core knows its own sections only. Plugins own the rest: a top-level
+section a plugin claims (`register_settings`) is read into the plugin's
+dataclass here, with the same checks as the core's; a `[models.<name>]` table
+is kept as it is until the model's plugin parses it (`ModelsSettings.table`).
 """
 
 from __future__ import annotations
@@ -10,14 +15,16 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
+import types
 import typing
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 ENV_PREFIX = "IMAGINE_"
+T = TypeVar("T")
 
 
 class SettingsError(ValueError):
@@ -209,10 +216,6 @@ class OutputSettings:
             raise SettingsError("output.encode_workers and output.png_threads must be at least 1")
 
 
-# Keys of a [models.<name>] table that name weights (Lightning names a base and checkpoints).
-WEIGHT_KEYS = ("source", "base", "checkpoints")
-
-
 @dataclass(frozen=True)
 class ModelsSettings:
     default: str = "sdxl"
@@ -225,8 +228,8 @@ class ModelsSettings:
     # Memory the loaded models may hold together, in GB; 0 means no limit.
     # Past it, the least recently used models are unloaded.
     memory_budget_gb: float = 0.0
-    # One table per model, [models.<name>], read by the plugin that owns it:
-    # source (local folder or hub id) and optional default/limit overrides.
+    # One table per model, [models.<name>], as written: the plugin that owns
+    # the model parses it (`table`).
     options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -238,41 +241,12 @@ class ModelsSettings:
             raise SettingsError("models.memory_budget_gb must be 0 (no limit) or positive")
 
     def model_options(self, name: str) -> Mapping[str, Any]:
+        """The `[models.<name>]` table as written (empty when there is none)."""
         return self.options.get(name, {})
 
-    @property
-    def has_sources(self) -> bool:
-        """True when the configuration names weights for at least one model."""
-        return any(key in table for table in self.options.values() for key in WEIGHT_KEYS)
-
-
-@dataclass(frozen=True)
-class LeonardoSettings:
-    base_url: str = "https://cloud.leonardo.ai/api/rest/v1"
-    # Generations in flight at once: Leonardo's own limit for an API key.
-    max_concurrent: int = 10
-    # A name from the model table (see GET /models) or a Leonardo model UUID.
-    default_model: str = "phoenix-1-0"
-    # Where a key set through POST /api-key is kept; default <server.state_dir>/leonardo-api-key.
-    key_file: str = ""
-    # Polling starts at poll_interval_s and backs off to poll_max_interval_s.
-    poll_interval_s: float = 2.0
-    poll_max_interval_s: float = 10.0
-    # Limit for one HTTP call; the whole job is bounded by queue.timeout_s.
-    request_timeout_s: float = 30.0
-    # Retries after a 429 (or a failed poll), waiting retry_base_s * 2^attempt unless told otherwise.
-    max_retries: int = 3
-    retry_base_s: float = 1.0
-
-    def __post_init__(self) -> None:
-        if not self.base_url.startswith(("https://", "http://")):
-            raise SettingsError("leonardo.base_url must be an http(s) URL")
-        if self.max_concurrent < 1:
-            raise SettingsError("leonardo.max_concurrent must be at least 1")
-        if not 0 < self.poll_interval_s <= self.poll_max_interval_s:
-            raise SettingsError("leonardo.poll_interval_s must be positive and at most leonardo.poll_max_interval_s")
-        if self.request_timeout_s <= 0 or self.retry_base_s < 0 or self.max_retries < 0:
-            raise SettingsError("leonardo.request_timeout_s must be positive, retry_base_s and max_retries not negative")
+    def table(self, name: str, cls: type[T]) -> T:
+        """The `[models.<name>]` table as the plugin's frozen dataclass `cls`; a mistake names its setting."""
+        return build_table(cls, self.model_options(name), f"models.{name}")
 
 
 @dataclass(frozen=True)
@@ -310,24 +284,48 @@ class Settings:
     batch: BatchSettings = field(default_factory=BatchSettings)
     output: OutputSettings = field(default_factory=OutputSettings)
     models: ModelsSettings = field(default_factory=ModelsSettings)
-    leonardo: LeonardoSettings = field(default_factory=LeonardoSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
     gallery: GallerySettings = field(default_factory=GallerySettings)
+    # The sections plugins claim (`register_settings`), by name, each its plugin's dataclass.
+    plugins: Mapping[str, Any] = field(default_factory=dict)
+
+    def section(self, name: str, cls: type[T]) -> T:
+        """A plugin's own section as loaded; its defaults when these settings were not loaded (`Settings()`)."""
+        loaded = self.plugins.get(name)
+        if loaded is None:
+            return cls()
+        if not isinstance(loaded, cls):
+            raise SettingsError(f"section [{name}] was loaded as {type(loaded).__name__}, not {cls.__name__}")
+        return loaded
 
     def replace(self, **sections: Mapping[str, Any]) -> Settings:
-        """A copy with some fields of some sections changed: replace(queue={"max_size": 2})."""
-        changed = {
-            name: dataclasses.replace(getattr(self, name), **values) for name, values in sections.items()
-        }
-        return dataclasses.replace(self, **changed)
+        """A copy with some fields of some sections changed: replace(queue={"max_size": 2}), plugins' sections too."""
+        changed: dict[str, Any] = {}
+        plugins = dict(self.plugins)
+        for name, values in sections.items():
+            if name in _SECTION_TYPES:
+                changed[name] = dataclasses.replace(getattr(self, name), **values)
+            elif name in plugins:
+                plugins[name] = dataclasses.replace(plugins[name], **values)
+            else:
+                raise SettingsError(f"unknown configuration section(s): {name}")
+        return dataclasses.replace(self, **changed, plugins=plugins)
 
 
-_SECTION_TYPES = {f.name: typing.get_type_hints(Settings)[f.name] for f in dataclasses.fields(Settings)}
+# The core's own sections: every field of Settings but the plugins' mapping.
+_SECTION_TYPES = {
+    f.name: typing.get_type_hints(Settings)[f.name] for f in dataclasses.fields(Settings) if f.name != "plugins"
+}
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
     """Check a TOML value (or convert an environment string) to a field's type."""
     origin = typing.get_origin(annotation)
+    arguments = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType) and len(arguments) == 2 and type(None) in arguments:
+        # TOML has no null: an optional setting is either absent or of its type.
+        (annotation,) = [argument for argument in arguments if argument is not type(None)]
+        origin = typing.get_origin(annotation)
     from_env = isinstance(value, str) and annotation is not str
     if annotation is bool:
         if from_env:
@@ -363,23 +361,30 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             return tuple(items)
     elif origin is Mapping:
         if isinstance(value, Mapping):
-            return {key: dict(table) for key, table in value.items()}
+            return dict(value)
     raise SettingsError(f"{where}: {value!r} is not a valid {getattr(annotation, '__name__', annotation)}")
 
 
 SECTIONS = tuple(_SECTION_TYPES)
 
 
-def _build_section(name: str, values: Mapping[str, Any]) -> Any:
-    cls = _SECTION_TYPES[name]
+def build_table(cls: type[T], values: Mapping[str, Any], where: str) -> T:
+    """A TOML table (or IMAGINE_* strings) as the frozen dataclass `cls`, every mistake naming `<where>.<key>`.
+
+    Field types may be bool, int, float, str, tuple[str, ...], a Mapping or any
+    of them `| None`; `__post_init__` checks the values.
+    """
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
         if key not in known:
-            raise SettingsError(f"unknown setting {name}.{key}")
-        kwargs[key] = _coerce(value, hints[key], f"{name}.{key}")
-    return cls(**kwargs)
+            raise SettingsError(f"unknown setting {where}.{key}")
+        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
+    try:
+        return cls(**kwargs)
+    except TypeError as error:
+        raise SettingsError(f"{where}: {error}") from None
 
 
 def _split_models_table(table: Mapping[str, Any]) -> dict[str, Any]:
@@ -391,14 +396,16 @@ def _split_models_table(table: Mapping[str, Any]) -> dict[str, Any]:
     return plain
 
 
-def _environment_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
+def _environment_overrides(environ: Mapping[str, str], sections: Sequence[str]) -> dict[str, dict[str, str]]:
     """IMAGINE_QUEUE_MAX_SIZE=8 becomes {"queue": {"max_size": "8"}}."""
     overrides: dict[str, dict[str, str]] = {}
+    # Longest first: a section named like the start of another must not take its variables.
+    by_length = sorted(sections, key=len, reverse=True)
     for variable, value in environ.items():
         if not variable.startswith(ENV_PREFIX):
             continue
         rest = variable[len(ENV_PREFIX):].lower()
-        for section in SECTIONS:
+        for section in by_length:
             if rest.startswith(section + "_"):
                 key = rest[len(section) + 1:]
                 if key != "options":
@@ -407,9 +414,19 @@ def _environment_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, st
     return overrides
 
 
-def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
-    """Read the TOML file (if any), apply IMAGINE_* overrides, validate everything."""
+def load_settings(
+    path: Path | None = None, environ: Mapping[str, str] | None = None, plugin_sections: Mapping[str, type] | None = None
+) -> Settings:
+    """Read the TOML file (if any), apply IMAGINE_* overrides, validate everything.
+
+    `plugin_sections` are the sections plugins claim; by default those of the
+    built-in and installed plugins.
+    """
     environ = os.environ if environ is None else environ
+    if plugin_sections is None:
+        from imagine.plugin.manager import plugin_manager, settings_sections
+
+        plugin_sections = settings_sections(plugin_manager())
     raw: dict[str, Any] = {}
     if path is not None:
         try:
@@ -419,14 +436,16 @@ def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = 
             raise SettingsError(f"configuration file {path} does not exist") from None
         except tomllib.TOMLDecodeError as error:
             raise SettingsError(f"configuration file {path} is not valid TOML: {error}") from None
-    unknown = set(raw) - set(SECTIONS)
+    every_section = {**plugin_sections, **_SECTION_TYPES}
+    unknown = set(raw) - set(every_section)
     if unknown:
         raise SettingsError(f"unknown configuration section(s): {', '.join(sorted(unknown))}")
-    merged: dict[str, dict[str, Any]] = {name: dict(raw.get(name, {})) for name in SECTIONS}
+    merged: dict[str, dict[str, Any]] = {name: dict(raw.get(name, {})) for name in every_section}
     merged["models"] = _split_models_table(merged["models"])
-    for section, values in _environment_overrides(environ).items():
+    for section, values in _environment_overrides(environ, tuple(every_section)).items():
         merged[section].update(values)
-    try:
-        return Settings(**{name: _build_section(name, values) for name, values in merged.items()})
-    except TypeError as error:
-        raise SettingsError(str(error)) from None
+    built = {name: build_table(cls, merged[name], name) for name, cls in every_section.items()}
+    return Settings(
+        **{name: built[name] for name in _SECTION_TYPES},
+        plugins={name: built[name] for name in plugin_sections},
+    )

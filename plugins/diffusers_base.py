@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from imagine.engine import device
 from imagine.plugin.generators import (
     GenerationInterrupted,
     GenerationRequest,
-    Generator,
+    LocalGenerator,
     ModelCard,
     StepCallback,
     StepProgress,
@@ -51,15 +52,30 @@ LATENT_RGB_SD15 = (
 )
 LATENT_RGB_BIAS_SD15 = (0.0, 0.0, 0.0)
 
-# Keys of a [models.<name>] table that adjust the card: an operator can tighten
-# or widen what the real checkpoint is known to do well.
-_CARD_OVERRIDES = {
-    "default_steps": ("defaults", "steps"),
-    "default_guidance": ("defaults", "guidance"),
-    "min_size": ("limits", "min_size"),
-    "max_size": ("limits", "max_size"),
-    "max_steps": ("limits", "max_steps"),
-}
+
+
+@dataclass(frozen=True)
+class CardTable:
+    """The keys of a `[models.<name>]` table that adjust the model's card (unset: the card's own).
+
+    An operator can tighten or widen what the real checkpoint is known to do well.
+    """
+
+    description: str | None = None
+    default_steps: int | None = None
+    default_guidance: float | None = None
+    default_size: int | None = None
+    min_size: int | None = None
+    max_size: int | None = None
+    max_steps: int | None = None
+
+
+@dataclass(frozen=True)
+class DiffusersTable(CardTable):
+    """`[models.<name>]` of a model loaded from one diffusers pipeline folder."""
+
+    # A local folder or a hub id; empty: the weights the model is published with.
+    source: str = ""
 
 
 def module_bytes(module: Any) -> int:
@@ -68,22 +84,21 @@ def module_bytes(module: Any) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def card_with_overrides(card: ModelCard, options: Mapping[str, Any]) -> ModelCard:
-    defaults, limits = card.defaults, card.limits
-    for key, (part, field) in _CARD_OVERRIDES.items():
-        if key in options:
-            if part == "defaults":
-                defaults = dataclasses.replace(defaults, **{field: options[key]})
-            else:
-                limits = dataclasses.replace(limits, **{field: options[key]})
-    if "default_size" in options:
-        defaults = dataclasses.replace(defaults, width=options["default_size"], height=options["default_size"])
-    description = options.get("description", card.description)
-    # A copy of `extra` too: the module-level card is shared by every instance.
-    return dataclasses.replace(card, defaults=defaults, limits=limits, description=description, extra=dict(card.extra))
+def card_with_overrides(card: ModelCard, table: CardTable) -> ModelCard:
+    def changed(**values: Any) -> dict[str, Any]:
+        return {name: value for name, value in values.items() if value is not None}
+
+    size = table.default_size
+    defaults = dataclasses.replace(
+        card.defaults, **changed(steps=table.default_steps, guidance=table.default_guidance, width=size, height=size)
+    )
+    limits = dataclasses.replace(
+        card.limits, **changed(min_size=table.min_size, max_size=table.max_size, max_steps=table.max_steps)
+    )
+    return dataclasses.replace(card, defaults=defaults, limits=limits, **changed(description=table.description))
 
 
-class DiffusersGenerator(Generator):
+class DiffusersGenerator(LocalGenerator):
     """A generator over one diffusers text-to-image pipeline class."""
 
     pipeline_class: str  # e.g. "StableDiffusionXLPipeline"
@@ -93,12 +108,12 @@ class DiffusersGenerator(Generator):
     # weights. Only components nothing modifies in place may be listed here.
     shared_components: tuple[str, ...] = ()
 
-    def __init__(self, name: str, card: ModelCard, source: str, models: ModelsSettings) -> None:
+    def __init__(self, name: str, card: ModelCard, source: str, models: ModelsSettings, table: CardTable) -> None:
         self.name = name
         self.source = source
-        options = models.model_options(name)
-        self.card = card_with_overrides(card, options)
-        self.card.extra.setdefault("base_model", source)
+        self.card = card_with_overrides(card, table)
+        if not self.card.base_model:
+            self.card = dataclasses.replace(self.card, base_model=source)
         self._device_preference = models.device
         self._dtype_preference = models.dtype
         self.device = "cpu"

@@ -26,6 +26,7 @@ from typing import Any
 import aiohttp
 import yarl
 from PIL import Image
+from pydantic import Field, ValidationInfo, field_validator
 
 from imagine.security.cloud_api_keys import KeySpec
 from imagine.errors import ApiError, field_error
@@ -36,13 +37,18 @@ from imagine.plugin.generators import (
     ModelCard,
     ModelDefaults,
     ModelLimits,
+    Options,
     RemoteImages,
 )
 from imagine.plugin.hookspecs import hookimpl
-from imagine.settings import LeonardoSettings, Settings, SettingsError
+from imagine.settings import Settings, SettingsError
 from imagine_plugins import leonardo_catalog as catalog
 
 log = logging.getLogger(__name__)
+
+NAME = "leonardo"
+# The [leonardo] section of the configuration, and IMAGINE_LEONARDO_* variables.
+SECTION = "leonardo"
 
 KEY_SERVICE = "leonardo-api"
 KEY_ENV = "LEONARDO_API_KEY"
@@ -81,6 +87,74 @@ class _Reply:
     failure: str = ""  # why it could not be reached
 
 
+@dataclass(frozen=True)
+class LeonardoSettings:
+    base_url: str = "https://cloud.leonardo.ai/api/rest/v1"
+    # Generations in flight at once: Leonardo's own limit for an API key.
+    max_concurrent: int = 10
+    # A name from the model table (see GET /models) or a Leonardo model UUID.
+    default_model: str = "phoenix-1-0"
+    # Where a key set through POST /api-key is kept; default <server.state_dir>/leonardo-api-key.
+    key_file: str = ""
+    # Polling starts at poll_interval_s and backs off to poll_max_interval_s.
+    poll_interval_s: float = 2.0
+    poll_max_interval_s: float = 10.0
+    # Limit for one HTTP call; the whole job is bounded by queue.timeout_s.
+    request_timeout_s: float = 30.0
+    # Retries after a 429 (or a failed poll), waiting retry_base_s * 2^attempt unless told otherwise.
+    max_retries: int = 3
+    retry_base_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.base_url.startswith(("https://", "http://")):
+            raise SettingsError("leonardo.base_url must be an http(s) URL")
+        if self.max_concurrent < 1:
+            raise SettingsError("leonardo.max_concurrent must be at least 1")
+        if not 0 < self.poll_interval_s <= self.poll_max_interval_s:
+            raise SettingsError("leonardo.poll_interval_s must be positive and at most leonardo.poll_max_interval_s")
+        if self.request_timeout_s <= 0 or self.retry_base_s < 0 or self.max_retries < 0:
+            raise SettingsError("leonardo.request_timeout_s must be positive, retry_base_s and max_retries not negative")
+
+
+# Each option's lookup to its canonical value, and what a value it does not know is told.
+_OPTION_LOOKUPS: dict[str, tuple[Callable[[str], str | None], str]] = {
+    "leonardo_model": (catalog.model_key, f"must be a Leonardo model UUID or one of {', '.join(catalog.MODELS)}"),
+    "aspect_ratio": (catalog.aspect_key, f"must be one of {', '.join(catalog.ASPECT_RATIOS)}"),
+    "preset_style": (catalog.preset_key, f"must be one of {', '.join(catalog.PRESET_STYLES)}"),
+    "quality": (catalog.quality_key, f"must be one of {', '.join(catalog.QUALITY_LEVELS)}"),
+}
+
+
+class LeonardoOptions(Options):
+    """Seed 003's Leonardo fields; other models accept and ignore them, as its clients send them everywhere."""
+
+    leonardo_model: str | None = Field(
+        None, description="Leonardo's model: a name GET /models lists or a model UUID (default: leonardo.default_model)"
+    )
+    aspect_ratio: str | None = Field(None, description="One of GET /models' aspect ratios; sets width and height")
+    preset_style: str | None = Field(None, description="One of GET /models' preset styles")
+    quality: str | None = Field(None, description=f"One of {', '.join(catalog.QUALITY_LEVELS)} (default {catalog.DEFAULT_QUALITY})")
+
+    @field_validator(*_OPTION_LOOKUPS)
+    @classmethod
+    def _canonical(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """Seed 003's spellings ('phoenix-1.0', 'creative') as the catalog's keys."""
+        if value is None:
+            return None
+        lookup, refusal = _OPTION_LOOKUPS[str(info.field_name)]
+        key = lookup(value)
+        if key is None:
+            raise ValueError(refusal)
+        return key
+
+
+def _options(request: GenerationRequest) -> LeonardoOptions:
+    options = request.options
+    # The core validated them against LeonardoGenerator.Options.
+    assert isinstance(options, LeonardoOptions)
+    return options
+
+
 def _fingerprint(key: str) -> str:
     # Remembering which key was refused without keeping another copy of it.
     return hashlib.sha256(key.encode()).hexdigest()
@@ -92,8 +166,9 @@ def _decode_image(data: bytes) -> Image.Image:
 
 
 class LeonardoGenerator(CloudGenerator):
-    name = "leonardo"
+    name = NAME
     card = CARD
+    Options = LeonardoOptions
 
     def __init__(self, settings: LeonardoSettings, key_file: Path) -> None:
         default_model = catalog.model_key(settings.default_model)
@@ -141,55 +216,44 @@ class LeonardoGenerator(CloudGenerator):
     # ---- request fields ------------------------------------------------------
 
     def validate(self, request: GenerationRequest) -> list[dict[str, Any]]:
-        options = dict(request.options)
-        errors = []
-        checks = (
-            ("leonardo_model", catalog.model_key, f"must be a Leonardo model UUID or one of {', '.join(catalog.MODELS)}"),
-            ("aspect_ratio", catalog.aspect_key, f"must be one of {', '.join(catalog.ASPECT_RATIOS)}"),
-            ("preset_style", catalog.preset_key, f"must be one of {', '.join(catalog.PRESET_STYLES)}"),
-            ("quality", catalog.quality_key, f"must be one of {', '.join(catalog.QUALITY_LEVELS)}"),
-        )
-        for field, lookup, message in checks:
-            if field in options and lookup(options[field]) is None:
-                errors.append(field_error(field, message))
         # Leonardo takes guidance_scale as an integer from 1 to 20.
         if request.guidance < 1 or not request.guidance.is_integer():
-            errors.append(field_error("guidance_scale", "must be a whole number from 1 to 20 for leonardo"))
-        return errors
+            return [field_error("guidance_scale", "must be a whole number from 1 to 20 for leonardo")]
+        return []
 
     def with_options(self, request: GenerationRequest) -> GenerationRequest:
-        """Canonical option values with the defaults filled in; an aspect ratio's size wins over width/height."""
-        options = dict(request.options)
-        resolved = {
-            "leonardo_model": catalog.model_key(options.get("leonardo_model", self._default_model)),
-            "quality": catalog.quality_key(options.get("quality", catalog.DEFAULT_QUALITY)),
-            "preset_style": catalog.preset_key(options["preset_style"]) if "preset_style" in options else None,
-            "aspect_ratio": catalog.aspect_key(options["aspect_ratio"]) if "aspect_ratio" in options else None,
-        }
+        """The defaults filled in; an aspect ratio's size wins over width/height."""
+        options = _options(request)
+        filled = options.model_copy(
+            update={
+                "leonardo_model": options.leonardo_model or self._default_model,
+                "quality": options.quality or catalog.DEFAULT_QUALITY,
+            }
+        )
         width, height = request.width, request.height
-        if resolved["aspect_ratio"] is not None:
-            ratio = catalog.ASPECT_RATIOS[resolved["aspect_ratio"]]
+        if options.aspect_ratio is not None:
+            ratio = catalog.ASPECT_RATIOS[options.aspect_ratio]
             width, height = ratio.width, ratio.height
-        kept = tuple(sorted((name, value) for name, value in resolved.items() if value is not None))
-        return dataclasses.replace(request, width=width, height=height, options=kept)
+        return dataclasses.replace(request, width=width, height=height, options=filled)
 
     def _payload(self, request: GenerationRequest) -> dict[str, Any]:
-        options = dict(request.options)
+        options = _options(request)
+        assert options.leonardo_model is not None and options.quality is not None  # filled in by with_options
         payload: dict[str, Any] = {
             "prompt": request.prompt,
-            "modelId": catalog.model_id(options["leonardo_model"]),
+            "modelId": catalog.model_id(options.leonardo_model),
             "width": request.width,
             "height": request.height,
             "num_images": request.num_images,
-            "alchemy": catalog.QUALITY_LEVELS[options["quality"]].alchemy,
+            "alchemy": catalog.QUALITY_LEVELS[options.quality].alchemy,
             "seed": request.seed,
             "guidance_scale": int(request.guidance),
             "num_inference_steps": request.steps,
         }
         if request.negative_prompt:
             payload["negative_prompt"] = request.negative_prompt
-        if "preset_style" in options:
-            payload["presetStyle"] = options["preset_style"]
+        if options.preset_style is not None:
+            payload["presetStyle"] = options.preset_style
         return payload
 
     # ---- one job ----------------------------------------------------------------
@@ -370,7 +434,12 @@ class LeonardoGenerator(CloudGenerator):
 
 
 @hookimpl
+def register_settings(register: Callable[[str, type], None]) -> None:
+    register(SECTION, LeonardoSettings)
+
+
+@hookimpl
 def register_generators(register: Callable[[Generator], None], settings: Settings) -> None:
-    configured = settings.leonardo.key_file
-    key_file = Path(configured).expanduser() if configured else Path(settings.server.state_dir) / KEY_FILE_NAME
-    register(LeonardoGenerator(settings.leonardo, key_file))
+    section = settings.section(SECTION, LeonardoSettings)
+    key_file = Path(section.key_file).expanduser() if section.key_file else Path(settings.server.state_dir) / KEY_FILE_NAME
+    register(LeonardoGenerator(section, key_file))

@@ -17,14 +17,17 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from imagine.devtools.demo_models import DemoModels
 from imagine.errors import ApiError
 from imagine.plugin.generators import GenerationRequest, Generator, ModelCard, ModelDefaults, ModelLimits
 from imagine.plugin.hookspecs import hookimpl
 from imagine.settings import ModelsSettings, Settings, SettingsError
-from imagine_plugins import sdxl
+from imagine_plugins import demo_weights, sdxl
+from imagine_plugins.diffusers_base import CardTable
 from imagine_plugins.sdxl import SDXLGenerator
 
 NAME = "sdxl-lightning"
@@ -32,6 +35,9 @@ HUB_REPO = "ByteDance/SDXL-Lightning"
 PREDICTION_TYPES = ("epsilon", "sample")
 # The default steps when their checkpoint is configured: ByteDance's recommended balance.
 PREFERRED_STEPS = 4
+# The demo's checkpoints: one tiny UNet per step count, in the demo folder's DEMO_FOLDER.
+DEMO_STEPS = (1, 2, 4, 8)
+DEMO_FOLDER = "sdxl-lightning"
 
 CARD = ModelCard(
     description="SDXL-Lightning: SDXL distilled by ByteDance for 1, 2, 4 or 8 steps, guidance 0",
@@ -56,6 +62,14 @@ DEFAULT_CHECKPOINTS = {
     4: Checkpoint(4, f"{HUB_REPO}/sdxl_lightning_4step_unet.safetensors"),
     8: Checkpoint(8, f"{HUB_REPO}/sdxl_lightning_8step_unet.safetensors"),
 }
+
+
+@dataclass(frozen=True)
+class LightningTable(CardTable):
+    """`[models.sdxl-lightning]`: the base pipeline and the checkpoints (unset: sdxl's source, every published one)."""
+
+    base: str = ""
+    checkpoints: Mapping[str, Any] | None = None
 
 
 def parse_checkpoints(table: Mapping[str, Any]) -> dict[int, Checkpoint]:
@@ -94,16 +108,16 @@ def checkpoint_path(file: str) -> str:
 
 
 class LightningGenerator(SDXLGenerator):
-    def __init__(self, base: str, checkpoints: Mapping[int, Checkpoint], models: ModelsSettings) -> None:
+    def __init__(self, base: str, checkpoints: Mapping[int, Checkpoint], models: ModelsSettings, table: CardTable) -> None:
         self.checkpoints = dict(sorted(checkpoints.items()))
         steps = PREFERRED_STEPS if PREFERRED_STEPS in self.checkpoints else max(self.checkpoints)
         card = dataclasses.replace(
             CARD,
             defaults=dataclasses.replace(CARD.defaults, steps=steps),
             limits=dataclasses.replace(CARD.limits, step_choices=tuple(self.checkpoints), max_steps=max(self.checkpoints)),
-            extra={"base_model": f"{base} + SDXL-Lightning UNet"},
+            base_model=f"{base} + SDXL-Lightning UNet",
         )
-        super().__init__(NAME, card, base, models)
+        super().__init__(NAME, card, base, models, table)
         if self.card.defaults.steps not in self.checkpoints:
             raise SettingsError(
                 f"models.{NAME}.default_steps must be a configured step count: {', '.join(map(str, self.checkpoints))}"
@@ -159,8 +173,35 @@ class LightningGenerator(SDXLGenerator):
 
 @hookimpl
 def register_generators(register: Callable[[Generator], None], settings: Settings) -> None:
-    options = settings.models.model_options(NAME)
+    table = settings.models.table(NAME, LightningTable)
     # By default the base is whatever sdxl loads, so that the two share components.
-    base = options.get("base", settings.models.model_options("sdxl").get("source", sdxl.DEFAULT_SOURCE))
-    checkpoints = parse_checkpoints(options["checkpoints"]) if "checkpoints" in options else DEFAULT_CHECKPOINTS
-    register(LightningGenerator(base, checkpoints, settings.models))
+    base = table.base or sdxl.source(settings)
+    checkpoints = parse_checkpoints(table.checkpoints) if table.checkpoints is not None else DEFAULT_CHECKPOINTS
+    register(LightningGenerator(base, checkpoints, settings.models, table))
+
+
+def _demo_checkpoint(folder: Path, steps: int) -> Path:
+    return folder / DEMO_FOLDER / f"sdxl_lightning_{steps}step_unet.safetensors"
+
+
+def _build_demo(folder: Path) -> None:
+    """One tiny SDXL UNet per step count: each fits the demo sdxl pipeline, as the real ones fit SDXL base."""
+    import torch
+    from safetensors.torch import save_file
+
+    (folder / DEMO_FOLDER).mkdir(parents=True, exist_ok=True)
+    for offset, steps in enumerate(DEMO_STEPS):
+        torch.manual_seed(10 + offset)
+        save_file(demo_weights.sdxl_unet().state_dict(), str(_demo_checkpoint(folder, steps)))
+
+
+def _demo_settings(folder: Path) -> Mapping[str, Mapping[str, Any]]:
+    checkpoints = {str(steps): str(_demo_checkpoint(folder, steps)) for steps in DEMO_STEPS}
+    # The demo sdxl is the base, as sdxl's source is by default: the two share components here too.
+    base = str(folder / sdxl.DEMO_FOLDER)
+    return {"models": {NAME: {"base": base, "checkpoints": checkpoints}}}
+
+
+@hookimpl
+def register_demo_models(register: Callable[[DemoModels], None]) -> None:
+    register(DemoModels(NAME, version=1, build=_build_demo, settings=_demo_settings))

@@ -21,8 +21,11 @@ import dataclasses
 import itertools
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from imagine.devtools.demo_models import DemoModels
 from imagine.errors import validation_error
 from imagine.plugin.generators import (
     GenerationRequest,
@@ -34,7 +37,8 @@ from imagine.plugin.generators import (
 )
 from imagine.plugin.hookspecs import hookimpl
 from imagine.settings import ModelsSettings, Settings, SettingsError
-from imagine_plugins.diffusers_base import DiffusersGenerator
+from imagine_plugins import demo_weights
+from imagine_plugins.diffusers_base import DiffusersGenerator, DiffusersTable
 from imagine_plugins.loras import LoraFolder, is_path_like
 
 log = logging.getLogger(__name__)
@@ -43,6 +47,10 @@ NAME = "sd15-lora"
 # The runwayml repository is gone from the hub; this is its official continuation.
 DEFAULT_SOURCE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DEFAULT_MAX_CACHED = 8
+# The demo: a tiny SD 1.5 pipeline and random LoRAs for it, in these folders of the demo folder.
+DEMO_FOLDER = "sd15"
+DEMO_LORA_DIR = "loras"
+DEMO_LORAS = ("pixel-art", "watercolor")
 
 CARD = ModelCard(
     description="Stable Diffusion 1.5 with LoRAs from the LoRA folder, chosen per request with their weights",
@@ -50,8 +58,21 @@ CARD = ModelCard(
     limits=ModelLimits(min_size=256, max_size=1024, max_steps=100, schedulers=("dpmpp_2m", "euler", "euler_a", "ddim", "pndm")),
     vram_required="3-4 GB (float16), plus 10-150 MB per cached LoRA",
     aliases=("stable-diffusion-1.5", "sd15"),
-    extra={"takes_loras": True},
+    takes_loras=True,
 )
+
+
+@dataclass(frozen=True)
+class LoraTable(DiffusersTable):
+    """`[models.sd15-lora]`: the weights, and the LoRAs."""
+
+    # name = weight, used when a request sends no "loras" field
+    default_loras: Mapping[str, Any] | None = None
+    max_cached_loras: int = DEFAULT_MAX_CACHED
+
+    def __post_init__(self) -> None:
+        if self.max_cached_loras < 1:
+            raise SettingsError(f"models.{NAME}.max_cached_loras must be a positive integer")
 
 
 def parse_default_loras(table: Any) -> tuple[LoraWeight, ...]:
@@ -85,15 +106,12 @@ class LoraGenerator(DiffusersGenerator):
     # Nothing shared: adapters are injected into the UNet and text encoder in place.
     shared_components = ()
 
-    def __init__(self, source: str, loras: LoraFolder, models: ModelsSettings) -> None:
-        options = models.model_options(NAME)
-        defaults = parse_default_loras(options.get("default_loras", {}))
+    def __init__(self, table: LoraTable, loras: LoraFolder, models: ModelsSettings) -> None:
+        defaults = parse_default_loras(table.default_loras or {})
         card = dataclasses.replace(CARD, defaults=dataclasses.replace(CARD.defaults, loras=defaults))
-        super().__init__(NAME, card, source, models)
+        super().__init__(NAME, card, table.source or DEFAULT_SOURCE, models, table)
         self.loras = loras
-        self.max_cached = options.get("max_cached_loras", DEFAULT_MAX_CACHED)
-        if isinstance(self.max_cached, bool) or not isinstance(self.max_cached, int) or self.max_cached < 1:
-            raise SettingsError(f"models.{NAME}.max_cached_loras must be a positive integer")
+        self.max_cached = table.max_cached_loras
         # LoRA name -> its adapter, least recently used first.
         self._adapters: collections.OrderedDict[str, _Adapter] = collections.OrderedDict()
         # Adapter names are never reused, so peft never sees a stale one.
@@ -189,5 +207,36 @@ class LoraGenerator(DiffusersGenerator):
 
 @hookimpl
 def register_generators(register: Callable[[Generator], None], settings: Settings) -> None:
-    source = settings.models.model_options(NAME).get("source", DEFAULT_SOURCE)
-    register(LoraGenerator(source, LoraFolder(settings.models.lora_dir), settings.models))
+    table = settings.models.table(NAME, LoraTable)
+    register(LoraGenerator(table, LoraFolder(settings.models.lora_dir), settings.models))
+
+
+def _build_demo(folder: Path) -> None:
+    """A tiny SD 1.5 pipeline, then random LoRAs on its UNet."""
+    import torch
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    torch.manual_seed(2)
+    pipe = StableDiffusionPipeline(
+        vae=demo_weights.vae(scaling_factor=0.18215),
+        text_encoder=demo_weights.text_encoder(),
+        tokenizer=demo_weights.clip_tokenizer(pad_token="<|endoftext|>"),
+        # Default generation size 512px, as the real SD1.5.
+        unet=demo_weights.unet(sample_size=64, cross_attention_dim=demo_weights.TEXT_HIDDEN_SIZE),
+        scheduler=PNDMScheduler(**demo_weights.SCHEDULE, skip_prk_steps=True, set_alpha_to_one=False),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder / DEMO_FOLDER, safe_serialization=True)
+    for offset, name in enumerate(DEMO_LORAS):
+        demo_weights.save_random_lora(pipe, folder / DEMO_LORA_DIR, name, seed=20 + offset)
+
+
+def _demo_settings(folder: Path) -> Mapping[str, Mapping[str, Any]]:
+    return {"models": {"lora_dir": str(folder / DEMO_LORA_DIR), NAME: {"source": str(folder / DEMO_FOLDER)}}}
+
+
+@hookimpl
+def register_demo_models(register: Callable[[DemoModels], None]) -> None:
+    register(DemoModels(NAME, version=1, build=_build_demo, settings=_demo_settings))

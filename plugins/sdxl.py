@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
 
+from imagine.devtools.demo_models import DemoModels
 from imagine.plugin.generators import Generator, ModelCard, ModelDefaults, ModelLimits
 from imagine.plugin.hookspecs import hookimpl
 from imagine.settings import Settings
-from imagine_plugins.diffusers_base import DiffusersGenerator
+from imagine_plugins import demo_weights
+from imagine_plugins.diffusers_base import DiffusersGenerator, DiffusersTable
 
+NAME = "sdxl"
 DEFAULT_SOURCE = "stabilityai/stable-diffusion-xl-base-1.0"
+# Where the demo pipeline goes in the demo folder.
+DEMO_FOLDER = "sdxl"
 
 CARD = ModelCard(
     description="Stable Diffusion XL 1.0 base: high quality at 1024x1024, 20+ steps",
@@ -27,7 +34,24 @@ class SDXLGenerator(DiffusersGenerator):
     shared_components = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae")
 
 
+def source(settings: Settings) -> str:
+    """The weights sdxl loads: what its table names, else the published base."""
+    return settings.models.table(NAME, DiffusersTable).source or DEFAULT_SOURCE
+
+
 @hookimpl
 def register_generators(register: Callable[[Generator], None], settings: Settings) -> None:
-    source = settings.models.model_options("sdxl").get("source", DEFAULT_SOURCE)
-    register(SDXLGenerator("sdxl", CARD, source, settings.models))
+    register(SDXLGenerator(NAME, CARD, source(settings), settings.models, settings.models.table(NAME, DiffusersTable)))
+
+
+def _build_demo(folder: Path) -> None:
+    demo_weights.save_sdxl(folder / DEMO_FOLDER, seed=0, scheduler=demo_weights.sdxl_base_scheduler())
+
+
+def _demo_settings(folder: Path) -> Mapping[str, Mapping[str, Any]]:
+    return {"models": {NAME: {"source": str(folder / DEMO_FOLDER)}}}
+
+
+@hookimpl
+def register_demo_models(register: Callable[[DemoModels], None]) -> None:
+    register(DemoModels(NAME, version=1, build=_build_demo, settings=_demo_settings))

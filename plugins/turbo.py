@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
+from imagine.devtools.demo_models import DemoModels
 from imagine.plugin.generators import Generator, ModelCard, ModelDefaults, ModelLimits
 from imagine.plugin.hookspecs import hookimpl
 from imagine.settings import Settings
+from imagine_plugins import demo_weights
+from imagine_plugins.diffusers_base import DiffusersTable
 from imagine_plugins.sdxl import SDXLGenerator
 
+NAME = "sdxl-turbo"
 DEFAULT_SOURCE = "stabilityai/sdxl-turbo"
+DEMO_FOLDER = "sdxl-turbo"
 
 CARD = ModelCard(
     description="SDXL-Turbo: real-time 512x512 images in 1-4 steps, guidance 0",
@@ -28,5 +34,21 @@ class TurboGenerator(SDXLGenerator):
 
 @hookimpl
 def register_generators(register: Callable[[Generator], None], settings: Settings) -> None:
-    source = settings.models.model_options("sdxl-turbo").get("source", DEFAULT_SOURCE)
-    register(TurboGenerator("sdxl-turbo", CARD, source, settings.models))
+    table = settings.models.table(NAME, DiffusersTable)
+    register(TurboGenerator(NAME, CARD, table.source or DEFAULT_SOURCE, settings.models, table))
+
+
+def _build_demo(folder: Path) -> None:
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    scheduler = EulerAncestralDiscreteScheduler(**demo_weights.SCHEDULE, timestep_spacing="trailing")
+    demo_weights.save_sdxl(folder / DEMO_FOLDER, seed=1, scheduler=scheduler)
+
+
+def _demo_settings(folder: Path) -> Mapping[str, Mapping[str, Any]]:
+    return {"models": {NAME: {"source": str(folder / DEMO_FOLDER)}}}
+
+
+@hookimpl
+def register_demo_models(register: Callable[[DemoModels], None]) -> None:
+    register(DemoModels(NAME, version=1, build=_build_demo, settings=_demo_settings))

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from imagine.http.app import create_app
-from imagine.security.tokens import KeyMaterial
+from imagine.security.tokens import JwtKeys
 from imagine.devtools.demo_models import demo_settings, prepare_demo_models
 from imagine.settings import Settings, load_settings
 
@@ -29,7 +29,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 SECRET = secrets.token_urlsafe(48).encode()
-KEYS = KeyMaterial("HS256", SECRET, SECRET, "environment", "test")
+KEYS = JwtKeys("HS256", SECRET, SECRET, "environment", "test")
 
 
 def make_token(sub: str = "alice", scope: str | list[str] = "generate", *, secret: bytes = SECRET, **claims: Any) -> str:

@@ -12,12 +12,9 @@ import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from safetensors.torch import load_file
 
-from imagine.devtools.demo_models import (
-    DEMO_MODELS_VERSION,
-    LIGHTNING_STEPS,
-    LORA_NAMES,
-    ensure_demo_models,
-)
+from imagine.devtools.demo_models import DEMO_MODELS_VERSION, ensure_demo_models
+from imagine_plugins.lightning import DEMO_STEPS as LIGHTNING_STEPS
+from imagine_plugins.sd15_lora import DEMO_LORAS as LORA_NAMES
 
 # These tests run torch on pytest's own thread: conftest runs them last.
 pytestmark = pytest.mark.torch_in_test_thread

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from imagine.devtools.demo_models import names_weights
 from imagine.settings import QueueSettings, ServerSettings, load_settings
 from tests.conftest import SECRET, make_token
 from tests.processes import LOOPBACK, fill_in, free_port, nginx, program, redis_server, stop, wait_for_port
@@ -65,7 +66,7 @@ def test_the_shipped_files_agree_with_the_service() -> None:
     assert example.server.trusted_proxies == ("127.0.0.1",)
     assert example.ratelimit.shared and example.ratelimit.redis_failure == "closed"
     assert example.server.max_body_bytes == ServerSettings().max_body_bytes
-    assert example.models.has_sources
+    assert names_weights(example)
     unit = (DEPLOY / "imagine@.service").read_text()
     for line in ("Environment=CUDA_VISIBLE_DEVICES=%i", "EnvironmentFile=/etc/imagine/secrets.env"):
         assert line in unit

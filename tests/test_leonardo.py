@@ -14,6 +14,7 @@ from PIL import Image
 
 from imagine.http.app import create_app
 from imagine.settings import Settings, SettingsError, load_settings
+from imagine_plugins.leonardo import LeonardoSettings
 from imagine_plugins.leonardo_catalog import MODELS
 from tests.conftest import KEYS, auth, pixels
 from tests.fake_leonardo import API_PREFIX, FakeLeonardo, gradient
@@ -317,7 +318,7 @@ async def test_configured_shows_in_models_and_status(leonardo) -> None:
 
 def test_leonardo_settings_are_checked_at_startup(base_settings) -> None:
     environment = {"IMAGINE_LEONARDO_MAX_CONCURRENT": "4", "IMAGINE_LEONARDO_BASE_URL": "http://127.0.0.1:1/v1"}
-    assert load_settings(None, environment).leonardo.max_concurrent == 4
+    assert load_settings(None, environment).section("leonardo", LeonardoSettings).max_concurrent == 4
     with pytest.raises(SettingsError, match="max_concurrent"):
         load_settings(None, {"IMAGINE_LEONARDO_MAX_CONCURRENT": "0"})
     with pytest.raises(SettingsError, match="base_url"):

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from imagine.devtools.demo_models import DEMO_LORA_DIR
+from imagine_plugins.sd15_lora import DEMO_LORA_DIR
 from tests.conftest import assert_same_image, auth, pixels
 
 URL = "/imagine/generate"

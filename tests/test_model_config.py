@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from imagine.devtools.demo_models import names_weights
 from imagine.plugin.manager import collect_generators, plugin_manager
 from imagine.settings import SettingsError, load_settings
 
@@ -38,7 +39,7 @@ def test_the_documented_configuration_loads(tmp_path) -> None:
     settings, registered = generators(tmp_path, TOML)
     assert settings.models.lora_dir == "/srv/loras"
     assert settings.models.memory_budget_gb == 20.0
-    assert settings.models.has_sources
+    assert names_weights(settings)
     lightning = registered["sdxl-lightning"]
     assert lightning.source == "/srv/models/sdxl-base"  # sdxl's weights, so the two share components
     assert lightning.card.limits.step_choices == (1, 2)
@@ -51,7 +52,7 @@ def test_the_documented_configuration_loads(tmp_path) -> None:
 
 def test_lightning_alone_counts_as_configured_weights(tmp_path) -> None:
     settings, _ = generators(tmp_path, '[models.sdxl-lightning]\nbase = "/srv/sdxl"\n')
-    assert settings.models.has_sources  # so `imagine serve` does not swap in the demo models
+    assert names_weights(settings)  # so `imagine serve` does not swap in the demo models
 
 
 def test_without_configuration_lightning_offers_every_published_checkpoint(tmp_path) -> None:
@@ -82,9 +83,9 @@ def test_building_the_app_with_every_builtin_plugin_imports_no_torch() -> None:
     code = (
         "import sys\n"
         "from imagine.http.app import create_app\n"
-        "from imagine.security.tokens import KeyMaterial\n"
+        "from imagine.security.tokens import JwtKeys\n"
         "from imagine.settings import Settings\n"
-        "create_app(Settings(), keys=KeyMaterial('HS256', b'k' * 32, b'k' * 32, 'environment'))\n"
+        "create_app(Settings(), keys=JwtKeys('HS256', b'k' * 32, b'k' * 32, 'environment'))\n"
         "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'peft') if m in sys.modules))\n"
     )
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

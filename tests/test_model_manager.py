@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from imagine.devtools.demo_models import DEMO_SOURCES
 from imagine.http.app_keys import executor_key
 from tests.conftest import auth
 from tests.slow_plugin import SlowPlugin
@@ -111,9 +110,10 @@ def weights_bytes(folder: Path) -> int:
     return sum(path.stat().st_size for path in folder.rglob("*.safetensors"))
 
 
-async def test_a_memory_budget_unloads_the_least_recently_used_model(make_client, base_settings, demo_folder) -> None:
+async def test_a_memory_budget_unloads_the_least_recently_used_model(make_client, base_settings) -> None:
     # Room for any two of these models, never three.
-    largest = max(weights_bytes(demo_folder / DEMO_SOURCES[name]) for name in ("sdxl", "sdxl-turbo", "sd15-lora"))
+    sources = [Path(base_settings.models.model_options(name)["source"]) for name in ("sdxl", "sdxl-turbo", "sd15-lora")]
+    largest = max(weights_bytes(source) for source in sources)
     client = await make_client(base_settings.replace(models={"memory_budget_gb": 2.5 * largest / 1024**3}))
 
     async def use(model: str) -> None:

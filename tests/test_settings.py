@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from imagine.devtools.demo_models import names_weights
 from imagine.settings import Settings, SettingsError, load_settings
 
 
@@ -20,7 +21,7 @@ def test_no_file_gives_safe_defaults() -> None:
     assert settings.server.base_path == "/imagine"
     assert settings.server.trusted_proxies == ()
     assert settings.auth.algorithm == "HS256"
-    assert settings.models.has_sources is False
+    assert names_weights(settings) is False
 
 
 def test_toml_with_model_tables_and_environment_overrides(tmp_path) -> None:
@@ -50,7 +51,7 @@ default_steps = 2
     assert settings.models.default == "sdxl-turbo"
     assert settings.models.preload == ("sdxl-turbo",)
     assert settings.models.model_options("sdxl-turbo") == {"source": "/srv/models/sdxl-turbo", "default_steps": 2}
-    assert settings.models.has_sources is True
+    assert names_weights(settings) is True
 
 
 @pytest.mark.parametrize(

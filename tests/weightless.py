@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from imagine.plugin.generators import Generator
+from imagine.plugin.generators import LocalGenerator
 
 
-class WeightlessGenerator(Generator):
+class WeightlessGenerator(LocalGenerator):
     _loaded = False
 
     @property

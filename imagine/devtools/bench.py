@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import aiohttp
 from aiohttp import web
 
-from imagine.security.tokens import KeyMaterial, load_key_material, sign_token
+from imagine.security.tokens import JwtKeys, load_jwt_keys, sign_token
 from imagine.errors import ApiError
 from imagine.settings import Settings
 
@@ -140,7 +140,7 @@ class Service:
 
 
 @contextlib.asynccontextmanager
-async def running_service(settings: Settings, keys: KeyMaterial) -> AsyncIterator[Service]:
+async def running_service(settings: Settings, keys: JwtKeys) -> AsyncIterator[Service]:
     from imagine.http.app import create_app
 
     app = create_app(settings, keys=keys)
@@ -226,7 +226,7 @@ def _body(model: str, size: int, steps: int, response: str = "png", store: bool 
 # ---- modes -----------------------------------------------------------------
 
 
-async def overhead(settings: Settings, keys: KeyMaterial, token: str, arguments: argparse.Namespace) -> None:
+async def overhead(settings: Settings, keys: JwtKeys, token: str, arguments: argparse.Namespace) -> None:
     """Bare calls and HTTP requests are made in pairs, so drifts in machine load hit both alike."""
     size, steps = arguments.size, arguments.steps
     bare: list[float] = []
@@ -334,7 +334,7 @@ class PairedRounds:
 
 
 async def paired_rounds(
-    settings: Settings, keys: KeyMaterial, token: str, arguments: argparse.Namespace, bare_batch: int
+    settings: Settings, keys: JwtKeys, token: str, arguments: argparse.Namespace, bare_batch: int
 ) -> PairedRounds:
     """Round after round: the bare loop at `bare_batch` images a call, then N closed-loop clients."""
     size, steps, images = arguments.size, arguments.steps, arguments.requests
@@ -361,7 +361,7 @@ async def paired_rounds(
     return result
 
 
-async def batching(settings: Settings, keys: KeyMaterial, token: str, arguments: argparse.Namespace) -> None:
+async def batching(settings: Settings, keys: JwtKeys, token: str, arguments: argparse.Namespace) -> None:
     """Images/s of the service with batching off and on, each against the bare loop it should match.
 
     Batching off is paired with a bare batch-1 loop, batching on with a bare
@@ -408,7 +408,7 @@ async def batching(settings: Settings, keys: KeyMaterial, token: str, arguments:
     )
 
 
-async def load(settings: Settings, keys: KeyMaterial, token: str, arguments: argparse.Namespace) -> None:
+async def load(settings: Settings, keys: JwtKeys, token: str, arguments: argparse.Namespace) -> None:
     body = _body(arguments.model, arguments.size, arguments.steps)
 
     async def run(url: str) -> Outcome:
@@ -478,7 +478,7 @@ def run(settings: Settings, arguments: argparse.Namespace) -> int:
     except ApiError as error:
         print(f"imagine bench: {error.message}", file=sys.stderr)
         return 2
-    keys = load_key_material(settings.auth, Path(settings.server.state_dir))
+    keys = load_jwt_keys(settings.auth, Path(settings.server.state_dir))
     settings = bench_settings(settings, arguments.model, arguments.size)
     token = arguments.token or sign_token(keys, settings.auth, sub="bench", scopes=("generate",), ttl_s=86400)
     asyncio.run(MODES[arguments.mode](settings, keys, token, arguments))

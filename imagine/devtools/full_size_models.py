@@ -19,7 +19,7 @@ from __future__ import annotations
 import pathlib
 from typing import Any
 
-from imagine.devtools.demo_models import clip_text_config, sdxl_base_scheduler, sdxl_pipeline
+from imagine_plugins.demo_weights import clip_text_config, sdxl_base_scheduler, sdxl_pipeline
 
 # From the checkpoint's unet/config.json.
 SDXL_UNET: dict[str, Any] = {

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import psutil
 
-GIB = 1024**3
+from imagine.engine.memory import GIB
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,14 @@
 """The device executor: one thread owns the accelerator and runs every torch call.
 
-Handlers submit a `Job` and await its future; the thread resolves it with
-`loop.call_soon_threadsafe`, so nothing blocking ever runs on the event loop.
-The queue is bounded, every job has a deadline, and a job can be stopped at
-any time: removed if still queued, interrupted at its next denoising step if
-running. Compatible queued jobs run as one batch (see `imagine.engine.batching`);
-a member stopped mid-run is answered at once and its images discarded, while
-the others go on. Control tasks (loading or unloading a model) run on the same
-thread between batches, ahead of queued jobs, and hand their result back the
-same way.
+Handlers submit a `WorkItem` (see `imagine.engine.work`) and await its future;
+the thread resolves it with `loop.call_soon_threadsafe`, so nothing blocking
+ever runs on the event loop. Work waits in a bounded `WorkQueue` (see
+`imagine.engine.queue`), has a deadline, and can be stopped at any time:
+removed if still queued, interrupted at its next denoising step if running.
+The queue hands out compatible work as one batch; a member stopped mid-run is
+answered at once and its images discarded, while the others go on. Control
+tasks (loading or unloading a model) run on the same thread between batches,
+ahead of queued work, and hand their result back the same way.
 """
 
 from __future__ import annotations
@@ -18,105 +18,35 @@ import collections
 import itertools
 import logging
 import math
-import secrets
 import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from enum import Enum
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from imagine.engine import device
-from imagine.engine.batching import FairBatcher
-from imagine.errors import ApiError
-from imagine.plugin.generators import GenerationInterrupted, GenerationRequest, Generator, StepProgress
+from imagine.engine.queue import QueueFull, WorkQueue
 from imagine.engine.registry import ModelRegistry
 from imagine.engine.telemetry import NO_TELEMETRY, Telemetry
-
-if TYPE_CHECKING:
-    from PIL import Image
+from imagine.engine.work import (
+    GenerationOutput,
+    JobObserver,
+    WorkItem,
+    WorkState,
+    cancelled_error,
+    shutting_down_error,
+    timeout_error,
+)
+from imagine.errors import ApiError
+from imagine.plugin.generators import GenerationInterrupted, GenerationRequest, Generator, StepProgress
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-
-class JobState(str, Enum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
-@dataclass(frozen=True)
-class GenerationOutput:
-    images: list[Image.Image]
-    seeds: list[int]
-    generation_time: float  # seconds on the device
-    queue_time: float  # seconds waiting for it
-    vram_used: float  # GB at the peak of this run; 0.0 without a GPU
-    runtime: dict[str, Any]  # device and dtype, as the generator reports them
-
-
-def cancelled_error() -> ApiError:
-    return ApiError(499, "CANCELLED", "The generation was cancelled")
-
-
-def timeout_error(timeout_s: float) -> ApiError:
-    return ApiError(504, "TIMEOUT", f"The generation did not finish within {timeout_s:g} s")
-
-
-class JobObserver(Protocol):
-    """Told, on the event loop, how a job moves through the queue and the device."""
-
-    wants_preview: bool
-
-    def queued(self, position: int, eta_s: float) -> None: ...
-
-    def started(self) -> None: ...
-
-    def progress(self, step: int, total: int, preview: Image.Image | None) -> None: ...
-
-
-@dataclass(eq=False)
-class Job:
-    request: GenerationRequest
-    generator: Generator
-    timeout_s: float
-    future: asyncio.Future[GenerationOutput]
-    id: str = field(default_factory=lambda: "job_" + secrets.token_urlsafe(12))
-    state: JobState = JobState.QUEUED
-    submitted_at: float = field(default_factory=time.monotonic)
-    started_at: float | None = None
-    # Set by any thread to stop the job; `stop_error` says why.
-    _stop: threading.Event = field(default_factory=threading.Event)
-    stop_error: ApiError | None = None
-    observer: JobObserver | None = None
-    owner: str = ""  # the subject, for fair turns between callers
-
-    @property
-    def images(self) -> int:
-        return self.request.num_images
-
-    @property
-    def batch_key(self) -> tuple[Any, ...]:
-        return self.request.batch_key()
-
-    @property
-    def deadline(self) -> float:
-        return self.submitted_at + self.timeout_s
-
-    def request_stop(self, error: ApiError) -> None:
-        if not self._stop.is_set():
-            self.stop_error = error
-            self._stop.set()
-
-    def should_stop(self) -> bool:
-        if not self._stop.is_set() and time.monotonic() > self.deadline:
-            self.request_stop(timeout_error(self.timeout_s))
-        return self._stop.is_set()
+# How long stop() waits for the device thread: a step longer than this is not worth delaying the exit for.
+STOP_JOIN_S = 5.0
 
 
 @dataclass(eq=False)
@@ -137,27 +67,12 @@ def _resolve(future: asyncio.Future[Any], result: Any, error: ApiError | None) -
         future.set_result(result)
 
 
-# A replica that stops is restarted, or another behind the proxy takes the retry, within seconds.
-SHUTDOWN_RETRY_AFTER_S = 5
-# How long stop() waits for the device thread: a step longer than this is not worth delaying the exit for.
-STOP_JOIN_S = 5.0
-
-
-def shutting_down_error() -> ApiError:
-    return ApiError(
-        503,
-        "SERVICE_UNAVAILABLE",
-        "The service is shutting down, retry later",
-        headers={"Retry-After": str(SHUTDOWN_RETRY_AFTER_S)},
-    )
-
-
 class DeviceExecutor:
     def __init__(
         self,
         registry: ModelRegistry,
         *,
-        max_queue: int,
+        queue: WorkQueue[WorkItem],
         device_preference: str,
         preload: Sequence[str] = (),
         preview_every: int = 5,
@@ -166,29 +81,28 @@ class DeviceExecutor:
         telemetry: Telemetry = NO_TELEMETRY,
     ) -> None:
         self._registry = registry
+        self._queue = queue
         self._telemetry = telemetry
         self._preview_every = preview_every
         self._batch_max_images = batch_max_images
         self._batch_max_wait_s = batch_max_wait_ms / 1000
-        self._batcher = FairBatcher()
-        self.capacity = max_queue
         self._device_preference = device_preference
         self._preload = tuple(preload)
-        self._queue: collections.deque[Job] = collections.deque()
         self._controls: collections.deque[ControlTask] = collections.deque()
-        self._condition = threading.Condition()
-        # Jobs submitted and not settled yet, wherever they are (queued, in a forming batch, running).
-        self._unfinished: set[Job] = set()
+        # Taken before the queue's own lock, never after: intake decisions and the queue agree.
+        self._lock = threading.Lock()
+        # Work submitted and not settled yet, wherever it is (queued, in a forming batch, running).
+        self._unfinished: set[WorkItem] = set()
         self._accepting = True
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.device = "cpu"
         self.report = device.UNPROBED
-        self.running: list[Job] = []
-        # Mean seconds per job (moving average), overall for Retry-After and
+        self.running: list[WorkItem] = []
+        # Mean seconds per item (moving average), overall for Retry-After and
         # per model for ETAs; a model not measured yet borrows the overall figure.
-        self.seconds_per_job = 1.0
+        self.seconds_per_item = 1.0
         self._seconds_by_model: dict[str, float] = {}
         self.outcomes: collections.Counter[str] = collections.Counter()
 
@@ -200,10 +114,10 @@ class DeviceExecutor:
         self._thread.start()
 
     async def stop(self) -> None:
-        with self._condition:
+        with self._lock:
             self._stopping = True
             self._accepting = False
-            self._condition.notify_all()
+        self._queue.close()
         if self.fail_unfinished():
             log.warning("the device executor stopped with generations left; they failed with SERVICE_UNAVAILABLE")
         if self._thread is not None:
@@ -211,28 +125,27 @@ class DeviceExecutor:
             if self._thread.is_alive():
                 log.warning("the device thread is still busy after %g s; exiting without it", STOP_JOIN_S)
 
-    def close_intake(self) -> list[Job]:
-        """Refuse new generations and control tasks from now on (503); the jobs accepted and not finished."""
-        with self._condition:
+    def close_intake(self) -> list[WorkItem]:
+        """Refuse new generations and control tasks from now on (503); the work accepted and not finished."""
+        with self._lock:
             self._accepting = False
             return list(self._unfinished)
 
     def fail_unfinished(self) -> int:
-        """Fail every unfinished job with SERVICE_UNAVAILABLE: queued ones now, running ones at their next step.
+        """Fail all unfinished work with SERVICE_UNAVAILABLE: queued items now, running ones at their next step.
 
         Returns how many there were; queued control tasks fail the same way.
         """
         error = shutting_down_error()
-        with self._condition:
+        with self._lock:
             unfinished = list(self._unfinished)
-            queued = list(self._queue)
-            self._queue.clear()
+            queued = self._queue.drain()
             controls = list(self._controls)
             self._controls.clear()
-        for job in unfinished:
-            job.request_stop(error)  # a forming batch drops it, a running one at its next step
-        for job in queued:
-            self._settle(job, JobState.FAILED, error=error)
+        for item in unfinished:
+            item.request_stop(error)  # a forming batch drops it, a running one at its next step
+        for item in queued:
+            self._settle(item, WorkState.FAILED, error=error)
         for control in controls:
             _resolve(control.future, None, error)
         return len(unfinished)
@@ -245,8 +158,12 @@ class DeviceExecutor:
     def depth(self) -> int:
         return len(self._queue)
 
+    @property
+    def capacity(self) -> int:
+        return self._queue.capacity
+
     def retry_after_s(self) -> int:
-        return max(1, math.ceil((self.depth + 1) * self.seconds_per_job))
+        return max(1, math.ceil((self.depth + 1) * self.seconds_per_item))
 
     def submit(
         self,
@@ -255,115 +172,105 @@ class DeviceExecutor:
         timeout_s: float,
         observer: JobObserver | None = None,
         owner: str = "",
-    ) -> Job:
+    ) -> WorkItem:
         assert self._loop is not None, "executor not started"
         future: asyncio.Future[GenerationOutput] = self._loop.create_future()
-        # Nobody may be left to await a cancelled job: mark its error as seen.
+        # Nobody may be left to await cancelled work: mark its error as seen.
         future.add_done_callback(lambda done: done.cancelled() or done.exception())
-        job = Job(request=request, generator=generator, timeout_s=timeout_s, future=future, observer=observer, owner=owner)
-        with self._condition:
+        item = WorkItem(request=request, generator=generator, timeout_s=timeout_s, future=future, observer=observer, owner=owner)
+        with self._lock:
             if not self._accepting:
                 raise shutting_down_error()
-            if len(self._queue) >= self.capacity:
+            try:
+                self._queue.submit(item)
+            except QueueFull as full:
                 raise ApiError(
                     503,
                     "QUEUE_FULL",
                     "The generation queue is full, retry later",
-                    details={"queue_depth": len(self._queue), "capacity": self.capacity},
+                    details={"queue_depth": full.depth, "capacity": full.capacity},
                     headers={"Retry-After": str(self.retry_after_s())},
-                )
-            self._queue.append(job)
-            self._unfinished.add(job)
-            self._condition.notify()
+                ) from None
+            self._unfinished.add(item)
         if observer is not None:
-            observer.queued(self.position(job), self.eta_s(job))
-        return job
+            observer.queued(self.position(item), self.eta_s(item))
+        return item
 
     async def call(self, task: Callable[[], T]) -> T:
-        """Run `task` on the device thread before the next queued job, and return its result."""
+        """Run `task` on the device thread before the next queued work, and return its result."""
         assert self._loop is not None, "executor not started"
         future: asyncio.Future[T] = self._loop.create_future()
         future.add_done_callback(lambda done: done.cancelled() or done.exception())
-        with self._condition:
+        with self._lock:
             if self._stopping or not self._accepting:
                 raise shutting_down_error()
             self._controls.append(ControlTask(task, future))
-            self._condition.notify()
+        self._queue.wake()
         # A handler cancelled meanwhile does not stop the task: a half-done load helps nobody.
         return await asyncio.shield(future)
 
-    def position(self, job: Job) -> int:
-        """0 while running or done, else 1 for the next job to run."""
-        with self._condition:
-            try:
-                return self._queue.index(job) + 1
-            except ValueError:
-                return 0
+    def position(self, item: WorkItem) -> int:
+        """0 while running or done, else 1 for the next item to run."""
+        return self._queue.position(item)
 
-    def _estimate_s(self, job: Job) -> float:
-        return self._seconds_by_model.get(job.request.model, self.seconds_per_job)
+    def _estimate_s(self, item: WorkItem) -> float:
+        return self._seconds_by_model.get(item.request.model, self.seconds_per_item)
 
-    def eta_s(self, job: Job) -> float:
-        """Seconds until `job` is done: the jobs ahead, what is left of the running one, its own."""
-        with self._condition:
-            queued = list(self._queue)
-        ahead = queued[: queued.index(job)] if job in queued else []
-        eta = sum(self._estimate_s(other) for other in ahead) + self._estimate_s(job)
+    def eta_s(self, item: WorkItem) -> float:
+        """Seconds until `item` is done: the work ahead, what is left of the running batch, its own."""
+        queued = self._queue.waiting()
+        ahead = queued[: queued.index(item)] if item in queued else []
+        eta = sum(self._estimate_s(other) for other in ahead) + self._estimate_s(item)
         running = self.running
-        if running and job not in running and running[0].started_at is not None:
+        if running and item not in running and running[0].started_at is not None:
             eta += max(0.0, self._estimate_s(running[0]) - (time.monotonic() - running[0].started_at))
         return round(eta, 2)
 
     def _announce_positions(self) -> None:
-        """On the loop, after a job left the queue: everyone behind it moved up."""
-        with self._condition:
-            waiting = list(self._queue)
-        for job in waiting:
-            if job.observer is not None:
-                job.observer.queued(self.position(job), self.eta_s(job))
+        """On the loop, after an item left the queue: everyone behind it moved up."""
+        for item in self._queue.waiting():
+            if item.observer is not None:
+                item.observer.queued(self.position(item), self.eta_s(item))
 
     def _on_loop(self, callback: Any, *arguments: Any) -> None:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(callback, *arguments)
 
-    def cancel(self, job: Job, error: ApiError | None = None) -> None:
-        """Stop a job: dropped now if queued, at its next step if running."""
+    def cancel(self, item: WorkItem, error: ApiError | None = None) -> None:
+        """Stop work: dropped now if queued, at its next step if running."""
         error = error or cancelled_error()
-        job.request_stop(error)
-        with self._condition:
-            try:
-                self._queue.remove(job)
-            except ValueError:
-                return  # running or finished: the device thread sees the stop flag
-        self._settle(job, JobState.CANCELLED, error=error)
+        item.request_stop(error)
+        if not self._queue.cancel(item):
+            return  # running or finished: the device thread sees the stop flag
+        self._settle(item, WorkState.CANCELLED, error=error)
         self._announce_positions()
 
-    async def wait(self, job: Job) -> GenerationOutput:
-        """Await a job; if the awaiting handler is cancelled (client gone), so is the job."""
+    async def wait(self, item: WorkItem) -> GenerationOutput:
+        """Await work; if the awaiting handler is cancelled (client gone), so is the work."""
         try:
-            return await asyncio.wait_for(asyncio.shield(job.future), timeout=max(0.0, job.deadline - time.monotonic()))
+            return await asyncio.wait_for(asyncio.shield(item.future), timeout=max(0.0, item.deadline - time.monotonic()))
         except TimeoutError:
-            self.cancel(job, timeout_error(job.timeout_s))
-            raise timeout_error(job.timeout_s) from None
+            self.cancel(item, timeout_error(item.timeout_s))
+            raise timeout_error(item.timeout_s) from None
         except asyncio.CancelledError:
-            self.cancel(job)
+            self.cancel(item)
             raise
 
-    def _settle(self, job: Job, state: JobState, output: GenerationOutput | None = None, error: ApiError | None = None) -> None:
+    def _settle(self, item: WorkItem, state: WorkState, output: GenerationOutput | None = None, error: ApiError | None = None) -> None:
         """Record the outcome and resolve the future on the loop (callable from any thread)."""
-        job.state = state
+        item.state = state
         self.outcomes[state.value] += 1
-        with self._condition:
-            self._unfinished.discard(job)
+        with self._lock:
+            self._unfinished.discard(item)
         assert self._loop is not None
         try:
             on_loop = asyncio.get_running_loop() is self._loop
         except RuntimeError:  # the device thread has no loop
             on_loop = False
         if on_loop:
-            _resolve(job.future, output, error)
+            _resolve(item.future, output, error)
         else:
-            self._loop.call_soon_threadsafe(_resolve, job.future, output, error)
+            self._loop.call_soon_threadsafe(_resolve, item.future, output, error)
 
     # ---- device thread ----------------------------------------------------
 
@@ -380,34 +287,34 @@ class DeviceExecutor:
             self._execute(batch)
             self.report = device.report(self.device)
 
-    def _next_batch(self) -> list[Job] | None:
-        """The next jobs to run, after running any control tasks waiting before them."""
+    def _next_batch(self) -> list[WorkItem] | None:
+        """The next work to run, after running any control tasks waiting before it."""
         while True:
-            with self._condition:
-                while not self._queue and not self._controls and not self._stopping:
-                    self._condition.wait()
+            with self._lock:
                 if self._stopping:
                     return None
                 control = self._controls.popleft() if self._controls else None
-                if control is None:
-                    batch = self._batcher.take(self._queue, self._batch_max_images)
-                    self._wait_for_company(batch)
-                    live = []
-                    for job in batch:
-                        if job.should_stop():  # expired while waiting
-                            self._settle(job, JobState.FAILED, error=job.stop_error)
-                        else:
-                            live.append(job)
-                    if not live:
-                        continue
-                    for job in live:
-                        job.state = JobState.RUNNING
-                        if job.observer is not None:
-                            self._on_loop(job.observer.started)
-                    self.running = live
-                    self._on_loop(self._announce_positions)
-                    return live
-            self._run_control(control)  # outside the lock: submissions go on meanwhile
+            if control is not None:
+                self._run_control(control)  # submissions go on meanwhile
+                continue
+            batch = self._queue.take(self._batch_max_images, self._batch_max_wait_s)
+            if batch is None:
+                return None
+            live = []
+            for item in batch:
+                if item.should_stop():  # expired while waiting
+                    self._settle(item, WorkState.FAILED, error=item.stop_error)
+                else:
+                    live.append(item)
+            if not live:
+                continue  # woken for a control task, or everything taken had expired
+            for item in live:
+                item.state = WorkState.RUNNING
+                if item.observer is not None:
+                    self._on_loop(item.observer.started)
+            self.running = live
+            self._on_loop(self._announce_positions)
+            return live
 
     def _run_control(self, control: ControlTask) -> None:
         result: Any = None
@@ -423,25 +330,12 @@ class DeviceExecutor:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(_resolve, control.future, result, error)
 
-    def _wait_for_company(self, batch: list[Job]) -> None:
-        """With batch.max_wait_ms, give compatible requests a moment to arrive (lock held)."""
-        deadline = time.monotonic() + self._batch_max_wait_s
-        while (room := self._batch_max_images - sum(job.images for job in batch)) > 0:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or self._stopping:
-                return
-            self._condition.wait(remaining)
-            joining = self._batcher.compatible(self._queue, batch[0].batch_key, room)
-            for job in joining:
-                self._queue.remove(job)
-            batch.extend(joining)
-
-    def _execute(self, batch: list[Job]) -> None:
+    def _execute(self, batch: list[WorkItem]) -> None:
         started_at = time.monotonic()
         generator = batch[0].generator
-        for job in batch:
-            job.started_at = started_at
-            self._telemetry.queue_waited(started_at - job.submitted_at)
+        for item in batch:
+            item.started_at = started_at
+            self._telemetry.queue_waited(started_at - item.submitted_at)
         try:
             self._registry.ensure_loaded(generator)
             outputs = self._generate(batch)
@@ -451,82 +345,82 @@ class DeviceExecutor:
         except GenerationInterrupted:
             pass  # every member was stopped, and settled as it stopped
         except ApiError as error:
-            self._settle_all(batch, JobState.FAILED, error)
+            self._settle_all(batch, WorkState.FAILED, error)
         except Exception as error:
-            still_running = [job for job in batch if job.state is JobState.RUNNING]
+            still_running = [item for item in batch if item.state is WorkState.RUNNING]
             if len(still_running) > 1 and device.is_out_of_memory(error):
                 # The batch was too big for the device, not necessarily any one
                 # request: give its memory back, then run the members one by one.
                 self._release_memory(generator, error)
-                for job in still_running:
-                    self._execute([job])
+                for item in still_running:
+                    self._execute([item])
             else:
-                self._settle_all(batch, JobState.FAILED, self._failure(generator, error))
+                self._settle_all(batch, WorkState.FAILED, self._failure(generator, error))
         else:
-            for job, output in zip(batch, outputs, strict=True):
-                self._settle_unless_stopped(job, output)
+            for item, output in zip(batch, outputs, strict=True):
+                self._settle_unless_stopped(item, output)
         finally:
             self.running = []
-            per_job = (time.monotonic() - started_at) / len(batch)
-            self.seconds_per_job = 0.8 * self.seconds_per_job + 0.2 * per_job
+            per_item = (time.monotonic() - started_at) / len(batch)
+            self.seconds_per_item = 0.8 * self.seconds_per_item + 0.2 * per_item
             model = generator.name
-            self._seconds_by_model[model] = 0.8 * self._seconds_by_model.get(model, per_job) + 0.2 * per_job
+            self._seconds_by_model[model] = 0.8 * self._seconds_by_model.get(model, per_item) + 0.2 * per_item
 
-    def _settle_all(self, batch: list[Job], state: JobState, error: ApiError) -> None:
-        for job in batch:
-            if not job.future.done() and job.state is JobState.RUNNING:
-                self._settle(job, state, error=error)
+    def _settle_all(self, batch: list[WorkItem], state: WorkState, error: ApiError) -> None:
+        for item in batch:
+            if not item.future.done() and item.state is WorkState.RUNNING:
+                self._settle(item, state, error=error)
 
-    def _settle_stopped(self, job: Job) -> None:
-        error = job.stop_error or cancelled_error()
-        self._settle(job, JobState.CANCELLED if error.code == "CANCELLED" else JobState.FAILED, error=error)
+    def _settle_stopped(self, item: WorkItem) -> None:
+        error = item.stop_error or cancelled_error()
+        self._settle(item, WorkState.CANCELLED if error.code == "CANCELLED" else WorkState.FAILED, error=error)
 
-    def _settle_unless_stopped(self, job: Job, output: GenerationOutput) -> None:
-        if job.state is not JobState.RUNNING:
+    def _settle_unless_stopped(self, item: WorkItem, output: GenerationOutput) -> None:
+        if item.state is not WorkState.RUNNING:
             return  # left the batch when it was stopped
-        if job.should_stop():
-            self._settle_stopped(job)
+        if item.should_stop():
+            self._settle_stopped(item)
         else:
-            self._settle(job, JobState.SUCCEEDED, output=output)
+            self._settle(item, WorkState.SUCCEEDED, output=output)
 
-    def _generate(self, batch: list[Job]) -> list[GenerationOutput]:
+    def _generate(self, batch: list[WorkItem]) -> list[GenerationOutput]:
         generator = batch[0].generator
 
-        # Where each job's images sit in the batch's latents: a preview shows the job's own.
-        offsets = list(itertools.accumulate((job.images for job in batch[:-1]), initial=0))
+        # Where each item's images sit in the batch's latents: a preview shows the item's own.
+        offsets = list(itertools.accumulate((item.images for item in batch[:-1]), initial=0))
 
         def on_step(progress: StepProgress) -> bool:
-            for job, offset in zip(batch, offsets, strict=True):
-                if job.state is not JobState.RUNNING:
+            for item, offset in zip(batch, offsets, strict=True):
+                if item.state is not WorkState.RUNNING:
                     continue
-                if job.should_stop():
+                if item.should_stop():
                     # It leaves the batch now: its caller hears at once, the others go on.
-                    self._settle_stopped(job)
+                    self._settle_stopped(item)
                     continue
-                if job.observer is not None:
+                if item.observer is not None:
                     preview = None
-                    if job.observer.wants_preview and progress.latents is not None and progress.step % self._preview_every == 0:
+                    if item.observer.wants_preview and progress.latents is not None and progress.step % self._preview_every == 0:
                         preview = generator.latent_preview(progress.latents[offset : offset + 1])
-                    self._on_loop(job.observer.progress, progress.step, progress.total, preview)
-            return all(job.state is not JobState.RUNNING for job in batch)
+                    self._on_loop(item.observer.progress, progress.step, progress.total, preview)
+            return all(item.state is not WorkState.RUNNING for item in batch)
 
         started = time.perf_counter()
-        images = generator.generate([job.request for job in batch], on_step)
+        images = generator.generate([item.request for item in batch], on_step)
         generation_time = time.perf_counter() - started
-        self._telemetry.generated(generator.name, generation_time, sum(len(job_images) for job_images in images))
+        self._telemetry.generated(generator.name, generation_time, sum(len(item_images) for item_images in images))
         self._telemetry.batched(len(batch))
         vram_used = device.generation_memory_gb(self.device)
         runtime = generator.runtime_info()
         return [
             GenerationOutput(
-                images=job_images,
-                seeds=job.request.seeds,
+                images=item_images,
+                seeds=item.request.seeds,
                 generation_time=generation_time,
-                queue_time=(job.started_at or 0.0) - job.submitted_at,
+                queue_time=(item.started_at or 0.0) - item.submitted_at,
                 vram_used=vram_used,
                 runtime=runtime,
             )
-            for job, job_images in zip(batch, images, strict=True)
+            for item, item_images in zip(batch, images, strict=True)
         ]
 
     def _release_memory(self, generator: Generator, error: BaseException) -> None:
@@ -541,7 +435,7 @@ class DeviceExecutor:
 
     def _failure(self, generator: Generator, error: Exception) -> ApiError:
         if device.is_out_of_memory(error):
-            # Only this job fails; the next one finds the memory free.
+            # Only this item fails; the next one finds the memory free.
             self._release_memory(generator, error)
             return ApiError(
                 503,

@@ -1,9 +1,12 @@
-"""One generation from validated request to encoded PNGs: what every generating route shares."""
+"""One generation from validated request to encoded PNGs: what every generating route shares.
+
+`submit` is the one way in: it queues the work at once and hands back the coroutine
+that finishes it, whichever kind of generator runs it.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import time
 from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
@@ -12,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from imagine.security.tokens import Principal
-from imagine.engine.executor import GenerationOutput, JobObserver, timeout_error
+from imagine.engine.work import GenerationOutput, JobObserver, timeout_error
 from imagine.storage.gallery import ImageMetadata
 from imagine.plugin.generators import CloudGenerator, GenerationRequest, Generator
 from imagine.http.app_keys import (
@@ -52,14 +55,29 @@ def server_timing(timings: Mapping[str, float]) -> str:
     return ", ".join(f"{name};dur={seconds * 1000:.2f}" for name, seconds in timings.items())
 
 
-def run_generation(
+def submit(
     app: web.Application,
     principal: Principal,
     request: GenerationRequest,
     generator: Generator,
+    *,
+    store: bool,
     observer: JobObserver | None = None,
+) -> Coroutine[Any, Any, Generated]:
+    """Queue a generation now, so a full queue is refused at once (503); the returned coroutine
+    finishes it: awaits the images, encodes them and keeps them in the caller's gallery unless
+    `store` is False."""
+    return _finish(app, principal, request, generator, _run(app, principal, request, generator, observer), store)
+
+
+def _run(
+    app: web.Application,
+    principal: Principal,
+    request: GenerationRequest,
+    generator: Generator,
+    observer: JobObserver | None,
 ) -> Coroutine[Any, Any, GenerationOutput]:
-    """Queue local work now (a full queue is refused at once, 503); the coroutine awaits it."""
+    """Local work is queued on the device executor now; a cloud call only starts when awaited, on the loop."""
     timeout_s = app[settings_key].queue.timeout_s
     if isinstance(generator, CloudGenerator):
         return _run_remote(request, generator, timeout_s, observer, app[metrics_key])
@@ -127,79 +145,28 @@ def image_metadata(request: GenerationRequest, output: GenerationOutput, seed: i
     )
 
 
-def start(
+async def _finish(
     app: web.Application,
     principal: Principal,
     request: GenerationRequest,
     generator: Generator,
-    *,
+    running: Coroutine[Any, Any, GenerationOutput],
     store: bool,
-    observer: JobObserver | None = None,
-) -> Coroutine[Any, Any, Generated]:
-    """Queue a generation now; the returned coroutine finishes it: encode, and keep the
-    images in the caller's gallery unless `store` is False."""
-    running = run_generation(app, principal, request, generator, observer)
-
-    async def finish() -> Generated:
-        output = await running
-        encoding = time.perf_counter()
-        pngs = await encode_images(app, request, output)
-        storing = time.perf_counter()
-        ids: list[str] = []
-        if store:
-            images = [(png, image_metadata(request, output, seed)) for png, seed in zip(pngs, output.seeds, strict=True)]
-            ids = await app[gallery_key].add(principal.sub, images)
-        return Generated(
-            request,
-            generator,
-            output,
-            pngs,
-            ids=ids,
-            encode_time=storing - encoding,
-            store_time=time.perf_counter() - storing,
-        )
-
-    return finish()
-
-
-async def generate(
-    app: web.Application, principal: Principal, request: GenerationRequest, generator: Generator, *, store: bool
 ) -> Generated:
-    """Generate, encode and (unless `store` is False) keep the images in the caller's gallery."""
-    return await start(app, principal, request, generator, store=store)
-
-
-def data_url(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-
-
-def result_json(generated: Generated) -> dict[str, Any]:
-    """The JSON result of /generate, also used inside batch results."""
-    request, output = generated.request, generated.output
-    runtime = output.runtime
-    return {
-        "images": [data_url(png) for png in generated.pngs],
-        "ids": generated.ids,
-        "seed": output.seeds[0],
-        "seeds": output.seeds,
-        "model": request.model,
-        "prompt": request.prompt,
-        "negative_prompt": request.negative_prompt,
-        "generation_time": round(output.generation_time, 3),
-        "queue_time": round(output.queue_time, 3),
-        "vram_used": output.vram_used,
-        "parameters": {
-            "num_inference_steps": request.steps,
-            "guidance_scale": request.guidance,
-            "width": request.width,
-            "height": request.height,
-            "scheduler": request.scheduler,
-            "loras": [{"name": lora.name, "weight": lora.weight} for lora in request.loras],
-        },
-        "model_info": {
-            "base_model": generated.generator.card.extra.get("base_model", generated.generator.name),
-            "lora_applied": bool(request.loras),
-            "device": runtime.get("device"),
-            "dtype": runtime.get("dtype"),
-        },
-    }
+    output = await running
+    encoding = time.perf_counter()
+    pngs = await encode_images(app, request, output)
+    storing = time.perf_counter()
+    ids: list[str] = []
+    if store:
+        images = [(png, image_metadata(request, output, seed)) for png, seed in zip(pngs, output.seeds, strict=True)]
+        ids = await app[gallery_key].add(principal.sub, images)
+    return Generated(
+        request,
+        generator,
+        output,
+        pngs,
+        ids=ids,
+        encode_time=storing - encoding,
+        store_time=time.perf_counter() - storing,
+    )

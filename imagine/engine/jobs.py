@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from imagine.security.tokens import Principal
 from imagine.errors import ApiError, error_body
-from imagine.engine.executor import shutting_down_error
+from imagine.engine.work import shutting_down_error
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -207,15 +207,15 @@ class JobManager:
         fingerprint: str,
         total_steps: int,
         wants_preview: bool,
-        start: Callable[[TrackedJob], Coroutine[Any, Any, Generated]],
+        submit: Callable[[TrackedJob], Coroutine[Any, Any, Generated]],
         to_json: Callable[[Generated], Coroutine[Any, Any, dict[str, Any]]],
     ) -> TrackedJob:
-        """Create the job and queue its work at once (so a full queue is refused now)."""
+        """Create the job and queue its work at once with `submit` (so a full queue is refused now)."""
         if not self._accepting:
             raise shutting_down_error()
         self._make_room(principal.sub)
         job = TrackedJob(principal.sub, total_steps, wants_preview, fingerprint)
-        work = start(job)
+        work = submit(job)
         job.acceptance = {"id": job.id, "status": "queued", "position": job.position, "eta_seconds": job.eta_s}
         self._jobs[job.id] = job
         if key is not None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from imagine.engine import device
 from imagine.errors import model_not_available
-from imagine.plugin.generators import Generator
+from imagine.plugin.generators import CloudGenerator, Generator, LocalGenerator
 from imagine.engine.memory import NOTHING, ModelMemory, account, gigabytes, total_bytes
 from imagine.engine.telemetry import NO_TELEMETRY, Telemetry
 
@@ -56,6 +56,18 @@ class ModelRegistry:
     def generators(self) -> list[Generator]:
         return list(self._generators.values())
 
+    def local(self) -> list[LocalGenerator]:
+        """The generators that run on the device thread."""
+        return [g for g in self._generators.values() if isinstance(g, LocalGenerator)]
+
+    def cloud(self) -> list[CloudGenerator]:
+        """The generators behind a remote API."""
+        return [g for g in self._generators.values() if isinstance(g, CloudGenerator)]
+
+    def as_local(self, generator: Generator) -> LocalGenerator | None:
+        """The generator as a local one, or None for a cloud backend (which has nothing to load)."""
+        return generator if isinstance(generator, LocalGenerator) else None
+
     def resolve(self, name: str | None) -> Generator:
         """A name, an alias or None (the default) to its generator; 404 for unknown names."""
         wanted = name if name is not None else self.default
@@ -70,7 +82,7 @@ class ModelRegistry:
 
     # ---- device thread ----------------------------------------------------
 
-    def ensure_loaded(self, generator: Generator) -> bool:
+    def ensure_loaded(self, generator: LocalGenerator) -> bool:
         """Load on first use; a failure is recorded and raised as 503. True when it loaded now."""
         state = self.states[generator.name]
         loading = not generator.loaded
@@ -102,7 +114,7 @@ class ModelRegistry:
         self._evict_until(lambda: self.used_bytes() <= self._budget, keep=generator)
         return loading
 
-    def _load(self, generator: Generator) -> None:
+    def _load(self, generator: LocalGenerator) -> None:
         """Load; when the device runs out of memory, unload the least recently used model and try again.
 
         Its first load is where a model's size is not known yet, so no budget
@@ -117,13 +129,13 @@ class ModelRegistry:
                     raise
             log.warning("out of memory loading %s; trying again with less loaded", generator.name)
 
-    def remeasure(self, generator: Generator) -> None:
+    def remeasure(self, generator: LocalGenerator) -> None:
         """After a generation: a model can grow (LoRA adapters), so measure and apply the budget again."""
         if generator.loaded:
             self.states[generator.name].footprint = dict(generator.memory_footprint())
             self._evict_until(lambda: self.used_bytes() <= self._budget, keep=generator)
 
-    def unload(self, generator: Generator) -> bool:
+    def unload(self, generator: LocalGenerator) -> bool:
         """True when it was loaded. Components it shares stay with the models still using them."""
         was_loaded = generator.loaded
         if was_loaded:
@@ -132,21 +144,21 @@ class ModelRegistry:
             self.current = None
         return was_loaded
 
-    def _make_room(self, generator: Generator) -> None:
+    def _make_room(self, generator: LocalGenerator) -> None:
         """Before a load, evict for the size this model had last time (unknown on its first load)."""
         held = self._held_parts()
         needed = sum(size for part, size in self.states[generator.name].footprint.items() if part not in held)
         self._evict_until(lambda: self.used_bytes() + needed <= self._budget, keep=generator)
 
-    def _evict_until(self, fits: Callable[[], bool], keep: Generator) -> None:
+    def _evict_until(self, fits: Callable[[], bool], keep: LocalGenerator) -> None:
         while not fits():
             if not self._evict_one(keep):
                 log.warning("model %s alone exceeds the memory budget; keeping it loaded", keep.name)
                 return
 
-    def _evict_one(self, keep: Generator) -> bool:
+    def _evict_one(self, keep: LocalGenerator) -> bool:
         """Unload the least recently used model other than `keep`; False when there is none."""
-        candidates = [g for g in self._loaded() if g is not keep and g.uses_device]
+        candidates = [g for g in self._loaded() if g is not keep]
         if not candidates:
             return False
         victim = min(candidates, key=lambda g: self.states[g.name].last_used)
@@ -160,9 +172,9 @@ class ModelRegistry:
     def _budget(self) -> float:
         return float("inf") if self.memory_budget_bytes is None else self.memory_budget_bytes
 
-    def _loaded(self) -> list[Generator]:
+    def _loaded(self) -> list[LocalGenerator]:
         """Loaded generators in load order: shared parts are counted for the earliest."""
-        loaded = [g for g in self._generators.values() if g.loaded]
+        loaded = [g for g in self.local() if g.loaded]
         return sorted(loaded, key=lambda g: self.states[g.name].loaded_at)
 
     def _held_parts(self) -> set[int]:

@@ -14,11 +14,11 @@ from aiohttp import web
 
 from imagine import __version__
 from imagine.http.access import access_middleware, add_request_id
-from imagine.security.tokens import KeyMaterial, TokenVerifier, load_key_material
-from imagine.security.cloud_api_keys import CloudKeys
+from imagine.security.tokens import JwtKeys, TokenVerifier, load_jwt_keys
+from imagine.security.cloud_api_keys import CloudKeys, started_cloud_generators
 from imagine.engine.executor import DeviceExecutor
+from imagine.engine.queue import MemoryQueue
 from imagine.storage.gallery import GalleryStore, storage_folder
-from imagine.plugin.generators import CloudGenerator
 from imagine.engine.jobs import JobManager
 from imagine.http.app_keys import (
     client_session_key,
@@ -26,6 +26,7 @@ from imagine.http.app_keys import (
     encode_pool_key,
     executor_key,
     gallery_key,
+    generate_body_key,
     jobs_key,
     limiter_key,
     metrics_key,
@@ -50,6 +51,7 @@ from imagine.engine.registry import ModelRegistry
 from imagine.http.openapi import build_document
 from imagine.plugin.manager import collect_generators, plugin_manager
 from imagine.http.png import PngEncoder
+from imagine.http.request_bodies import generate_body_model
 from imagine.security.ratelimit import MemoryBucketStore, RateLimiter, parse_networks
 from imagine.settings import Settings, SettingsError
 from imagine.http.shutdown import install as install_shutdown
@@ -166,21 +168,17 @@ async def _client_session(app: web.Application) -> AsyncIterator[None]:
     """One outgoing HTTP session for the whole app, handed to every cloud generator."""
     session = aiohttp.ClientSession(headers={"User-Agent": f"imagine/{__version__}"})
     app[client_session_key] = session
-    cloud = [g for g in app[registry_key].generators() if isinstance(g, CloudGenerator)]
     try:
-        for generator in cloud:
-            await generator.start(session, app[cloud_keys_key].getter(generator.key_spec.service))
-        yield
+        async with started_cloud_generators(app[registry_key].cloud(), app[cloud_keys_key], session):
+            yield
     finally:
-        for generator in cloud:
-            await generator.close()
         await session.close()
 
 
 def create_app(
     settings: Settings,
     *,
-    keys: KeyMaterial | None = None,
+    keys: JwtKeys | None = None,
     extra_plugins: Iterable[Any] = (),
     handle_signals: bool = False,
 ) -> web.Application:
@@ -194,15 +192,16 @@ def create_app(
         client_max_size=settings.server.max_body_bytes,
     )
     app[settings_key] = settings
-    keys = keys or load_key_material(settings.auth, Path(settings.server.state_dir))
+    keys = keys or load_jwt_keys(settings.auth, Path(settings.server.state_dir))
     app[verifier_key] = TokenVerifier(keys, settings.auth)
     app[metrics_key] = telemetry = Metrics()
     app[trusted_networks_key] = parse_networks(settings.server.trusted_proxies)
     registry = _registry(settings, extra_plugins, telemetry)
     app[registry_key] = registry
+    app[generate_body_key] = generate_body_model(registry.generators())
     app[executor_key] = DeviceExecutor(
         registry,
-        max_queue=settings.queue.max_size,
+        queue=MemoryQueue(settings.queue.max_size),
         device_preference=settings.models.device,
         preload=settings.models.preload,
         preview_every=settings.jobs.preview_every,
@@ -211,7 +210,7 @@ def create_app(
         telemetry=telemetry,
     )
     telemetry.watch_queue(lambda: app[executor_key].depth, settings.queue.max_size)
-    app[cloud_keys_key] = CloudKeys(g.key_spec for g in registry.generators() if isinstance(g, CloudGenerator))
+    app[cloud_keys_key] = CloudKeys(g.key_spec for g in registry.cloud())
     gallery_settings = settings.gallery
     app[gallery_key] = GalleryStore(
         storage_folder(settings),

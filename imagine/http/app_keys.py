@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
@@ -19,6 +19,9 @@ from imagine.http.png import PngEncoder
 from imagine.security.ratelimit import BucketDecision, IPNetwork, RateLimiter
 from imagine.settings import Settings
 from imagine.security.url_signing import UrlSigner
+
+if TYPE_CHECKING:
+    from imagine.http.request_bodies import GenerateBody
 
 settings_key = web.AppKey("settings", Settings)
 verifier_key = web.AppKey("verifier", TokenVerifier)
@@ -36,6 +39,8 @@ url_signer_key = web.AppKey("url_signer", UrlSigner)
 metrics_key = web.AppKey("metrics", Metrics)
 # The OpenAPI document, built once the router is complete (at startup).
 openapi_key = web.AppKey("openapi", dict[str, Any])
+# The generation body with the registered generators' options (request_bodies.generate_body_model).
+generate_body_key: web.AppKey[type[GenerateBody]] = web.AppKey("generate_body")
 
 principal_key = web.RequestKey("principal", Principal)
 rate_decisions_key = web.RequestKey("rate_decisions", list[BucketDecision])

@@ -16,7 +16,7 @@ from prometheus_client.exposition import choose_encoder
 # Requests range from a cached JSON answer (milliseconds) to a generation that
 # waited in the queue up to queue.timeout_s (minutes).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
-# Device time of one pipeline call: Turbo on an H100 is ~50 ms, SDXL at 1024 on the CPU minutes.
+# Device time of one pipeline call: a one-step model on an H100 is ~50 ms, 20 steps at 1024 on the CPU minutes.
 GENERATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 20, 30, 60, 120, 300)
 LOAD_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16)

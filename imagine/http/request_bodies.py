@@ -10,18 +10,34 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-from collections.abc import Mapping
-from typing import Annotated, Any, Literal
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Annotated, Any, Literal, TypeVar
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    StringConstraints,
+    ValidationError,
+    WrapValidator,
+    create_model,
+    field_validator,
+)
+from pydantic.fields import FieldInfo
 
 from imagine.errors import ApiError, field_error, validation_error
-from imagine.plugin.generators import GenerationRequest, Generator, LoraWeight
-from imagine.http.app_keys import settings_key
+from imagine.plugin.generators import GenerationRequest, Generator, LoraWeight, Options
+from imagine.plugin.manager import PluginError
+from imagine.http.app_keys import generate_body_key, settings_key
+from imagine.http.openapi import FromApp
 
 MAX_SEED = 4_294_967_295
 Prompt = Annotated[str, StringConstraints(min_length=1, max_length=2000)]
+Body = TypeVar("Body", bound=BaseModel)
 
 # Seed-compatible aliases: alias -> canonical field.
 ALIASES = {"steps": "num_inference_steps", "guidance": "guidance_scale"}
@@ -42,7 +58,11 @@ def _document_aliases(schema: dict[str, Any]) -> None:
 
 
 class GenerateBody(BaseModel):
-    """POST /generate, and every route that takes the same body."""
+    """POST /generate, and every route that takes the same body: the core fields.
+
+    An app parses with `generate_body_model`'s subclass, which adds the option
+    fields of the generators it registered.
+    """
 
     model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_document_aliases)
 
@@ -58,10 +78,6 @@ class GenerateBody(BaseModel):
     seed: int | None = Field(-1, ge=-1, le=MAX_SEED)
     loras: list[LoraSpec] = Field(default_factory=list, max_length=8)
     scheduler: str | None = None
-    leonardo_model: str | None = None
-    aspect_ratio: str | None = None
-    preset_style: str | None = None
-    quality: str | None = None
     response_format: Literal["png", "json"] | None = None
     store: bool = True
     # Jobs only: progress events carry a low-resolution preview.
@@ -75,6 +91,45 @@ class GenerateBody(BaseModel):
         return prompt
 
 
+# An Options class's own validators: they run for its generator's requests only.
+_VALIDATORS = (AfterValidator, BeforeValidator, PlainValidator, WrapValidator)
+
+
+def generate_body_model(generators: Iterable[Generator]) -> type[GenerateBody]:
+    """GenerateBody plus every option field the generators declare: what the app's routes parse and document.
+
+    A field keeps its declared type and constraints, so the document tells what
+    it takes and any model refuses a value of the wrong shape; a field that
+    generators declare differently takes any JSON value here, and each
+    generator's `Options` checks its own in `resolve_request`.
+    """
+    declared: dict[str, list[tuple[str, FieldInfo]]] = {}
+    for generator in generators:
+        for name, field in generator.Options.model_fields.items():
+            if name in GenerateBody.model_fields or name in ALIASES:
+                raise PluginError(f"option '{name}' of model {generator.name} is a core request field")
+            declared.setdefault(name, []).append((generator.name, field))
+    fields: dict[str, Any] = {name: _option_field(owners) for name, owners in sorted(declared.items())}
+    return create_model("GenerateBody", __base__=GenerateBody, **fields)
+
+
+def _option_field(owners: Sequence[tuple[str, FieldInfo]]) -> tuple[Any, FieldInfo]:
+    """One option field of the body, never required: the models that do not declare it ignore it."""
+    models = ", ".join(model for model, _ in owners)
+    shapes = [(field.annotation, [item for item in field.metadata if not isinstance(item, _VALIDATORS)]) for _, field in owners]
+    if any(shape != shapes[0] for shape in shapes[1:]):
+        return Any, Field(None, description=f"Option of {models}, each with its own values")
+    annotation, constraints = shapes[0]
+    first = owners[0][1]
+    description = f"Option of {models}: {first.description}" if first.description else f"Option of {models}"
+    typed = Annotated[annotation, *constraints] if constraints else annotation
+    return typed, Field(None, description=description, examples=first.examples)
+
+
+# For the OpenAPI document: the app's body, with its generators' options.
+GENERATE_BODY = FromApp(lambda app: app[generate_body_key])
+
+
 class LoadModelBody(BaseModel):
     """POST /load_model (seed 003)."""
 
@@ -83,13 +138,27 @@ class LoadModelBody(BaseModel):
     model: Annotated[str, StringConstraints(min_length=1, max_length=200)]
 
 
-def parse_load_model_body(body: Any) -> LoadModelBody:
-    if not isinstance(body, dict):
+def _json_object(raw: Any) -> dict[str, Any]:
+    """400 unless the body is a JSON object."""
+    if not isinstance(raw, dict):
         raise validation_error([{"loc": ["body"], "msg": "must be a JSON object"}])
+    return raw
+
+
+def parse_body(model: type[Body], raw: Any, *, found: Sequence[Mapping[str, Any]] = ()) -> Body:
+    """`raw` (a JSON value) as `model`, or 400 with one `{"loc", "msg"}` per bad field.
+
+    `found` are errors the caller already found in the same body; they are answered
+    together with the fields' own, so a client learns everything in one round.
+    """
+    fields = _json_object(raw)
     try:
-        return LoadModelBody.model_validate(body)
+        parsed = model.model_validate(fields)
     except ValidationError as error:
-        raise validation_error(pydantic_errors(error)) from None
+        raise validation_error([*found, *pydantic_errors(error)]) from None
+    if found:
+        raise validation_error(found)
+    return parsed
 
 
 def pydantic_errors(error: ValidationError, where: str = "body") -> list[dict[str, Any]]:
@@ -207,17 +276,10 @@ def _merge_aliases(body: Mapping[str, Any]) -> tuple[dict[str, Any], list[dict[s
     return merged, errors
 
 
-def parse_generate_body(body: Any) -> GenerateBody:
-    if not isinstance(body, dict):
-        raise validation_error([{"loc": ["body"], "msg": "must be a JSON object"}])
-    merged, errors = _merge_aliases(body)
-    try:
-        parsed = GenerateBody.model_validate(merged)
-    except ValidationError as error:
-        errors.extend(pydantic_errors(error))
-        raise validation_error(errors) from None
-    if errors:
-        raise validation_error(errors)
+def parse_generate_body(body: Any, body_model: type[GenerateBody] = GenerateBody) -> GenerateBody:
+    """`body_model` is the app's (`app[generate_body_key]`) wherever clients may send generators' options."""
+    merged, errors = _merge_aliases(_json_object(body))
+    parsed = parse_body(body_model, merged, found=errors)
     if parsed.img_size is not None:
         for name in ("width", "height"):
             if getattr(parsed, name) not in (None, parsed.img_size):
@@ -225,6 +287,19 @@ def parse_generate_body(body: Any) -> GenerateBody:
     if errors:
         raise validation_error(errors)
     return parsed
+
+
+def _options(body: GenerateBody, generator: Generator) -> tuple[Options | None, list[dict[str, Any]]]:
+    """The body's fields that the generator's `Options` declare, validated by it; or None and the field errors.
+
+    Fields other generators declare are ignored: seed 003's clients send
+    their cloud backend's fields to every model.
+    """
+    sent = {name: getattr(body, name) for name in generator.Options.model_fields if name in body.model_fields_set}
+    try:
+        return generator.Options.model_validate(sent), []
+    except ValidationError as error:
+        return None, pydantic_errors(error)
 
 
 def resolve_request(body: GenerateBody, generator: Generator) -> GenerationRequest:
@@ -253,20 +328,18 @@ def resolve_request(body: GenerateBody, generator: Generator) -> GenerationReque
         errors.append(field_error("guidance_scale", f"must be at most {limits.max_guidance:g} for {generator.name}"))
     if limits.schedulers and scheduler not in limits.schedulers:
         errors.append(field_error("scheduler", f"must be one of {', '.join(limits.schedulers)} for {generator.name}"))
-    if body.loras and not card.extra.get("takes_loras"):
+    if body.loras and not card.takes_loras:
         errors.append(field_error("loras", f"{generator.name} does not take LoRAs"))
     if "loras" in body.model_fields_set:
         loras = tuple(LoraWeight(lora.name, lora.weight) for lora in body.loras)
     else:
         loras = defaults.loras
+    options, option_errors = _options(body, generator)
+    errors.extend(option_errors)
     if errors:
         raise validation_error(errors)
+    assert options is not None  # no errors: the options validated
 
-    options = tuple(
-        (name, value)
-        for name in ("leonardo_model", "aspect_ratio", "preset_style", "quality")
-        if (value := getattr(body, name)) is not None
-    )
     request = GenerationRequest(
         prompt=body.prompt,
         negative_prompt=body.negative_prompt,

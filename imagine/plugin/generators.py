@@ -1,10 +1,13 @@
 """The typed interface between the service and its generator plugins.
 
-A generator is registered by a plugin (see `imagine.plugin.hookspecs`). Local ones run
-entirely on the device thread: `load`, `unload` and `generate` are only ever
-called there, so they may use torch freely and need no locks of their own.
-Cloud ones (`CloudGenerator`) are HTTP clients: they run on the event loop and
-never occupy the device thread.
+A generator is registered by a plugin (see `imagine.plugin.hookspecs`) and is
+one of two kinds, sibling subclasses of `Generator`:
+- `LocalGenerator` runs entirely on the device thread: `load`, `unload` and
+  `generate` are only ever called there, so they may use torch freely and need
+  no locks of their own;
+- `CloudGenerator` is an HTTP client: it runs on the event loop and never
+  occupies the device thread.
+The registry hands out each kind (`ModelRegistry.local()`, `.cloud()`).
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
 
 from imagine.security.cloud_api_keys import KeySpec
 
@@ -25,6 +30,19 @@ if TYPE_CHECKING:
 class LoraWeight:
     name: str
     weight: float
+
+
+class Options(BaseModel):
+    """A generator's own request fields, beyond the core ones: subclass it as `Generator.Options`.
+
+    A request is validated against the resolved generator's `Options` alone: a
+    field another registered generator declares is accepted and ignored, one
+    that no generator declares is refused. Give every field a default, as
+    clients that do not know the backend send nothing, and a hashable type:
+    only requests with equal options share a pipeline call.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
 @dataclass(frozen=True)
@@ -42,8 +60,8 @@ class GenerationRequest:
     seed: int
     scheduler: str
     loras: tuple[LoraWeight, ...] = ()
-    # Backend-specific fields (Leonardo's model, aspect ratio...) that local models ignore.
-    options: tuple[tuple[str, str], ...] = ()
+    # The validated `Options` of the request's generator, its defaults filled in.
+    options: Options = field(default_factory=Options)
 
     @property
     def seeds(self) -> list[int]:
@@ -53,10 +71,13 @@ class GenerationRequest:
     def batch_key(self) -> tuple[Any, ...]:
         """Requests with equal keys can share one pipeline call.
 
-        Whether a negative prompt is empty counts too: SDXL encodes an empty
-        one as zeros, which only works for a whole call at once.
+        Whether a negative prompt is empty counts too: some pipelines encode an
+        empty one as zeros, which only works for a whole call at once.
         """
-        return (self.model, self.width, self.height, self.steps, self.guidance, self.scheduler, self.loras, bool(self.negative_prompt))
+        return (
+            self.model, self.width, self.height, self.steps, self.guidance, self.scheduler, self.loras,
+            bool(self.negative_prompt), self.options,
+        )
 
 
 @dataclass(frozen=True)
@@ -107,21 +128,44 @@ class ModelCard:
     limits: ModelLimits
     vram_required: str
     aliases: tuple[str, ...] = ()
-    extra: dict[str, Any] = field(default_factory=dict)
+    # What the results' `model_info.base_model` names; empty: the model's own name.
+    base_model: str = ""
+    # Whether requests may send `loras`.
+    takes_loras: bool = False
 
 
 class Generator(abc.ABC):
-    """A text-to-image backend. Subclasses set `name` and `card`."""
+    """What every backend has; subclass `LocalGenerator` or `CloudGenerator`, which set `name` and `card`."""
 
     name: str
     card: ModelCard
-    #: True for generators that need the device thread; False for cloud clients.
-    uses_device: bool = True
+    #: The request fields this backend takes beyond the core ones (none by default).
+    Options: ClassVar[type[Options]] = Options
 
     @property
     @abc.abstractmethod
     def loaded(self) -> bool:
-        """True while the weights are in memory and `generate` can run."""
+        """True while requests can run now (weights in memory, or a cloud key set)."""
+
+    def runtime_info(self) -> dict[str, Any]:
+        """Device and dtype while loaded, for /models and the JSON result."""
+        return {}
+
+    def listing(self) -> dict[str, Any]:
+        """Model-specific fields for /models that can change at run time (the LoRAs on offer, say)."""
+        return {}
+
+    def validate(self, request: GenerationRequest) -> list[dict[str, Any]]:
+        """Checks beyond the card's limits and `Options`, as `{"loc", "msg"}` field errors."""
+        return []
+
+    def with_options(self, request: GenerationRequest) -> GenerationRequest:
+        """The validated request with what its backend options decide filled in (e.g. an aspect ratio's size)."""
+        return request
+
+
+class LocalGenerator(Generator):
+    """Weights in this process, run on the device thread."""
 
     @abc.abstractmethod
     def load(self) -> None:
@@ -138,17 +182,9 @@ class Generator(abc.ABC):
         Raises GenerationInterrupted when `on_step` returned True.
         """
 
-    def runtime_info(self) -> dict[str, Any]:
-        """Device and dtype while loaded, for /models and the JSON result."""
-        return {}
-
     def latent_preview(self, latents: Any) -> Image.Image | None:
         """A small picture of the work in progress (device thread), or None if not supported."""
         return None
-
-    def listing(self) -> dict[str, Any]:
-        """Model-specific fields for /models that can change at run time (the LoRAs on offer, say)."""
-        return {}
 
     def memory_footprint(self) -> Mapping[int, int]:
         """Bytes held while loaded, per weight-holding object, keyed by `id()` (device thread).
@@ -157,14 +193,6 @@ class Generator(abc.ABC):
         counted once; an empty mapping means nothing worth counting.
         """
         return {}
-
-    def validate(self, request: GenerationRequest) -> list[dict[str, Any]]:
-        """Checks beyond the card's limits, as `{"loc", "msg"}` field errors."""
-        return []
-
-    def with_options(self, request: GenerationRequest) -> GenerationRequest:
-        """The validated request with what its backend options decide filled in (e.g. an aspect ratio's size)."""
-        return request
 
 
 @dataclass(frozen=True)
@@ -179,11 +207,10 @@ class CloudGenerator(Generator):
     """A generator behind a remote HTTP API: it runs on the event loop, never on the device thread.
 
     The app starts it with its shared client session and a lookup of its API key
-    (`start`), and closes it on shutdown; `imagine.engine.generation` awaits
-    `generate_remote` under the job's deadline instead of queueing it for the device.
+    (`start`), and closes it on shutdown (`imagine.security.cloud_api_keys`);
+    `imagine.engine.generation` awaits `generate_remote` under the job's deadline.
     """
 
-    uses_device = False
     #: Where its API key comes from (POST /api-key service name, environment variable, key file).
     key_spec: KeySpec
 
@@ -203,15 +230,6 @@ class CloudGenerator(Generator):
     def loaded(self) -> bool:
         # Nothing lives in local memory: "loaded" means ready to send requests.
         return self.configured
-
-    def load(self) -> None:
-        """Nothing to load: the weights live at the provider."""
-
-    def unload(self) -> None:
-        """Nothing to release."""
-
-    def generate(self, requests: Sequence[GenerationRequest], on_step: StepCallback) -> list[list[Image.Image]]:
-        raise TypeError(f"{self.name} is a cloud generator: imagine.engine.generation awaits generate_remote instead")
 
     @abc.abstractmethod
     async def generate_remote(self, request: GenerationRequest) -> RemoteImages:

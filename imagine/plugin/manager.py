@@ -1,23 +1,29 @@
 """The plugin manager: built-in plugins and the `imagine` entry-point group.
 
 Built-in plugins are loaded exactly like third-party ones, so the same hooks
-serve both; a name or alias claimed twice stops the start with both plugins named.
+serve both; a model name or alias, a settings section or a demo claimed twice
+stops the start with both plugins named.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import types
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 from imagine.plugin import hookspecs
 from imagine.plugin.generators import Generator
-from imagine.settings import Settings
+from imagine.settings import SECTIONS, Settings, SettingsError
 
-BUILTIN_PLUGINS = ("imagine_plugins.sdxl", "imagine_plugins.lightning", "imagine_plugins.turbo", "imagine_plugins.sd15_lora", "imagine_plugins.leonardo")
+if TYPE_CHECKING:
+    from imagine.devtools.demo_models import DemoModels
+
+# The package of the built-in plugins; its PLUGINS lists their modules, so the core names no model.
+BUILTIN_PACKAGE = "imagine_plugins"
 
 
 class PluginError(RuntimeError):
@@ -27,7 +33,7 @@ class PluginError(RuntimeError):
 def plugin_manager(extra_plugins: Iterable[Any] = ()) -> pluggy.PluginManager:
     manager = pluggy.PluginManager(hookspecs.PROJECT)
     manager.add_hookspecs(hookspecs)
-    for module_name in BUILTIN_PLUGINS:
+    for module_name in importlib.import_module(BUILTIN_PACKAGE).PLUGINS:
         manager.register(importlib.import_module(module_name), name=module_name)
     manager.load_setuptools_entrypoints(hookspecs.PROJECT)
     for plugin in extra_plugins:
@@ -48,26 +54,90 @@ def _readable_name(manager: pluggy.PluginManager, plugin: Any) -> str:
     return name
 
 
+def _each_plugin(hook: Any, arguments: Callable[[str], Mapping[str, Any]]) -> None:
+    """Call a hook one implementation at a time, so that a clash can name the plugin it came from.
+
+    Like pluggy itself, an implementation gets only the arguments it names.
+    """
+    for implementation in hook.get_hookimpls():
+        given = arguments(implementation.plugin_name)
+        implementation.function(**{name: given[name] for name in implementation.argnames})
+
+
+class _Claims:
+    """Who claimed which name first, for the error message of the second claim."""
+
+    def __init__(self, what: str) -> None:
+        self._what = what
+        self._owners: dict[str, str] = {}
+
+    def claim(self, name: str, plugin_name: str) -> None:
+        if name in self._owners:
+            raise PluginError(f"{self._what} '{name}' is registered by both {self._owners[name]} and {plugin_name}")
+        self._owners[name] = plugin_name
+
+
 def collect_generators(manager: pluggy.PluginManager, settings: Settings) -> dict[str, Generator]:
     """Every generator the plugins register, by name; aliases must not clash either."""
     generators: dict[str, Generator] = {}
-    owners: dict[str, str] = {}  # name or alias -> plugin that claimed it
-    for implementation in manager.hook.register_generators.get_hookimpls():
-        plugin_name = implementation.plugin_name
+    claims = _Claims("model name")
 
-        def register(generator: Generator, plugin_name: str = plugin_name) -> None:
+    def arguments(plugin_name: str) -> Mapping[str, Any]:
+        def register(generator: Generator) -> None:
             if not isinstance(generator, Generator):
                 raise PluginError(f"plugin {plugin_name} registered {generator!r}, which is not a Generator")
             for claimed in (generator.name, *generator.card.aliases):
-                if claimed in owners:
-                    raise PluginError(
-                        f"model name '{claimed}' is registered by both {owners[claimed]} and {plugin_name}"
-                    )
-                owners[claimed] = plugin_name
+                claims.claim(claimed, plugin_name)
             generators[generator.name] = generator
 
-        # Called one implementation at a time to know whose registration clashed;
-        # like pluggy itself, pass only the arguments the implementation names.
-        arguments = {"register": register, "settings": settings}
-        implementation.function(**{name: arguments[name] for name in implementation.argnames})
+        return {"register": register, "settings": settings}
+
+    _each_plugin(manager.hook.register_generators, arguments)
+    # A table no plugin reads is a mistake (a misspelt model name, say), not a setting to ignore.
+    for name in settings.models.options:
+        if name not in generators:
+            raise SettingsError(
+                f"unknown setting models.{name}: no plugin registers a model named '{name}' "
+                f"(known: {', '.join(generators)})"
+            )
     return generators
+
+
+def settings_sections(manager: pluggy.PluginManager) -> dict[str, type]:
+    """The top-level configuration sections the plugins claim, each with its dataclass."""
+    sections: dict[str, type] = {}
+    claims = _Claims("settings section")
+    for core_section in SECTIONS:
+        claims.claim(core_section, "the core")
+
+    def arguments(plugin_name: str) -> Mapping[str, Any]:
+        def register(name: str, section: type) -> None:
+            if not (isinstance(section, type) and dataclasses.is_dataclass(section)):
+                raise PluginError(f"plugin {plugin_name} registered settings section '{name}' as {section!r}, not a dataclass")
+            claims.claim(name, plugin_name)
+            sections[name] = section
+
+        return {"register": register}
+
+    _each_plugin(manager.hook.register_settings, arguments)
+    return sections
+
+
+def collect_demo_models(manager: pluggy.PluginManager) -> list[DemoModels]:
+    """The demo models every plugin offers, in plugin order; their names must not clash."""
+    from imagine.devtools.demo_models import DemoModels
+
+    offered: list[DemoModels] = []
+    claims = _Claims("demo models")
+
+    def arguments(plugin_name: str) -> Mapping[str, Any]:
+        def register(demo: DemoModels) -> None:
+            if not isinstance(demo, DemoModels):
+                raise PluginError(f"plugin {plugin_name} registered {demo!r}, which is not DemoModels")
+            claims.claim(demo.name, plugin_name)
+            offered.append(demo)
+
+        return {"register": register}
+
+    _each_plugin(manager.hook.register_demo_models, arguments)
+    return offered

@@ -12,11 +12,18 @@ import asyncio
 import logging
 import os
 import stat
-from collections.abc import Callable, Iterable, Mapping
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from imagine.security.private_files import write_private
+
+if TYPE_CHECKING:
+    import aiohttp
+
+    from imagine.plugin.generators import CloudGenerator
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +36,7 @@ PREVIEW_MIN_LENGTH = 16
 class KeySpec:
     """Where one cloud service's key may come from."""
 
-    service: str  # the name POST /api-key takes, e.g. "leonardo-api"
+    service: str  # the name POST /api-key takes, chosen by the plugin
     env_var: str
     file: Path
 
@@ -91,3 +98,17 @@ class CloudKeys:
         await asyncio.to_thread(write_private, self._specs[service].file, (key + "\n").encode())
         self._runtime[service] = key
         self._from_file[service] = key
+
+
+@contextlib.asynccontextmanager
+async def started_cloud_generators(
+    generators: Sequence[CloudGenerator], keys: CloudKeys, session: aiohttp.ClientSession
+) -> AsyncIterator[None]:
+    """Each cloud generator started with the shared session and its own key's lookup, closed on the way out."""
+    try:
+        for generator in generators:
+            await generator.start(session, keys.getter(generator.key_spec.service))
+        yield
+    finally:
+        for generator in generators:
+            await generator.close()

@@ -27,12 +27,12 @@ MIN_SECRET_BYTES = 32
 SCOPES = ("generate", "admin", "metrics")
 
 
-class KeyMaterialError(ValueError):
+class JwtKeyError(ValueError):
     """Key material is missing or unusable; the service must not start with it."""
 
 
 @dataclass(frozen=True)
-class KeyMaterial:
+class JwtKeys:
     algorithm: str
     verify_key: str | bytes
     signing_key: str | bytes | None
@@ -60,7 +60,7 @@ def _read_file(path: str, what: str) -> bytes:
     try:
         return Path(path).expanduser().read_bytes()
     except OSError as error:
-        raise KeyMaterialError(f"cannot read {what} {path}: {error.strerror}") from None
+        raise JwtKeyError(f"cannot read {what} {path}: {error.strerror}") from None
 
 
 def _development_secret(state_dir: Path) -> tuple[bytes, Path]:
@@ -69,15 +69,15 @@ def _development_secret(state_dir: Path) -> tuple[bytes, Path]:
     return secret_in(path), path
 
 
-def load_key_material(
+def load_jwt_keys(
     settings: AuthSettings, state_dir: Path, environ: Mapping[str, str] | None = None
-) -> KeyMaterial:
+) -> JwtKeys:
     """Find the key that verifies tokens (and, where we hold it, the key that signs them)."""
     environ = os.environ if environ is None else environ
     if settings.algorithm != "HS256":
         public_key = _read_file(settings.public_key_file, "auth.public_key_file")
         private_key = _read_file(settings.private_key_file, "auth.private_key_file") if settings.private_key_file else None
-        return KeyMaterial(settings.algorithm, public_key, private_key, "file", settings.public_key_file)
+        return JwtKeys(settings.algorithm, public_key, private_key, "file", settings.public_key_file)
     if environ.get(SECRET_ENV):
         secret, source, location = environ[SECRET_ENV].encode(), "environment", SECRET_ENV
     elif settings.secret_file:
@@ -86,8 +86,8 @@ def load_key_material(
         secret, path = _development_secret(state_dir)
         source, location = "development", str(path)
     if len(secret) < MIN_SECRET_BYTES:
-        raise KeyMaterialError(f"the HS256 secret from {location} is shorter than {MIN_SECRET_BYTES} bytes")
-    return KeyMaterial("HS256", secret, secret, source, location)
+        raise JwtKeyError(f"the HS256 secret from {location} is shorter than {MIN_SECRET_BYTES} bytes")
+    return JwtKeys("HS256", secret, secret, source, location)
 
 
 _DURATION = re.compile(r"^(\d+)([smhdw]?)$")
@@ -103,7 +103,7 @@ def parse_duration(text: str) -> int:
 
 
 def sign_token(
-    keys: KeyMaterial,
+    keys: JwtKeys,
     settings: AuthSettings,
     *,
     sub: str,
@@ -112,7 +112,7 @@ def sign_token(
     models: Iterable[str] | None = None,
 ) -> str:
     if keys.signing_key is None:
-        raise KeyMaterialError("signing a token needs auth.private_key_file for " + keys.algorithm)
+        raise JwtKeyError("signing a token needs auth.private_key_file for " + keys.algorithm)
     now = int(time.time())
     claims: dict[str, Any] = {"sub": sub, "scope": " ".join(scopes), "iat": now, "nbf": now, "exp": now + ttl_s}
     if models is not None:
@@ -151,7 +151,7 @@ class TokenVerifier:
     time claims are checked again on every hit.
     """
 
-    def __init__(self, keys: KeyMaterial, settings: AuthSettings, *, cache_size: int = 4096) -> None:
+    def __init__(self, keys: JwtKeys, settings: AuthSettings, *, cache_size: int = 4096) -> None:
         self._keys = keys
         self._settings = settings
         self._cache_size = cache_size

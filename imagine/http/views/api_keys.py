@@ -6,14 +6,14 @@ import logging
 from typing import Annotated
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
+from pydantic import BaseModel, ConfigDict, StringConstraints
 
 from imagine.security.tokens import requires
 from imagine.security.cloud_api_keys import key_preview
 from imagine.errors import ApiError, field_error, validation_error
 from imagine.http.app_keys import cloud_keys_key, principal_key
 from imagine.http.openapi import Component, FromApp, error_response, json_response, obj, operation
-from imagine.http.request_bodies import pydantic_errors, read_json
+from imagine.http.request_bodies import parse_body, read_json
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +51,8 @@ def _body_schema(app: web.Application) -> Component:
 )
 async def set_api_key(request: web.Request) -> web.Response:
     keys = request.app[cloud_keys_key]
-    raw = await read_json(request)
-    if not isinstance(raw, dict):
-        raise validation_error([{"loc": ["body"], "msg": "must be a JSON object"}])
-    try:
-        body = ApiKeyBody.model_validate(raw)
-    except ValidationError as error:
-        # pydantic_errors keeps only loc and msg: the rejected value (a key, perhaps) is never echoed.
-        raise validation_error(pydantic_errors(error)) from None
+    # Field errors never echo the rejected value: here it may be a key.
+    body = parse_body(ApiKeyBody, await read_json(request))
     if body.service not in keys.services:
         raise validation_error([field_error("service", f"must be one of: {', '.join(keys.services) or 'none configured'}")])
     try:

@@ -30,10 +30,10 @@ from imagine.http.openapi import (
     path_parameter,
     query_parameter,
 )
+from imagine.http.generation_result import GenerationParameters
 from imagine.http.request_bodies import pydantic_errors
 from imagine.security.url_signing import EXPIRES_PARAM, SIGNATURE_PARAM
 from imagine.http.urls import gallery_path
-from imagine.http.views.generate import GENERATION_RESULT
 
 MAX_LIMIT = 200
 # SQLite's OFFSET is a signed 64-bit integer.
@@ -71,7 +71,7 @@ GALLERY_IMAGE = Component(
             "created_at": {"type": "string", "format": "date-time"},
             "url": {"type": "string", "description": "Path of the PNG: <base>/gallery/<id>.png"},
             # The same shape as in /generate's JSON result.
-            "parameters": GENERATION_RESULT.schema["properties"]["parameters"],
+            "parameters": GenerationParameters,
         }
     ),
 )

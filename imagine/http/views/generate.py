@@ -9,54 +9,15 @@ import time
 from aiohttp import web
 
 from imagine.engine import generation
-from imagine.security.tokens import check_model_grant, requires
+from imagine.security.tokens import requires
 from imagine.errors import field_error, validation_error
-from imagine.http.app_keys import encode_pool_key, principal_key, queue_wait_key, registry_key
-from imagine.http.negotiation import choose_format
-from imagine.http.openapi import Component, content_response, error_response, obj, operation
-from imagine.http.request_bodies import GenerateBody, parse_generate_body, read_json, resolve_request
+from imagine.http.app_keys import encode_pool_key, principal_key, queue_wait_key
+from imagine.http.front_door import admit
+from imagine.http.generation_result import GenerationResult
+from imagine.http.negotiation import ResponseFormat, choose_format
+from imagine.http.openapi import content_response, error_response, operation
+from imagine.http.request_bodies import GENERATE_BODY, GenerateBody, read_json
 from imagine.engine.generation import server_timing
-
-NULLABLE_STRING = {"type": ["string", "null"]}
-
-GENERATION_RESULT = Component(
-    "GenerationResult",
-    obj(
-        {
-            "images": {"type": "array", "items": {"type": "string", "description": "data:image/png;base64,..."}},
-            "ids": {"type": "array", "items": {"type": "string"}, "description": "Gallery ids (empty when not stored)"},
-            "seed": {"type": "integer"},
-            "seeds": {"type": "array", "items": {"type": "integer"}},
-            "model": {"type": "string"},
-            "prompt": {"type": "string"},
-            "negative_prompt": {"type": "string"},
-            "generation_time": {"type": "number"},
-            "queue_time": {"type": "number"},
-            "vram_used": {"type": "number", "description": "GB at the peak of the run; 0.0 without a GPU"},
-            "parameters": obj(
-                {
-                    "num_inference_steps": {"type": "integer"},
-                    "guidance_scale": {"type": "number"},
-                    "width": {"type": "integer"},
-                    "height": {"type": "integer"},
-                    "scheduler": {"type": "string"},
-                    "loras": {
-                        "type": "array",
-                        "items": obj({"name": {"type": "string"}, "weight": {"type": "number"}}),
-                    },
-                }
-            ),
-            "model_info": obj(
-                {
-                    "base_model": {"type": "string"},
-                    "lora_applied": {"type": "boolean"},
-                    "device": NULLABLE_STRING,
-                    "dtype": NULLABLE_STRING,
-                }
-            ),
-        }
-    ),
-)
 
 # What every generating route can fail with, beside the validation and auth errors.
 GENERATION_ERRORS = {
@@ -77,11 +38,11 @@ GENERATION_ERRORS = {
     description="PNG bytes of the first image by default (`curl --output`), JSON with every image when "
     '`"response_format": "json"` or `Accept: application/json`. `steps` and `guidance` are accepted for '
     "`num_inference_steps` and `guidance_scale`.",
-    body=GenerateBody,
+    body=GENERATE_BODY,
     responses={
         200: content_response(
             "The image (`X-Seed`, `X-Model`, `X-Generation-Time`, `Content-Disposition`), or every image as JSON",
-            {"image/png": {"type": "string", "contentMediaType": "image/png"}, "application/json": GENERATION_RESULT},
+            {"image/png": {"type": "string", "contentMediaType": "image/png"}, "application/json": GenerationResult},
         ),
         **GENERATION_ERRORS,
     },
@@ -90,24 +51,28 @@ async def generate(request: web.Request) -> web.Response:
     app = request.app
     principal = request[principal_key]
     started = time.perf_counter()
-    body = parse_generate_body(await read_json(request))
-    response_format = choose_format(body.response_format, request.headers.get("Accept"))
-    generator = app[registry_key].resolve(body.model)
-    check_model_grant(principal, generator.name)
-    wanted = resolve_request(body, generator)
+    accept = request.headers.get("Accept")
+
+    def negotiate(body: GenerateBody) -> ResponseFormat:
+        return choose_format(body.response_format, accept)
+
+    # Negotiated before the model is looked up, as it always was: an Accept we cannot answer is the first error.
+    admitted = admit(app, principal, await read_json(request), check_body=negotiate)
+    response_format = negotiate(admitted.body)
+    wanted = admitted.request
     if response_format == "png" and wanted.num_images > 1:
         raise validation_error(
             [field_error("num_images", 'a PNG response holds one image: send "response_format": "json" for several')]
         )
     timings = {"validate": time.perf_counter() - started}
-    generated = await generation.generate(app, principal, wanted, generator, store=body.store)
+    generated = await generation.submit(app, principal, wanted, admitted.generator, store=admitted.body.store)
     timings |= generated.timings()
     request[queue_wait_key] = generated.output.queue_time
     if response_format == "json":
         # Megabytes of base64: build and serialise them off the loop as well.
         serializing = time.perf_counter()
         payload = await asyncio.get_running_loop().run_in_executor(
-            app[encode_pool_key], lambda: json.dumps(generation.result_json(generated)).encode()
+            app[encode_pool_key], lambda: json.dumps(GenerationResult.of(generated).model_dump()).encode()
         )
         timings["serialize"] = time.perf_counter() - serializing
         return web.Response(body=payload, content_type="application/json", headers={"Server-Timing": server_timing(timings)})

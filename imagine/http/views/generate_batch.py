@@ -16,12 +16,14 @@ from typing import Any
 from aiohttp import web
 
 from imagine.engine import generation
-from imagine.security.tokens import Principal, check_model_grant, requires
+from imagine.security.tokens import Principal, requires
 from imagine.errors import ApiError, error_body, validation_error
-from imagine.http.app_keys import encode_pool_key, principal_key, registry_key
+from imagine.http.app_keys import encode_pool_key, principal_key
+from imagine.http.front_door import admit
+from imagine.http.generation_result import GenerationResult
 from imagine.http.openapi import ERROR, error_response, json_response, obj, operation
-from imagine.http.request_bodies import GenerateBody, parse_generate_body, read_json, resolve_request
-from imagine.http.views.generate import GENERATION_ERRORS, GENERATION_RESULT
+from imagine.http.request_bodies import GENERATE_BODY, read_json
+from imagine.http.views.generate import GENERATION_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +35,7 @@ BATCH = {
     "maxItems": MAX_ITEMS,
     # Any JSON is a valid item as far as the request goes: an item that is not a valid GenerateBody
     # fails only its own result, so the items are documented as GenerateBody or anything.
-    "items": {"anyOf": [GenerateBody, {}], "description": "A /generate body"},
+    "items": {"anyOf": [GENERATE_BODY, {}], "description": "A /generate body"},
 }
 BATCH_RESULTS = obj(
     {
@@ -42,7 +44,7 @@ BATCH_RESULTS = obj(
             "description": "One per item, in the order sent",
             "items": {
                 "oneOf": [
-                    obj({"index": {"type": "integer"}, "success": {"const": True}, "result": GENERATION_RESULT}),
+                    obj({"index": {"type": "integer"}, "success": {"const": True}, "result": GenerationResult}),
                     obj(
                         {
                             "index": {"type": "integer"},
@@ -60,18 +62,17 @@ BATCH_RESULTS = obj(
 
 async def _run_item(app: web.Application, principal: Principal, index: int, item: Any) -> dict[str, Any]:
     try:
-        body = parse_generate_body(item)
-        generator = app[registry_key].resolve(body.model)
-        check_model_grant(principal, generator.name)
-        wanted = resolve_request(body, generator)
-        generated = await generation.generate(app, principal, wanted, generator, store=body.store)
+        admitted = admit(app, principal, item)
+        generated = await generation.submit(
+            app, principal, admitted.request, admitted.generator, store=admitted.body.store
+        )
     except ApiError as error:
         return {"index": index, "success": False, "status": error.status, "error": error.body()}
     except Exception:
         # As the error middleware does for a whole request: a bug fails this item, not its siblings.
         log.exception("batch item %d failed", index)
         return {"index": index, "success": False, "status": 500, "error": error_body("INTERNAL_ERROR", "Internal server error")}
-    return {"index": index, "success": True, "result": generation.result_json(generated)}
+    return {"index": index, "success": True, "result": GenerationResult.of(generated).model_dump()}
 
 
 @requires("generate")

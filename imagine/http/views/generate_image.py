@@ -6,14 +6,14 @@ import asyncio
 import base64
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from imagine.engine import generation
-from imagine.security.tokens import check_model_grant, requires
-from imagine.errors import validation_error
-from imagine.http.app_keys import principal_key, registry_key
+from imagine.security.tokens import requires
+from imagine.http.app_keys import principal_key
+from imagine.http.front_door import admit
 from imagine.http.openapi import json_response, obj, operation
-from imagine.http.request_bodies import MAX_SEED, Prompt, parse_generate_body, pydantic_errors, read_json, resolve_request
+from imagine.http.request_bodies import MAX_SEED, Prompt, parse_body, read_json
 from imagine.http.views.generate import GENERATION_ERRORS
 
 MODEL = "sdxl"
@@ -55,19 +55,11 @@ GENERATED = obj(
 )
 async def generate_image(request: web.Request) -> web.Response:
     app = request.app
-    raw = await read_json(request)
-    if not isinstance(raw, dict):
-        raise validation_error([{"loc": ["body"], "msg": "must be a JSON object"}])
-    try:
-        seed004 = GenerateImageBody.model_validate(raw)
-    except ValidationError as error:
-        raise validation_error(pydantic_errors(error)) from None
+    principal = request[principal_key]
+    seed004 = parse_body(GenerateImageBody, await read_json(request))
     # The same fields as /generate under the same names, so its errors read the same.
-    body = parse_generate_body({**seed004.model_dump(), "model": MODEL})
-    generator = app[registry_key].resolve(MODEL)
-    check_model_grant(request[principal_key], generator.name)
-    wanted = resolve_request(body, generator)
-    generated = await generation.generate(app, request[principal_key], wanted, generator, store=True)
+    admitted = admit(app, principal, {**seed004.model_dump(), "model": MODEL})
+    generated = await generation.submit(app, principal, admitted.request, admitted.generator, store=True)
     seed = generated.output.seeds[0]
     image_base64 = await asyncio.to_thread(lambda: base64.b64encode(generated.pngs[0]).decode("ascii"))
     return web.json_response(

@@ -9,10 +9,12 @@ from typing import Any
 from aiohttp import web
 
 from imagine.engine import generation
-from imagine.security.tokens import check_model_grant, requires
+from imagine.security.tokens import requires
 from imagine.errors import validation_error
 from imagine.engine.jobs import TrackedJob, body_fingerprint
-from imagine.http.app_keys import encode_pool_key, jobs_key, principal_key, registry_key, settings_key
+from imagine.http.app_keys import encode_pool_key, jobs_key, principal_key, settings_key
+from imagine.http.front_door import admit
+from imagine.http.generation_result import GenerationResult
 from imagine.http.openapi import (
     ERROR,
     Component,
@@ -24,8 +26,8 @@ from imagine.http.openapi import (
     operation,
     path_parameter,
 )
-from imagine.http.request_bodies import GenerateBody, parse_generate_body, read_json, resolve_request
-from imagine.http.views.generate import GENERATION_ERRORS, GENERATION_RESULT
+from imagine.http.request_bodies import GENERATE_BODY, read_json
+from imagine.http.views.generate import GENERATION_ERRORS
 
 MAX_IDEMPOTENCY_KEY = 255
 # Event ids are 1, 2, 3...: the stream's own ids are the only values Last-Event-ID may carry.
@@ -52,7 +54,7 @@ JOB = Component(
             "eta_seconds": {"type": "number"},
             "progress": obj({"step": {"type": "integer"}, "total": {"type": "integer"}}),
             "created_at": {"type": "number", "description": "Unix time"},
-            "result": GENERATION_RESULT,
+            "result": GenerationResult,
             "error": ERROR,
         },
         required=["id", "status", "position", "eta_seconds", "progress", "created_at"],
@@ -102,7 +104,7 @@ def resume_after(request: web.Request) -> int:
             "Idempotency-Key", "Makes retries safe: same key, same body, same job", {"type": "string", "maxLength": 255}
         )
     ],
-    body=GenerateBody,
+    body=GENERATE_BODY,
     responses={
         202: json_response(
             "Queued (`Location` is the job's URL)", ACCEPTED, headers=["Location", "Idempotent-Replayed"]
@@ -123,21 +125,22 @@ async def submit_job(request: web.Request) -> web.Response:
     earlier = jobs.replay(principal, key, fingerprint)
     if earlier is not None:
         return accepted(request, earlier, replayed=True)
-    body = parse_generate_body(raw)
-    generator = app[registry_key].resolve(body.model)
-    check_model_grant(principal, generator.name)
-    wanted = resolve_request(body, generator)
+    admitted = admit(app, principal, raw)
 
     async def to_json(generated: generation.Generated) -> dict[str, Any]:
-        return await asyncio.get_running_loop().run_in_executor(app[encode_pool_key], generation.result_json, generated)
+        return await asyncio.get_running_loop().run_in_executor(
+            app[encode_pool_key], lambda: GenerationResult.of(generated).model_dump()
+        )
 
     job = jobs.submit(
         principal,
         key,
         fingerprint,
-        wanted.steps,
-        body.preview,
-        lambda observer: generation.start(app, principal, wanted, generator, store=body.store, observer=observer),
+        admitted.request.steps,
+        admitted.body.preview,
+        lambda observer: generation.submit(
+            app, principal, admitted.request, admitted.generator, store=admitted.body.store, observer=observer
+        ),
         to_json,
     )
     return accepted(request, job, replayed=False)

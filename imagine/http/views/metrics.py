@@ -60,8 +60,8 @@ def _seed_summary(app: web.Application) -> dict[str, object]:
     report = app[executor_key].report
     default = registry.resolve(None)
     return {
-        "model_loaded": any(generator.loaded for generator in registry.generators() if generator.uses_device),
-        "lora_available": bool(default.card.extra.get("takes_loras")),
+        "model_loaded": any(generator.loaded for generator in registry.local()),
+        "lora_available": default.card.takes_loras,
         "device": report.device,
         "torch_version": report.torch_version or None,
         "api_version": __version__,

@@ -9,11 +9,12 @@ from aiohttp import web
 from imagine.engine import device
 from imagine.security.tokens import requires
 from imagine.errors import validation_error
-from imagine.plugin.generators import CloudGenerator, Generator
+from imagine.engine.registry import ModelRegistry
+from imagine.plugin.generators import CloudGenerator, Generator, LocalGenerator
 from imagine.http.app_keys import executor_key, registry_key, settings_key
 from imagine.engine.memory import ModelMemory
 from imagine.http.openapi import Component, error_response, json_response, obj, operation, path_parameter
-from imagine.http.request_bodies import LoadModelBody, parse_load_model_body, read_json
+from imagine.http.request_bodies import LoadModelBody, parse_body, read_json
 from imagine.http.views.system import SYSTEM_INFO, model_memory
 
 NULLABLE_STRING = {"type": ["string", "null"]}
@@ -199,12 +200,11 @@ def cloud_model(generator: CloudGenerator) -> dict[str, Any]:
 )
 async def list_models(request: web.Request) -> web.Response:
     registry = request.app[registry_key]
-    generators = registry.generators()
     memory = registry.memory()
     return web.json_response(
         {
-            "local_models": {g.name: local_model(request.app, g, memory[g.name]) for g in generators if g.uses_device},
-            "cloud_models": {g.name: cloud_model(g) for g in generators if isinstance(g, CloudGenerator)},
+            "local_models": {g.name: local_model(request.app, g, memory[g.name]) for g in registry.local()},
+            "cloud_models": {g.name: cloud_model(g) for g in registry.cloud()},
             "memory": model_memory(request.app),
         }
     )
@@ -221,7 +221,7 @@ async def default_model_status(request: web.Request) -> web.Response:
     return web.json_response(
         {
             "loaded": generator.loaded,
-            "lora_available": bool(generator.card.extra.get("takes_loras")),
+            "lora_available": generator.card.takes_loras,
             "device": generator.runtime_info().get("device", request.app[executor_key].report.device),
         }
     )
@@ -245,16 +245,18 @@ def _change(request: web.Request, generator: Generator, message: str, load_time:
     )
 
 
-def _local(generator: Generator, loc: list[str]) -> Generator:
+def _local(registry: ModelRegistry, name: str, loc: list[str]) -> LocalGenerator:
     """Only models on this device hold weights to load or unload; a cloud backend has none."""
-    if not generator.uses_device:
+    generator = registry.resolve(name)
+    local = registry.as_local(generator)
+    if local is None:
         raise validation_error([{"loc": loc, "msg": f"{generator.name} runs in the cloud: there is nothing to load or unload"}])
-    return generator
+    return local
 
 
 async def _load(request: web.Request, name: str, loc: list[str]) -> web.Response:
     registry = request.app[registry_key]
-    generator = _local(registry.resolve(name), loc)
+    generator = _local(registry, name, loc)
     # On the device thread, between jobs: no torch call ever runs on the loop.
     loaded_now = await request.app[executor_key].call(lambda: registry.ensure_loaded(generator))
     if loaded_now:
@@ -291,7 +293,7 @@ async def load_model(request: web.Request) -> web.Response:
     },
 )
 async def load_model_seed003(request: web.Request) -> web.Response:
-    body = parse_load_model_body(await read_json(request))
+    body = parse_body(LoadModelBody, await read_json(request))
     return await _load(request, body.model, ["body", "model"])
 
 
@@ -310,7 +312,7 @@ async def load_model_seed003(request: web.Request) -> web.Response:
 )
 async def unload_model(request: web.Request) -> web.Response:
     registry = request.app[registry_key]
-    generator = _local(registry.resolve(request.match_info["name"]), ["path", "name"])
+    generator = _local(registry, request.match_info["name"], ["path", "name"])
     was_loaded = await request.app[executor_key].call(lambda: registry.unload(generator))
     return _change(request, generator, "Model unloaded" if was_loaded else "Model was not loaded", None)
 

@@ -14,14 +14,15 @@ import time
 from typing import Any, Literal
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from imagine.engine import generation
-from imagine.security.tokens import check_model_grant, requires
+from imagine.security.tokens import requires
 from imagine.errors import ApiError, field_error, validation_error
-from imagine.http.app_keys import principal_key, registry_key
+from imagine.http.app_keys import principal_key
+from imagine.http.front_door import admit
 from imagine.http.openapi import Component, json_response, obj, operation
-from imagine.http.request_bodies import Prompt, parse_generate_body, pydantic_errors, read_json, resolve_request
+from imagine.http.request_bodies import Prompt, parse_body, read_json
 from imagine.http.urls import signed_image_url
 from imagine.http.views.generate import GENERATION_ERRORS
 
@@ -148,22 +149,13 @@ def _generate_fields(body: ImagesGenerationBody) -> dict[str, Any]:
 async def create_images(request: web.Request) -> web.Response:
     app = request.app
     principal = request[principal_key]
-    raw = await read_json(request)
-    if not isinstance(raw, dict):
-        raise validation_error([{"loc": ["body"], "msg": "must be a JSON object"}])
+    openai_body = parse_body(ImagesGenerationBody, await read_json(request))
     try:
-        openai_body = ImagesGenerationBody.model_validate(raw)
-    except ValidationError as error:
-        raise validation_error(pydantic_errors(error)) from None
-    try:
-        body = parse_generate_body(_generate_fields(openai_body))
-        generator = app[registry_key].resolve(body.model)
-        check_model_grant(principal, generator.name)
-        wanted = resolve_request(body, generator)
+        admitted = admit(app, principal, _generate_fields(openai_body))
     except ApiError as error:
         raise _in_openai_terms(error) from None
     # Always stored: a `url` points into the gallery, and OpenAI's API has no `store`.
-    generated = await generation.generate(app, principal, wanted, generator, store=True)
+    generated = await generation.submit(app, principal, admitted.request, admitted.generator, store=True)
     if openai_body.response_format == "url":
         data = [{"url": signed_image_url(request, image_id)} for image_id in generated.ids]
     else:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import platform
-from collections.abc import Sequence
 from typing import Any
 
 import psutil
@@ -12,14 +11,13 @@ from aiohttp import web
 
 from imagine.engine import device
 from imagine.security.tokens import public
-from imagine.plugin.generators import CloudGenerator, Generator
+from imagine.plugin.generators import Generator
 from imagine.http.app_keys import executor_key, limiter_key, registry_key
 from imagine.engine.memory import gigabytes
 from imagine.engine.registry import ModelRegistry
 from imagine.http.openapi import Component, error_response, json_response, obj, operation, query_parameter
 from imagine.security.ratelimit import operational
 
-GB = 1024**3
 
 EXAMPLES = [
     {
@@ -174,8 +172,8 @@ def system_info(app: web.Application) -> dict[str, Any]:
     report = app[executor_key].report
     return {
         "cpu_usage": psutil.cpu_percent(interval=None),
-        "available_memory": round(memory.available / GB, 3),
-        "total_memory": round(memory.total / GB, 3),
+        "available_memory": gigabytes(memory.available),
+        "total_memory": gigabytes(memory.total),
         "total_vram": report.vram_total_gb,
         "available_vram": report.vram_free_gb,
         "vram_usage": report.vram_used_gb,
@@ -198,29 +196,32 @@ async def livez(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-def _local_model_loaded(generators: Sequence[Generator]) -> bool:
+def _local_model_loaded(registry: ModelRegistry) -> bool:
     # A cloud backend holds no weights here: "a model is loaded" speaks of the device.
-    return any(generator.loaded for generator in generators if generator.uses_device)
+    return any(generator.loaded for generator in registry.local())
 
 
-def _model_status(registry: ModelRegistry, generator: Generator) -> dict[str, Any]:
-    if isinstance(generator, CloudGenerator):
+def _model_status(registry: ModelRegistry) -> dict[str, dict[str, Any]]:
+    status = {g.name: {"loaded": g.loaded, "error": registry.states[g.name].error} for g in registry.local()}
+    for cloud in registry.cloud():
         # Reported, never degrading: a missing or refused cloud key leaves local generation untouched.
-        return {"loaded": generator.loaded, "error": generator.problem(), "configured": generator.configured}
-    return {"loaded": generator.loaded, "error": registry.states[generator.name].error}
+        status[cloud.name] = {"loaded": cloud.loaded, "error": cloud.problem(), "configured": cloud.configured}
+    return {g.name: status[g.name] for g in registry.generators()}
 
 
-def _generator_summary(registry: ModelRegistry, generator: Generator) -> dict[str, Any]:
-    summary: dict[str, Any] = {
-        "name": generator.name,
-        "type": "local" if generator.uses_device else "api",
-        "description": generator.card.description,
-        "loaded": generator.loaded,
-        "error": registry.states[generator.name].error,
-    }
-    if isinstance(generator, CloudGenerator):
-        summary["configured"] = generator.configured
-    return summary
+def _generator_summaries(registry: ModelRegistry) -> dict[str, dict[str, Any]]:
+    def summary(generator: Generator, kind: str) -> dict[str, Any]:
+        return {
+            "name": generator.name,
+            "type": kind,
+            "description": generator.card.description,
+            "loaded": generator.loaded,
+            "error": registry.states[generator.name].error,
+        }
+
+    summaries = {g.name: summary(g, "local") for g in registry.local()}
+    summaries |= {g.name: summary(g, "api") | {"configured": g.configured} for g in registry.cloud()}
+    return {g.name: summaries[g.name] for g in registry.generators()}
 
 
 @operational
@@ -238,8 +239,9 @@ async def health(request: web.Request) -> web.Response:
     registry = request.app[registry_key]
     executor = request.app[executor_key]
     failed = registry.failed()
-    model_status = {generator.name: _model_status(registry, generator) for generator in registry.generators()}
-    reasons = [f"model {name} failed to load" for name in failed if registry.resolve(name).uses_device]
+    model_status = _model_status(registry)
+    local = {generator.name for generator in registry.local()}
+    reasons = [f"model {name} failed to load" for name in failed if name in local]
     if executor.depth >= executor.capacity:
         reasons.append("the queue is full")
     limiter_problem = request.app[limiter_key].problem()
@@ -253,7 +255,7 @@ async def health(request: web.Request) -> web.Response:
     body = {
         "status": status,
         "timestamp": datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z"),
-        "model_loaded": _local_model_loaded(registry.generators()),
+        "model_loaded": _local_model_loaded(registry),
         "model_status": model_status,
         "queue": {"depth": executor.depth, "capacity": executor.capacity},
         "reasons": reasons,
@@ -306,10 +308,10 @@ async def status(request: web.Request) -> web.Response:
             "vram_total": report.vram_total_gb,
             "vram_used": report.vram_used_gb,
             "vram_free": report.vram_free_gb,
-            "model_loaded": _local_model_loaded(generators),
+            "model_loaded": _local_model_loaded(registry),
             "current_model": registry.current,
             "current_generator_type": (
-                None if registry.current is None else ("local" if registry.resolve(registry.current).uses_device else "api")
+                None if registry.current is None else _generator_summaries(registry)[registry.current]["type"]
             ),
             "available_models": {
                 g.name: {
@@ -318,10 +320,9 @@ async def status(request: web.Request) -> web.Response:
                     "vram_required": g.card.vram_required,
                     "error": registry.states[g.name].error,
                 }
-                for g in generators
-                if g.uses_device
+                for g in registry.local()
             },
-            "available_generators": {g.name: _generator_summary(registry, g) for g in generators},
+            "available_generators": _generator_summaries(registry),
             "models": {g.name: g.loaded for g in generators},
             "gpu_available": report.gpu_available,
             "gpu_backend": report.gpu_backend,

@@ -1,0 +1,342 @@
+"""The device executor on its own, no HTTP: batches, stops at a step, deadlines, out of memory, shutdown.
+
+Its registry is built through the plugin hook from the test plugins: the slow
+generator (real time per step, records its batches and interrupted runs) and
+the out-of-memory one. To make work queue up together, a test holds the
+device thread with a control task, which runs ahead of any queued work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import pluggy
+import pytest
+
+from imagine.engine.executor import DeviceExecutor
+from imagine.engine.queue import MemoryQueue, QueueFull
+from imagine.engine.registry import ModelRegistry
+from imagine.engine.telemetry import NoTelemetry
+from imagine.engine.work import GenerationOutput, WorkItem
+from imagine.errors import ApiError
+from imagine.plugin import hookspecs
+from imagine.plugin.generators import GenerationRequest
+from imagine.plugin.manager import collect_generators
+from imagine.settings import Settings
+from tests import oom_plugin
+from tests.oom_plugin import TRIGGER
+from tests.slow_plugin import SlowGenerator, SlowPlugin
+from tests.test_jobs import wait_for
+
+# Upper bound for anything a test awaits; nothing here should take more than a second or two.
+LIMIT_S = 20.0
+
+
+class BatchSizes(NoTelemetry):
+    """Remembers how many items each pipeline call served."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    def batched(self, jobs: int) -> None:
+        self.sizes.append(jobs)
+
+
+class Device:
+    """An executor over the test plugins' generators, with what a test needs to drive it."""
+
+    def __init__(self, *plugins: Any, capacity: int, batch: int) -> None:
+        manager = pluggy.PluginManager(hookspecs.PROJECT)
+        manager.add_hookspecs(hookspecs)
+        for plugin in plugins:
+            manager.register(plugin)
+        generators = collect_generators(manager, Settings())
+        self.registry = ModelRegistry(generators, default=next(iter(generators)))
+        self.telemetry = BatchSizes()
+        self.executor = DeviceExecutor(
+            self.registry,
+            queue=MemoryQueue(capacity),
+            device_preference="cpu",
+            batch_max_images=batch,
+            telemetry=self.telemetry,
+        )
+
+    def submit(self, prompt: str, *, model: str = "slow", steps: int = 2, timeout_s: float = LIMIT_S) -> WorkItem:
+        request = GenerationRequest(
+            prompt=prompt,
+            negative_prompt="",
+            model=model,
+            width=64,
+            height=64,
+            steps=steps,
+            guidance=0.0,
+            num_images=1,
+            seed=7,
+            scheduler="euler",
+        )
+        return self.executor.submit(request, self.registry.resolve(model), timeout_s, owner="alice")
+
+    async def result(self, item: WorkItem) -> GenerationOutput:
+        return await asyncio.wait_for(self.executor.wait(item), LIMIT_S)
+
+    async def between_batches(self) -> None:
+        """Returns once the device thread finished what it was running (control tasks run between batches)."""
+        await asyncio.wait_for(self.executor.call(lambda: None), LIMIT_S)
+
+    @contextlib.asynccontextmanager
+    async def held(self) -> AsyncIterator[None]:
+        """The device thread is busy with a control task inside the block: work submitted meanwhile waits."""
+        gate = threading.Event()
+        holding = asyncio.create_task(self.executor.call(lambda: gate.wait(LIMIT_S)))
+        await asyncio.sleep(0)  # the control task is queued, ahead of anything submitted next
+        try:
+            yield
+        finally:
+            gate.set()
+            await asyncio.wait_for(holding, LIMIT_S)
+
+
+@pytest.fixture
+async def start_device() -> AsyncIterator[Any]:
+    devices: list[Device] = []
+
+    def start(*plugins: Any, capacity: int = 8, batch: int = 1) -> Device:
+        device = Device(*plugins, capacity=capacity, batch=batch)
+        device.executor.start()
+        devices.append(device)
+        return device
+
+    yield start
+    for device in devices:
+        await device.executor.stop()
+
+
+async def failure(outcome: Awaitable[Any]) -> ApiError:
+    with pytest.raises(ApiError) as failed:
+        await asyncio.wait_for(outcome, LIMIT_S)
+    return failed.value
+
+
+def refusal(submit: Callable[[], Any]) -> ApiError:
+    with pytest.raises(ApiError) as refused:
+        submit()
+    return refused.value
+
+
+async def started(generator: SlowGenerator) -> None:
+    assert await asyncio.to_thread(generator.started.wait, LIMIT_S), "the generator never started"
+
+
+# ---- batching ---------------------------------------------------------------
+
+
+async def test_compatible_work_runs_as_one_batch_up_to_the_batch_size_and_incompatible_work_apart(start_device) -> None:
+    plugin = SlowPlugin()
+    device = start_device(plugin, batch=3)
+    async with device.held():
+        compatible = [device.submit(f"a{n}") for n in range(4)]
+        other = device.submit("b", steps=3)  # another step count: it cannot share a pipeline call
+    outputs = await asyncio.gather(*(device.result(item) for item in [*compatible, other]))
+    assert plugin.generator.batches == [["a0", "a1", "a2"], ["a3"], ["b"]]
+    assert [len(output.images) for output in outputs] == [1] * 5
+    assert all(output.seeds == [7] for output in outputs)
+
+
+# ---- cancellation -----------------------------------------------------------
+
+
+async def test_cancelling_running_work_stops_it_at_the_next_step(start_device) -> None:
+    plugin = SlowPlugin()
+    device = start_device(plugin)
+    running = device.submit("long", steps=1000)
+    await started(plugin.generator)
+    device.executor.cancel(running)
+    assert (await failure(device.executor.wait(running))).code == "CANCELLED"
+    await device.between_batches()
+    assert plugin.generator.finished_runs == ["interrupted"]
+    assert plugin.generator.steps_run < 1000
+
+
+async def test_cancelling_queued_work_removes_it_without_running_it(start_device) -> None:
+    plugin = SlowPlugin()
+    device = start_device(plugin)
+    async with device.held():
+        cancelled = device.submit("never")
+        behind = device.submit("after")
+        assert device.executor.position(behind) == 2
+        device.executor.cancel(cancelled)
+        assert (await failure(cancelled.future)).code == "CANCELLED"
+        assert device.executor.position(behind) == 1
+        assert device.executor.depth == 1
+    await device.result(behind)
+    assert plugin.generator.batches == [["after"]]
+
+
+# ---- deadlines --------------------------------------------------------------
+
+
+async def test_running_work_past_its_deadline_is_stopped_with_timeout(start_device) -> None:
+    plugin = SlowPlugin()
+    device = start_device(plugin)
+    item = device.submit("long", steps=1000, timeout_s=0.2)
+    error = await failure(device.executor.wait(item))
+    assert error.status == 504 and error.code == "TIMEOUT"
+    await device.between_batches()
+    assert plugin.generator.finished_runs == ["interrupted"]
+
+
+async def test_work_whose_deadline_passed_in_the_queue_fails_with_timeout_and_never_runs(start_device) -> None:
+    plugin = SlowPlugin()
+    device = start_device(plugin)
+    async with device.held():
+        item = device.submit("late", timeout_s=0.05)
+        await asyncio.sleep(0.1)  # the deadline passes while the device is busy
+    error = await failure(item.future)  # what the device thread answered, not the waiter's own timeout
+    assert error.code == "TIMEOUT"
+    assert plugin.generator.batches == []
+
+
+# ---- out of memory ----------------------------------------------------------
+
+
+async def test_a_batch_out_of_memory_is_retried_one_by_one_and_only_the_culprit_fails(start_device) -> None:
+    device = start_device(oom_plugin, batch=4)
+    async with device.held():
+        culprit = device.submit(f"please run {TRIGGER}", model="oom", steps=1)
+        neighbours = [device.submit(prompt, model="oom", steps=1) for prompt in ("a fox", "a castle")]
+    error = await failure(device.executor.wait(culprit))
+    assert error.status == 503 and error.code == "OUT_OF_MEMORY"
+    assert int(error.headers["Retry-After"]) >= 1
+    for output in await asyncio.gather(*(device.result(item) for item in neighbours)):
+        assert len(output.images) == 1
+    # The batch of three failed as a whole; each neighbour then ran alone and succeeded.
+    assert device.telemetry.sizes == [1, 1]
+
+
+# ---- intake and shutdown ----------------------------------------------------
+
+
+async def test_a_full_queue_refuses_with_queue_full_and_keeps_what_it_holds(start_device) -> None:
+    plugin = SlowPlugin()
+    device = start_device(plugin, capacity=2)
+    async with device.held():
+        accepted = [device.submit("one"), device.submit("two")]
+        error = refusal(lambda: device.submit("three"))
+        assert error.status == 503 and error.code == "QUEUE_FULL"
+        assert error.details == {"queue_depth": 2, "capacity": 2}
+        assert int(error.headers["Retry-After"]) >= 1
+    await asyncio.gather(*(device.result(item) for item in accepted))
+    assert plugin.generator.batches == [["one"], ["two"]]
+
+
+async def test_closed_intake_refuses_new_work_and_lets_accepted_work_finish(start_device) -> None:
+    plugin = SlowPlugin()
+    device = start_device(plugin)
+    async with device.held():
+        accepted = [device.submit("one"), device.submit("two")]
+        assert set(device.executor.close_intake()) == set(accepted)
+        refused = refusal(lambda: device.submit("late"))
+        assert refused.code == "SERVICE_UNAVAILABLE" and refused.headers["Retry-After"]
+        assert (await failure(device.executor.call(lambda: None))).code == "SERVICE_UNAVAILABLE"
+    await asyncio.gather(*(device.result(item) for item in accepted))
+    assert plugin.generator.batches == [["one"], ["two"]]
+
+
+async def test_failing_unfinished_work_fails_running_queued_and_control_work_with_service_unavailable(start_device) -> None:
+    plugin = SlowPlugin()
+    device = start_device(plugin)
+    running = device.submit("long", steps=1000)
+    queued = device.submit("waiting")
+    await started(plugin.generator)
+    ran: list[str] = []
+    control = asyncio.create_task(device.executor.call(lambda: ran.append("control")))
+    await asyncio.sleep(0)  # queued behind the running batch
+    device.executor.close_intake()
+    assert device.executor.fail_unfinished() == 2
+    for outcome in (device.executor.wait(running), device.executor.wait(queued), control):
+        assert (await failure(outcome)).code == "SERVICE_UNAVAILABLE"
+    await wait_for(lambda: asyncio.sleep(0, result=bool(plugin.generator.finished_runs)), LIMIT_S)
+    assert plugin.generator.finished_runs == ["interrupted"]
+    assert plugin.generator.batches == [["long"]]  # the queued one never ran
+    assert ran == []
+
+
+async def test_stop_fails_what_is_left_with_service_unavailable_and_ends_the_device_thread(start_device) -> None:
+    plugin = SlowPlugin()
+    device = start_device(plugin)
+    running = device.submit("long", steps=1000)
+    queued = device.submit("waiting")
+    await started(plugin.generator)
+    await asyncio.wait_for(device.executor.stop(), LIMIT_S)
+    for item in (running, queued):
+        error = await failure(item.future)
+        assert error.status == 503 and error.code == "SERVICE_UNAVAILABLE"
+    assert not device.executor.alive
+    assert plugin.generator.finished_runs == ["interrupted"]
+    assert plugin.generator.batches == [["long"]]
+    assert refusal(lambda: device.submit("late")).code == "SERVICE_UNAVAILABLE"
+
+
+# ---- the memory queue -------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Waiting:
+    owner: str
+    batch_key: str = "same"
+    images: int = 1
+
+
+def test_the_memory_queue_gives_each_subject_its_turn() -> None:
+    queue: MemoryQueue[Waiting] = MemoryQueue(capacity=10)
+    heavy = [Waiting("heavy") for _ in range(3)]
+    light = Waiting("light")
+    for item in [*heavy, light]:
+        queue.submit(item)
+    order = [queue.take(1, 0.0) for _ in range(4)]
+    assert order == [[heavy[0]], [light], [heavy[1]], [heavy[2]]]
+
+
+def test_the_memory_queue_reports_positions_and_forgets_what_left() -> None:
+    queue: MemoryQueue[Waiting] = MemoryQueue(capacity=10)
+    first, second, third = Waiting("a"), Waiting("b", batch_key="x"), Waiting("c")
+    for item in (first, second, third):
+        queue.submit(item)
+    assert [queue.position(item) for item in (first, second, third)] == [1, 2, 3]
+    assert queue.cancel(second) and not queue.cancel(second)
+    assert queue.position(third) == 2
+    assert queue.take(2, 0.0) == [first, third]
+    assert queue.position(first) == queue.position(third) == 0 and len(queue) == 0
+
+
+def test_the_memory_queue_refuses_past_capacity_and_drains() -> None:
+    queue: MemoryQueue[Waiting] = MemoryQueue(capacity=2)
+    held = [Waiting("a"), Waiting("b")]
+    for item in held:
+        queue.submit(item)
+    with pytest.raises(QueueFull):
+        queue.submit(Waiting("c"))
+    assert queue.drain() == held and len(queue) == 0
+
+
+def test_a_take_waits_for_compatible_company_and_returns_when_woken_or_closed() -> None:
+    queue: MemoryQueue[Waiting] = MemoryQueue(capacity=10)
+    with ThreadPoolExecutor(1) as device_thread:
+        first, second = Waiting("a"), Waiting("b")
+        queue.submit(first)
+        forming = device_thread.submit(queue.take, 2, LIMIT_S)  # room for two: it waits for the second
+        queue.submit(second)
+        assert forming.result(LIMIT_S) == [first, second]
+
+        woken = device_thread.submit(queue.take, 1, 0.0)
+        queue.wake()
+        assert woken.result(LIMIT_S) == []
+        closed = device_thread.submit(queue.take, 1, 0.0)
+        queue.close()
+        assert closed.result(LIMIT_S) is None
