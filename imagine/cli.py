@@ -160,6 +160,19 @@ def demo_models(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def plugins(arguments: argparse.Namespace) -> int:
+    """Each loaded plugin, where it comes from, and the models and settings sections it registers."""
+    from imagine.plugin.manager import describe_plugins, plugin_manager
+
+    settings = load_settings(_config_path(arguments.config))
+    for plugin in describe_plugins(plugin_manager(), settings):
+        print(f"{plugin.name}  [{plugin.source}]")
+        print(f"    models: {', '.join(plugin.models) or '-'}")
+        if plugin.sections:
+            print(f"    settings: {', '.join(f'[{section}]' for section in plugin.sections)}")
+    return 0
+
+
 def bench(arguments: argparse.Namespace) -> int:
     from imagine.devtools import bench as benchmark
 
@@ -194,6 +207,12 @@ def _parser() -> argparse.ArgumentParser:
         "--full-size", action="store_true", help="SDXL's real architecture instead (random weights, about 7 GB), for benchmarks"
     )
     demo_parser.set_defaults(run=demo_models)
+
+    plugins_parser = commands.add_parser(
+        "plugins", parents=[common], help="list the loaded plugins, where they come from and their models"
+    )
+    plugins_parser.add_argument("--config", help="TOML settings file (default: ./imagine.toml if present)")
+    plugins_parser.set_defaults(run=plugins)
 
     from imagine.devtools.bench import add_arguments
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imagine.devtools.demo_models import DemoModels
+from imagine.plugin.demo import DemoModels
 from imagine.errors import ApiError
 from imagine.plugin.generators import GenerationRequest, Generator, ModelCard, ModelDefaults, ModelLimits
 from imagine.plugin.hookspecs import hookimpl

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imagine.devtools.demo_models import DemoModels
+from imagine.plugin.demo import DemoModels
 from imagine.errors import validation_error
 from imagine.plugin.generators import (
     GenerationRequest,

@@ -6,7 +6,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from imagine.devtools.demo_models import DemoModels
+from imagine.plugin.demo import DemoModels
 from imagine.plugin.generators import Generator, ModelCard, ModelDefaults, ModelLimits
 from imagine.plugin.hookspecs import hookimpl
 from imagine.settings import Settings

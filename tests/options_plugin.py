@@ -15,7 +15,7 @@ from typing import Any
 from PIL import Image
 from pydantic import Field, field_validator
 
-from imagine.devtools.demo_models import DemoModels
+from imagine.plugin.demo import DemoModels
 from imagine.errors import field_error
 from imagine.plugin.generators import (
     GenerationRequest,

@@ -14,9 +14,10 @@ from __future__ import annotations
 import pathlib
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
+
+from imagine.plugin.demo import DemoModels
 
 if TYPE_CHECKING:
     from imagine.settings import Settings
@@ -28,21 +29,6 @@ DEMO_MODELS_VERSION: int = 1
 MARKER_NAME = ".demo-models-version"
 # Which builds, at which versions, a folder holds: one "name version" line each.
 CONTENTS_NAME = ".demo-models-contents"
-
-
-@dataclass(frozen=True)
-class DemoModels:
-    """What a plugin offers for the demo (`register_demo_models`)."""
-
-    #: Names this offer among the others (the model it stands in for, say).
-    name: str
-    #: Bump when `build` writes something else: folders built before are built again.
-    version: int
-    #: Write the tiny weights under the demo folder given (in a child process: torch is fine here).
-    build: Callable[[pathlib.Path], None]
-    #: The settings, shaped like the TOML file, that point the plugin's models at what
-    #: `build` wrote under the folder given, e.g. {"models": {"my-model": {"source": ".../my-model"}}}.
-    settings: Callable[[pathlib.Path], Mapping[str, Mapping[str, Any]]]
 
 
 def _offered() -> list[DemoModels]:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
-    from imagine.devtools.demo_models import DemoModels
+    from imagine.plugin.demo import DemoModels
     from imagine.plugin.generators import Generator
     from imagine.settings import Settings
 

@@ -20,7 +20,7 @@ from imagine.plugin.generators import Generator
 from imagine.settings import SECTIONS, Settings, SettingsError
 
 if TYPE_CHECKING:
-    from imagine.devtools.demo_models import DemoModels
+    from imagine.plugin.demo import DemoModels
 
 # The package of the built-in plugins; its PLUGINS lists their modules, so the core names no model.
 BUILTIN_PACKAGE = "imagine_plugins"
@@ -77,9 +77,9 @@ class _Claims:
         self._owners[name] = plugin_name
 
 
-def collect_generators(manager: pluggy.PluginManager, settings: Settings) -> dict[str, Generator]:
-    """Every generator the plugins register, by name; aliases must not clash either."""
-    generators: dict[str, Generator] = {}
+def generators_by_plugin(manager: pluggy.PluginManager, settings: Settings) -> dict[str, list[Generator]]:
+    """The generators each plugin registers, by plugin name; names and aliases must not clash."""
+    registered: dict[str, list[Generator]] = {}
     claims = _Claims("model name")
 
     def arguments(plugin_name: str) -> Mapping[str, Any]:
@@ -88,11 +88,17 @@ def collect_generators(manager: pluggy.PluginManager, settings: Settings) -> dic
                 raise PluginError(f"plugin {plugin_name} registered {generator!r}, which is not a Generator")
             for claimed in (generator.name, *generator.card.aliases):
                 claims.claim(claimed, plugin_name)
-            generators[generator.name] = generator
+            registered.setdefault(plugin_name, []).append(generator)
 
         return {"register": register, "settings": settings}
 
     _each_plugin(manager.hook.register_generators, arguments)
+    return registered
+
+
+def collect_generators(manager: pluggy.PluginManager, settings: Settings) -> dict[str, Generator]:
+    """Every generator the plugins register, by name."""
+    generators = {g.name: g for plugin in generators_by_plugin(manager, settings).values() for g in plugin}
     # A table no plugin reads is a mistake (a misspelt model name, say), not a setting to ignore.
     for name in settings.models.options:
         if name not in generators:
@@ -101,6 +107,43 @@ def collect_generators(manager: pluggy.PluginManager, settings: Settings) -> dic
                 f"(known: {', '.join(generators)})"
             )
     return generators
+
+
+@dataclasses.dataclass(frozen=True)
+class PluginDescription:
+    """One loaded plugin, as `imagine plugins` lists it."""
+
+    name: str
+    source: str  # "built in", "<distribution> <version> (entry point)", or "passed to create_app"
+    models: tuple[str, ...]  # each with its aliases, e.g. "my-model (my-alias)"
+    sections: tuple[str, ...]  # the settings sections it claims
+
+
+def describe_plugins(manager: pluggy.PluginManager, settings: Settings) -> list[PluginDescription]:
+    """Every loaded plugin, where it comes from, and what it registers, in loading order."""
+    builtin = set(importlib.import_module(BUILTIN_PACKAGE).PLUGINS)
+    distributions = {id(plugin): dist for plugin, dist in manager.list_plugin_distinfo()}
+    registered = generators_by_plugin(manager, settings)
+    sections: dict[str, list[str]] = {}
+
+    def arguments(plugin_name: str) -> Mapping[str, Any]:
+        return {"register": lambda name, _section: sections.setdefault(plugin_name, []).append(name)}
+
+    _each_plugin(manager.hook.register_settings, arguments)
+    described = []
+    for name, plugin in manager.list_name_plugin():
+        if name in builtin:
+            source = "built in"
+        elif id(plugin) in distributions:
+            dist = distributions[id(plugin)]
+            source = f"{dist.project_name} {dist.version} (entry point)"
+        else:
+            source = "passed to create_app"
+        models = tuple(
+            g.name + (f" ({', '.join(g.card.aliases)})" if g.card.aliases else "") for g in registered.get(name, [])
+        )
+        described.append(PluginDescription(name, source, models, tuple(sections.get(name, []))))
+    return described
 
 
 def settings_sections(manager: pluggy.PluginManager) -> dict[str, type]:
@@ -125,7 +168,7 @@ def settings_sections(manager: pluggy.PluginManager) -> dict[str, type]:
 
 def collect_demo_models(manager: pluggy.PluginManager) -> list[DemoModels]:
     """The demo models every plugin offers, in plugin order; their names must not clash."""
-    from imagine.devtools.demo_models import DemoModels
+    from imagine.plugin.demo import DemoModels
 
     offered: list[DemoModels] = []
     claims = _Claims("demo models")
