@@ -45,6 +45,24 @@ class Options(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+@dataclass(frozen=True, eq=False)
+class ImageInput:
+    """An input image for image-to-image or inpainting, prepared by the core before a generator sees it.
+
+    `image` is RGB at the request's width x height (resized, cropped, padded or
+    outpainted as the request asked); `mask`, when present, is an "L" image of
+    the same size, white where the generator repaints and feathered already.
+    """
+
+    image: Image.Image
+    # 0..1: how much of the input is repainted (a pipeline runs about steps x strength steps).
+    strength: float
+    mask: Image.Image | None = None
+    # Short hashes of the input and mask as sent, for the PNG's parameters and the gallery.
+    image_hash: str = ""
+    mask_hash: str = ""
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """One validated request, with every default filled in for its model."""
@@ -62,6 +80,8 @@ class GenerationRequest:
     loras: tuple[LoraWeight, ...] = ()
     # The validated `Options` of the request's generator, its defaults filled in.
     options: Options = field(default_factory=Options)
+    # Image-to-image or inpainting; None for text to image.
+    image: ImageInput | None = None
 
     @property
     def seeds(self) -> list[int]:
@@ -72,11 +92,15 @@ class GenerationRequest:
         """Requests with equal keys can share one pipeline call.
 
         Whether a negative prompt is empty counts too: some pipelines encode an
-        empty one as zeros, which only works for a whole call at once.
+        empty one as zeros, which only works for a whole call at once. So do the
+        kind of input (text, image, image and mask) and the strength: they choose
+        the pipeline and its number of steps.
         """
+        image = self.image
+        inputs = None if image is None else (image.strength, image.mask is not None)
         return (
             self.model, self.width, self.height, self.steps, self.guidance, self.scheduler, self.loras,
-            bool(self.negative_prompt), self.options,
+            bool(self.negative_prompt), self.options, inputs,
         )
 
 
@@ -132,6 +156,8 @@ class ModelCard:
     base_model: str = ""
     # Whether requests may send `loras`.
     takes_loras: bool = False
+    # What requests may give: "text" always; "image" (image to image) and "mask" (inpainting, outpainting).
+    inputs: tuple[str, ...] = ("text",)
 
 
 class Generator(abc.ABC):
