@@ -24,6 +24,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 ENV_PREFIX = "IMAGINE_"
+# server.max_input_pixels at most: the largest canvas a request may ask for
+# (8192 x 8192), below Pillow's own decompression-bomb limit (about 89
+# megapixels), so Pillow's guard never refuses what this setting allows.
+MAX_INPUT_PIXELS = 8192 * 8192
 T = TypeVar("T")
 
 
@@ -45,6 +49,9 @@ class ServerSettings:
     # A request body that has not fully arrived by then is refused (408): a
     # stalled upload would otherwise hold its connection and handler forever.
     body_timeout_s: float = 30.0
+    # The most pixels an input image (init_image, mask_image) may declare in its
+    # header; larger ones are refused before any pixel is decoded.
+    max_input_pixels: int = 4096 * 4096
     # Peers whose X-Forwarded-For is believed (addresses or CIDR networks).
     trusted_proxies: tuple[str, ...] = ()
     cors_origins: tuple[str, ...] = ("*",)
@@ -72,6 +79,8 @@ class ServerSettings:
             raise SettingsError("server.max_body_bytes must be at least 1024")
         if not 0 < self.body_timeout_s <= 3600:
             raise SettingsError("server.body_timeout_s must be more than 0 and at most 3600 seconds")
+        if not 64 * 64 <= self.max_input_pixels <= MAX_INPUT_PIXELS:
+            raise SettingsError(f"server.max_input_pixels must be between 4096 and {MAX_INPUT_PIXELS}")
         if self.public_url:
             parts = urllib.parse.urlsplit(self.public_url)
             if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/") or parts.query:

@@ -105,7 +105,7 @@ def vae(scaling_factor: float) -> Any:
     # run at full image resolution, hence the tiny channel counts, and the
     # mid-block attention over every latent pixel would double the decode time
     # at 1024px, hence none.
-    return AutoencoderKL(
+    autoencoder = AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
@@ -117,6 +117,34 @@ def vae(scaling_factor: float) -> Any:
         mid_block_add_attention=False,
         scaling_factor=scaling_factor,
     ).eval()
+    _encode_like_a_trained_vae(autoencoder)
+    return autoencoder
+
+
+def _encode_like_a_trained_vae(autoencoder: Any) -> None:
+    """Give the random encoder the two properties image-to-image relies on in a trained one.
+
+    A trained VAE encodes almost deterministically (a tiny posterior variance)
+    and its scaling factor brings latents to unit variance, the scale the noise
+    schedules assume. Random weights give neither: sampled latents would be
+    mostly noise, and far smaller than the noise a schedule adds, so an input
+    image would barely count. The gain is set on a fixed colour ramp; only the
+    encoder's last 1x1 convolution changes, which text to image never runs.
+    """
+    import torch
+
+    channels = autoencoder.config.latent_channels
+    ramp = torch.linspace(-1, 1, 64)
+    card = torch.stack([ramp.expand(64, 64), ramp[:, None].expand(64, 64), -ramp.expand(64, 64)])[None]
+    quant_conv = autoencoder.quant_conv
+    with torch.no_grad():
+        spread = autoencoder.encode(card).latent_dist.mean.std()
+        gain = 1 / (autoencoder.config.scaling_factor * spread)
+        quant_conv.weight[:channels] *= gain
+        quant_conv.bias[:channels] *= gain
+        # The log-variance half: a standard deviation of exp(-15), as good as none.
+        quant_conv.weight[channels:] = 0
+        quant_conv.bias[channels:] = -30.0
 
 
 def unet(sample_size: int, cross_attention_dim: int, **extra: Any) -> Any:

@@ -1,4 +1,4 @@
-"""What the diffusers-backed generators share: loading, schedulers, seeded batched calls.
+"""What the diffusers-backed generators share: loading, schedulers, seeded batched calls, image inputs.
 
 torch and diffusers are imported inside the methods, which run on the device
 thread only; importing this module stays cheap.
@@ -15,6 +15,7 @@ from imagine.engine import device
 from imagine.plugin.generators import (
     GenerationInterrupted,
     GenerationRequest,
+    ImageInput,
     LocalGenerator,
     ModelCard,
     StepCallback,
@@ -52,6 +53,9 @@ LATENT_RGB_SD15 = (
 )
 LATENT_RGB_BIAS_SD15 = (0.0, 0.0, 0.0)
 
+# What an image request runs on, by whether it has a mask: the diffusers
+# auto-pipeline that builds the right one from the text-to-image pipeline.
+IMAGE_PIPELINES = {False: "AutoPipelineForImage2Image", True: "AutoPipelineForInpainting"}
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,21 @@ def module_bytes(module: Any) -> int:
     """Bytes of a torch module's parameters and buffers (tied weights once)."""
     tensors = {id(t): t for t in (*module.parameters(), *module.buffers())}
     return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def denoising_steps(steps: int, strength: float, longest: int) -> int | None:
+    """The schedule length to ask an image pipeline for, so that at least one step runs.
+
+    diffusers runs the last int(steps x strength) steps of a schedule of `steps`.
+    When that is none (SDXL-Turbo's one step at strength 0.75, say), the schedule
+    is lengthened until its last step falls within the strength, as Turbo's
+    authors advise (2 steps at strength 0.5). None: not even a schedule of every
+    training timestep (`longest`) reaches the strength, so nothing is repainted.
+    """
+    for length in range(steps, max(steps, longest) + 1):
+        if int(length * strength) >= 1:
+            return length
+    return None
 
 
 def card_with_overrides(card: ModelCard, table: CardTable) -> ModelCard:
@@ -119,6 +138,8 @@ class DiffusersGenerator(LocalGenerator):
         self.device = "cpu"
         self.dtype = "float32"
         self.pipe: Any = None
+        # Image-to-image and inpainting pipelines around the same components, by "has a mask"; built on first use.
+        self._image_pipes: dict[bool, Any] = {}
         self._schedulers: dict[str, Any] = {}
         self._footprint: dict[int, int] | None = None
 
@@ -164,18 +185,20 @@ class DiffusersGenerator(LocalGenerator):
 
     def unload(self) -> None:
         self.pipe = None
+        self._image_pipes = {}
         self._schedulers = {}
         self._footprint = None
         device.free_cache(self.device)
 
     def memory_footprint(self) -> Mapping[int, int]:
-        """Parameter and buffer bytes of each component; cached until the weights change."""
+        """Parameter and buffer bytes of each component of every pipeline held; cached until the weights change."""
         if self.pipe is None:
             return {}
         if self._footprint is None:
             self._footprint = {
                 id(component): module_bytes(component)
-                for component in self.pipe.components.values()
+                for pipe in (self.pipe, *self._image_pipes.values())
+                for component in pipe.components.values()
                 if hasattr(component, "parameters")
             }
         return self._footprint
@@ -218,6 +241,32 @@ class DiffusersGenerator(LocalGenerator):
         """Extra keyword arguments for the pipeline call (LoRA scales, say)."""
         return {}
 
+    def pipeline_for(self, image: ImageInput | None) -> Any:
+        """The pipeline that serves this kind of input, in the state `ready_for` left the loaded one.
+
+        An image pipeline is built once from the loaded pipeline's components:
+        `from_pipe` hands it the very same modules, so it holds no second copy of
+        any weight, and what those modules carry (Lightning's step checkpoint,
+        LoRA adapters) serves it too.
+        """
+        if image is None:
+            return self.pipe
+        masked = image.mask is not None
+        pipe = self._image_pipes.get(masked)
+        if pipe is None:
+            import diffusers
+
+            pipe = getattr(diffusers, IMAGE_PIPELINES[masked]).from_pipe(self.pipe)
+            pipe.set_progress_bar_config(disable=True)
+            self._image_pipes[masked] = pipe
+            self.weights_changed()
+        # Components `ready_for` swapped on the loaded pipeline (the request's scheduler) apply here too.
+        own = pipe.components
+        for name, component in self.pipe.components.items():
+            if name in own and own[name] is not component:
+                setattr(pipe, name, component)
+        return pipe
+
     def generate(self, requests: Sequence[GenerationRequest], on_step: StepCallback) -> list[list[Image.Image]]:
         import torch
 
@@ -225,6 +274,8 @@ class DiffusersGenerator(LocalGenerator):
         prompts: list[str] = []
         negatives: list[str] = []
         generators = []
+        # One input (and mask) per image: each request's own, repeated for its num_images.
+        inputs: list[ImageInput] = []
         for request in requests:
             for seed in request.seeds:
                 prompts.append(request.prompt)
@@ -232,33 +283,75 @@ class DiffusersGenerator(LocalGenerator):
                 # CPU generators give the same noise on every device and, one per
                 # image, the same image whether it runs alone or in a batch.
                 generators.append(torch.Generator("cpu").manual_seed(seed))
+                if request.image is not None:
+                    inputs.append(request.image)
+
+        arguments = self._input_arguments(first, inputs)
+        if arguments is None:
+            return self._split(requests, [given.image.copy() for given in inputs])
 
         def step_end(pipe: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-            if on_step(StepProgress(index + 1, first.steps, tensors.get("latents"))):
+            # The pipeline's own count: an image request runs about steps x strength of them.
+            if on_step(StepProgress(index + 1, pipe.num_timesteps, tensors.get("latents"))):
                 # Raising skips the remaining steps and the VAE decode, where
                 # pipe._interrupt would still decode latents nobody wants.
                 raise GenerationInterrupted()
             return tensors
 
         self.ready_for(requests)
+        pipeline = self.pipeline_for(first.image)
         with torch.inference_mode():
-            result = self.pipe(
+            result = pipeline(
                 prompt=prompts,
                 # None lets SDXL use its zeroed "empty" negative embedding, as it was trained.
                 negative_prompt=negatives if any(negatives) else None,
-                width=first.width,
-                height=first.height,
-                num_inference_steps=first.steps,
                 guidance_scale=first.guidance,
                 generator=generators,
                 callback_on_step_end=step_end,
                 callback_on_step_end_tensor_inputs=["latents"],
                 output_type="pil",
+                **arguments,
                 **self.call_arguments(requests),
             )
         images = list(result.images)
+        if first.image is not None and first.image.mask is not None:
+            images = [paste_back(made, given.image, given.mask) for made, given in zip(images, inputs, strict=True)]
+        return self._split(requests, images)
+
+    def _input_arguments(self, first: GenerationRequest, inputs: Sequence[ImageInput]) -> dict[str, Any] | None:
+        """The call's size, steps and input images; None when the strength is too low for any step to run.
+
+        The kind of input and the strength are the whole batch's: both are part of the batch key.
+        """
+        size = {"width": first.width, "height": first.height}
+        image = first.image
+        if image is None:
+            return {**size, "num_inference_steps": first.steps}
+        steps = denoising_steps(first.steps, image.strength, self.pipe.scheduler.config.num_train_timesteps)
+        if steps is None:
+            return None
+        arguments = {"image": [given.image for given in inputs], "strength": image.strength, "num_inference_steps": steps}
+        if image.mask is None:
+            return arguments  # image to image takes its size from the input
+        return {**arguments, **size, "mask_image": [given.mask for given in inputs]}
+
+    @staticmethod
+    def _split(requests: Sequence[GenerationRequest], images: list[Image.Image]) -> list[list[Image.Image]]:
+        """The batch's images, in order, as one list per request."""
         split = []
         for request in requests:
             split.append(images[: request.num_images])
             images = images[request.num_images :]
         return split
+
+
+def paste_back(made: Image.Image, original: Image.Image, mask: Image.Image) -> Image.Image:
+    """The inpainted image where the mask is white, the input as it was where it is black, blended between.
+
+    Outside the mask the pipeline keeps the input's latents, but the VAE's
+    round trip still shifts every pixel a little: what the mask keeps is taken
+    from the input itself.
+    """
+    from PIL import Image
+
+    return Image.composite(made, original, mask)

@@ -44,6 +44,7 @@ CARD = ModelCard(
     defaults=ModelDefaults(steps=PREFERRED_STEPS, guidance=0.0, width=1024, height=1024, scheduler="euler"),
     limits=ModelLimits(min_size=512, max_size=1024, max_steps=8, schedulers=("euler",)),
     vram_required="8-10 GB (float16); about 5 GB when sdxl is loaded too (shared text encoders and VAE)",
+    inputs=("text", "image", "mask"),
 )
 
 

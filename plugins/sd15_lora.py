@@ -59,6 +59,7 @@ CARD = ModelCard(
     vram_required="3-4 GB (float16), plus 10-150 MB per cached LoRA",
     aliases=("stable-diffusion-1.5", "sd15"),
     takes_loras=True,
+    inputs=("text", "image", "mask"),
 )
 
 
@@ -239,4 +240,4 @@ def _demo_settings(folder: Path) -> Mapping[str, Mapping[str, Any]]:
 
 @hookimpl
 def register_demo_models(register: Callable[[DemoModels], None]) -> None:
-    register(DemoModels(NAME, version=1, build=_build_demo, settings=_demo_settings))
+    register(DemoModels(NAME, version=2, build=_build_demo, settings=_demo_settings))

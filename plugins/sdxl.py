@@ -24,6 +24,7 @@ CARD = ModelCard(
     limits=ModelLimits(min_size=512, max_size=1024, max_steps=100, schedulers=("euler", "euler_a", "dpmpp_2m", "ddim")),
     vram_required="8-10 GB (float16)",
     aliases=("stable-diffusion-xl",),
+    inputs=("text", "image", "mask"),
 )
 
 
@@ -54,4 +55,4 @@ def _demo_settings(folder: Path) -> Mapping[str, Mapping[str, Any]]:
 
 @hookimpl
 def register_demo_models(register: Callable[[DemoModels], None]) -> None:
-    register(DemoModels(NAME, version=1, build=_build_demo, settings=_demo_settings))
+    register(DemoModels(NAME, version=2, build=_build_demo, settings=_demo_settings))

@@ -23,6 +23,7 @@ CARD = ModelCard(
     defaults=ModelDefaults(steps=1, guidance=0.0, width=512, height=512, scheduler="euler_a"),
     limits=ModelLimits(min_size=512, max_size=1024, max_steps=4, schedulers=("euler_a", "euler")),
     vram_required="8 GB (float16)",
+    inputs=("text", "image", "mask"),
 )
 
 
@@ -51,4 +52,4 @@ def _demo_settings(folder: Path) -> Mapping[str, Mapping[str, Any]]:
 
 @hookimpl
 def register_demo_models(register: Callable[[DemoModels], None]) -> None:
-    register(DemoModels(NAME, version=1, build=_build_demo, settings=_demo_settings))
+    register(DemoModels(NAME, version=2, build=_build_demo, settings=_demo_settings))

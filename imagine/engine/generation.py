@@ -129,6 +129,7 @@ async def encode_images(app: web.Application, request: GenerationRequest, output
 
 def image_metadata(request: GenerationRequest, output: GenerationOutput, seed: int) -> ImageMetadata:
     """What the gallery keeps about one image of a generation."""
+    image = request.image
     return ImageMetadata(
         prompt=request.prompt,
         negative_prompt=request.negative_prompt,
@@ -142,6 +143,9 @@ def image_metadata(request: GenerationRequest, output: GenerationOutput, seed: i
         loras=tuple((lora.name, lora.weight) for lora in request.loras),
         generation_time=round(output.generation_time, 3),
         vram_used=output.vram_used,
+        strength=None if image is None else image.strength,
+        image_hash=None if image is None else image.image_hash,
+        mask_hash=None if image is None else image.mask_hash or None,
     )
 
 

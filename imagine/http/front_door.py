@@ -2,8 +2,10 @@
 
 In this order: the body's own fields (400), the model it names (404), whether
 the caller's token may use that model once aliases and the default are resolved
-(403), then the model's defaults and limits (400). A route with a body of its own (OpenAI's, seed 004's) maps it
-to /generate's fields first, so its errors read the same as /generate's.
+(403), whether the model takes the input images sent (400), the images themselves (400; 404 for another
+caller's gallery id), then the model's defaults and limits (400), and last the images' preparation at the
+request's size. A route with a body of its own (OpenAI's, seed 004's) maps it to /generate's fields first, so
+its errors read the same as /generate's.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
+from imagine.http import image_inputs
 from imagine.http.app_keys import generate_body_key, registry_key
 from imagine.http.request_bodies import GenerateBody, parse_generate_body, resolve_request
 from imagine.plugin.generators import GenerationRequest, Generator
@@ -29,7 +32,7 @@ class Admitted:
     request: GenerationRequest
 
 
-def admit(
+async def admit(
     app: web.Application,
     principal: Principal,
     raw: Any,
@@ -40,10 +43,16 @@ def admit(
 
     `check_body` is what the route itself refuses on the body alone (an Accept it
     cannot answer): it runs before the model is looked up, so its error comes first.
+    Input images are decoded and prepared on the app's CPU pool, never on the loop.
     """
     body = parse_generate_body(raw, app[generate_body_key])
     if check_body is not None:
         check_body(body)
     generator = app[registry_key].resolve(body.model)
     check_model_grant(principal, generator.name)
-    return Admitted(body, generator, resolve_request(body, generator))
+    if body.init_image is None:
+        return Admitted(body, generator, resolve_request(body, generator))
+    image_inputs.check_model_takes(body, generator)
+    sent = await image_inputs.read_inputs(app, principal, body)
+    request = resolve_request(body, generator, size=image_inputs.output_size(body, sent.init.image.size))
+    return Admitted(body, generator, await image_inputs.with_inputs(app, body, sent, request))

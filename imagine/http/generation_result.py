@@ -7,7 +7,7 @@ and what the OpenAPI document publishes (its `model_json_schema()`), so the two 
 from __future__ import annotations
 
 import base64
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import BaseModel, Field
 
@@ -19,6 +19,15 @@ class AppliedLora(BaseModel):
     weight: float
 
 
+def _absent(value: object) -> bool:
+    return value is None
+
+
+def input_parameters(strength: float, image_hash: str | None, mask_hash: str | None) -> dict[str, Any]:
+    """What `parameters` says of an input image, in the JSON result and the gallery alike."""
+    return {"strength": strength, "image_hash": image_hash, **({"mask_hash": mask_hash} if mask_hash else {})}
+
+
 class GenerationParameters(BaseModel):
     """What the images were generated with, every default filled in (also kept with each gallery image)."""
 
@@ -28,6 +37,14 @@ class GenerationParameters(BaseModel):
     height: int
     scheduler: str
     loras: list[AppliedLora]
+    # With an input image only: a text-only result keeps the keys it always had.
+    strength: float | None = Field(
+        None, exclude_if=_absent, description="How much of init_image was repainted (with an input image only)"
+    )
+    image_hash: str | None = Field(
+        None, exclude_if=_absent, description="The first 10 hex digits of the SHA-256 of init_image's bytes as sent"
+    )
+    mask_hash: str | None = Field(None, exclude_if=_absent, description="The same of mask_image's, when one was sent")
 
 
 class GenerationModelInfo(BaseModel):
@@ -55,6 +72,7 @@ class GenerationResult(BaseModel):
     def of(cls, generated: Generated) -> GenerationResult:
         """Megabytes of base64 for large images: build it off the loop where the caller can."""
         request, output, generator = generated.request, generated.output, generated.generator
+        image = request.image
         return cls(
             images=[data_url(png) for png in generated.pngs],
             ids=generated.ids,
@@ -73,6 +91,7 @@ class GenerationResult(BaseModel):
                 height=request.height,
                 scheduler=request.scheduler,
                 loras=[AppliedLora(name=lora.name, weight=lora.weight) for lora in request.loras],
+                **({} if image is None else input_parameters(image.strength, image.image_hash, image.mask_hash)),
             ),
             model_info=GenerationModelInfo(
                 base_model=generator.card.base_model or generator.name,

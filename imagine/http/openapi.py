@@ -87,6 +87,17 @@ _HEADERS = {
 }
 
 
+def _form(fields: Schema | None, files: Mapping[str, str]) -> dict[str, Any]:
+    """A multipart form: the text fields of a pydantic model beside the named files (the first one required)."""
+    schema: dict[str, Any] = {"type": "object", "properties": {}, "required": []}
+    if isinstance(fields, type) and issubclass(fields, BaseModel):
+        schema = fields.model_json_schema()
+        schema.pop("title", None)
+    properties = {name: {"type": "string", "contentMediaType": "application/octet-stream", "description": text}
+                  for name, text in files.items()}
+    return {**schema, "properties": {**properties, **schema["properties"]}, "required": [*files][:1] + schema.get("required", [])}
+
+
 def operation(
     summary: str,
     *,
@@ -95,6 +106,7 @@ def operation(
     description: str = "",
     parameters: Sequence[Mapping[str, Any]] = (),
     body: Schema | None = None,
+    multipart: Mapping[str, str] | None = None,
     rate_limited: bool = True,
 ) -> Callable[[H], H]:
     """Document the decorated handler's operation (what is route-specific; the rest is added when built)."""
@@ -107,7 +119,9 @@ def operation(
     }
     if description:
         declared["description"] = description
-    if body is not None:
+    if multipart is not None:
+        declared["requestBody"] = {"required": True, "content": {"multipart/form-data": {"schema": _form(body, multipart)}}}
+    elif body is not None:
         declared["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
 
     def mark(handler: H) -> H:

@@ -42,6 +42,12 @@ def parameters_text(request: GenerationRequest, seed: int) -> str:
         f"Size: {request.width}x{request.height}",
         f"Model: {request.model}",
     ]
+    if request.image is not None:
+        settings.append(f"Denoising strength: {request.image.strength:g}")
+        if request.image.image_hash:
+            settings.append(f"Init image hash: {request.image.image_hash}")
+        if request.image.mask_hash:
+            settings.append(f"Mask hash: {request.image.mask_hash}")
     if request.loras:
         settings.append("Lora: " + " ".join(f"{lora.name}:{lora.weight:g}" for lora in request.loras))
     lines.append(", ".join(settings))

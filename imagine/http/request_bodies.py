@@ -26,6 +26,7 @@ from pydantic import (
     WrapValidator,
     create_model,
     field_validator,
+    model_validator,
 )
 from pydantic.fields import FieldInfo
 
@@ -39,8 +40,11 @@ MAX_SEED = 4_294_967_295
 Prompt = Annotated[str, StringConstraints(min_length=1, max_length=2000)]
 Body = TypeVar("Body", bound=BaseModel)
 
-# Seed-compatible aliases: alias -> canonical field.
-ALIASES = {"steps": "num_inference_steps", "guidance": "guidance_scale"}
+# Seed-compatible aliases (and A1111's name for strength): alias -> canonical field.
+ALIASES = {"steps": "num_inference_steps", "guidance": "guidance_scale", "denoising_strength": "strength"}
+# What only means something with an input image: refused without `init_image`.
+IMAGE_FIELDS = ("mask_image", "strength", "mask_blur", "outpaint", "resize_mode")
+IMAGE_SOURCE = "A data URL (data:image/png;base64,...), plain base64, or gallery:<id> (one of the caller's images)"
 
 
 class LoraSpec(BaseModel):
@@ -48,6 +52,23 @@ class LoraSpec(BaseModel):
 
     name: Annotated[str, StringConstraints(min_length=1, max_length=200)]
     weight: float = Field(1.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+
+
+class Outpaint(BaseModel):
+    """Pixels added on each side of `init_image`, then repainted: the result is the padded size."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    left: int = Field(0, ge=0, le=8192, multiple_of=8)
+    right: int = Field(0, ge=0, le=8192, multiple_of=8)
+    top: int = Field(0, ge=0, le=8192, multiple_of=8)
+    bottom: int = Field(0, ge=0, le=8192, multiple_of=8)
+
+    @model_validator(mode="after")
+    def _adds_something(self) -> Outpaint:
+        if not any((self.left, self.right, self.top, self.bottom)):
+            raise ValueError("must add pixels on at least one side")
+        return self
 
 
 def _document_aliases(schema: dict[str, Any]) -> None:
@@ -82,6 +103,22 @@ class GenerateBody(BaseModel):
     store: bool = True
     # Jobs only: progress events carry a low-resolution preview.
     preview: bool = False
+    init_image: str | None = Field(
+        None, min_length=1, description=f"Start from this image (PNG, JPEG or WebP). {IMAGE_SOURCE}"
+    )
+    mask_image: str | None = Field(
+        None, min_length=1, description=f"Repaint where white, keep where black; resized with init_image. {IMAGE_SOURCE}"
+    )
+    strength: float = Field(
+        0.75, ge=0.0, le=1.0, allow_inf_nan=False, description="How much of init_image is repainted (0..1)"
+    )
+    mask_blur: int = Field(4, ge=0, le=64, description="Pixels of feathering at the mask's edge (a Gaussian's radius)")
+    outpaint: Outpaint | None = None
+    resize_mode: Literal["resize", "crop", "fill"] = Field(
+        "resize",
+        description="How init_image is brought to width x height when they differ from its size: stretch, "
+        "scale and crop the overflow, or fit inside and pad",
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -284,6 +321,8 @@ def parse_generate_body(body: Any, body_model: type[GenerateBody] = GenerateBody
         for name in ("width", "height"):
             if getattr(parsed, name) not in (None, parsed.img_size):
                 errors.append(field_error(name, "conflicts with img_size, which sets width and height"))
+    if parsed.init_image is None:
+        errors.extend(field_error(name, "needs init_image") for name in IMAGE_FIELDS if name in parsed.model_fields_set)
     if errors:
         raise validation_error(errors)
     return parsed
@@ -302,12 +341,19 @@ def _options(body: GenerateBody, generator: Generator) -> tuple[Options | None, 
         return None, pydantic_errors(error)
 
 
-def resolve_request(body: GenerateBody, generator: Generator) -> GenerationRequest:
-    """Fill in the model's defaults and check the values against its limits."""
+def resolve_request(body: GenerateBody, generator: Generator, *, size: tuple[int, int] | None = None) -> GenerationRequest:
+    """Fill in the model's defaults and check the values against its limits.
+
+    `size` is the width and height an input image makes of the body's
+    (`imagine.http.image_inputs.output_size`); the model's limits apply to it.
+    """
     card = generator.card
     defaults, limits = card.defaults, card.limits
-    width = body.width or body.img_size or defaults.width
-    height = body.height or body.img_size or defaults.height
+    if size is None:
+        width = body.width or body.img_size or defaults.width
+        height = body.height or body.img_size or defaults.height
+    else:
+        width, height = size
     steps = body.num_inference_steps if body.num_inference_steps is not None else defaults.steps
     guidance = body.guidance_scale if body.guidance_scale is not None else defaults.guidance
     scheduler = body.scheduler or defaults.scheduler
@@ -316,7 +362,10 @@ def resolve_request(body: GenerateBody, generator: Generator) -> GenerationReque
     errors = []
     for name, value in (("width", width), ("height", height)):
         if not limits.min_size <= value <= limits.max_size:
-            errors.append(field_error(name, f"must be between {limits.min_size} and {limits.max_size} for {generator.name}"))
+            made = "" if size is None else f", and is {value} with init_image"
+            errors.append(
+                field_error(name, f"must be between {limits.min_size} and {limits.max_size} for {generator.name}{made}")
+            )
     steps_field = "num_inference_steps"
     if limits.step_choices is not None:
         if steps not in limits.step_choices:

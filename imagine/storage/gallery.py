@@ -46,13 +46,13 @@ ID_PREFIX = "img_"
 _ID_PATTERN = re.compile(r"img_[A-Za-z0-9_-]{22}")  # "img_" + token_urlsafe(16)
 INDEX_FILE = "gallery.sqlite3"
 IMAGES_FOLDER = "images"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # An orphan younger than this may be another process's image between its
 # rename and its commit (several replicas on one host can share a folder).
 ORPHAN_GRACE_S = 300.0
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS images (
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS images (
     id TEXT NOT NULL UNIQUE,
     owner TEXT NOT NULL,
     created_at REAL NOT NULL,
@@ -68,15 +68,26 @@ CREATE TABLE IF NOT EXISTS images (
     scheduler TEXT NOT NULL,
     loras TEXT NOT NULL,
     generation_time REAL NOT NULL,
-    vram_used REAL NOT NULL
-);
--- Newest first per caller, per caller and model, for admins, and for age retention.
--- Each index ends in the implicit rowid, the tie-break of the listing order.
-CREATE INDEX IF NOT EXISTS images_by_owner ON images (owner, created_at);
-CREATE INDEX IF NOT EXISTS images_by_owner_model ON images (owner, model, created_at);
-CREATE INDEX IF NOT EXISTS images_by_model ON images (model, created_at);
-CREATE INDEX IF NOT EXISTS images_by_age ON images (created_at);
-"""
+    vram_used REAL NOT NULL,
+    strength REAL,
+    image_hash TEXT,
+    mask_hash TEXT
+)""",
+    # Newest first per caller, per caller and model, for admins, and for age retention.
+    # Each index ends in the implicit rowid, the tie-break of the listing order.
+    "CREATE INDEX IF NOT EXISTS images_by_owner ON images (owner, created_at)",
+    "CREATE INDEX IF NOT EXISTS images_by_owner_model ON images (owner, model, created_at)",
+    "CREATE INDEX IF NOT EXISTS images_by_model ON images (model, created_at)",
+    "CREATE INDEX IF NOT EXISTS images_by_age ON images (created_at)",
+)
+# What each schema version added to the one before (version 2: an input image's provenance; NULL for text).
+_MIGRATIONS = {
+    2: (
+        "ALTER TABLE images ADD COLUMN strength REAL",
+        "ALTER TABLE images ADD COLUMN image_hash TEXT",
+        "ALTER TABLE images ADD COLUMN mask_hash TEXT",
+    ),
+}
 
 
 def new_id() -> str:
@@ -108,6 +119,10 @@ class ImageMetadata:
     loras: tuple[tuple[str, float], ...]
     generation_time: float
     vram_used: float
+    # With an input image: its strength and the short hashes of the image and the mask as sent.
+    strength: float | None = None
+    image_hash: str | None = None
+    mask_hash: str | None = None
 
 
 @dataclass(frozen=True)
@@ -223,11 +238,22 @@ class GalleryStore:
         # FULL: a committed row (an id already returned to a client) survives a power cut.
         connection.execute("PRAGMA synchronous = FULL")
         connection.execute("PRAGMA busy_timeout = 5000")
-        version = connection.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
+        try:
+            # The version is read under the write lock: replicas sharing the folder migrate it once.
+            with _transaction(connection):
+                version = connection.execute("PRAGMA user_version").fetchone()[0]
+                if version > SCHEMA_VERSION:
+                    raise RuntimeError(f"the gallery index was written by a newer version (schema {version})")
+                # Version 0 is a new file: the CREATE statements make the whole table.
+                for added in range(version + 1, SCHEMA_VERSION + 1) if version else ():
+                    for statement in _MIGRATIONS[added]:
+                        connection.execute(statement)
+                for statement in _SCHEMA:
+                    connection.execute(statement)
+                connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except BaseException:
             connection.close()
-            raise RuntimeError(f"the gallery index was written by a newer version (schema {version})")
-        connection.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+            raise
         self._connection = connection
 
     def _disconnect(self) -> None:

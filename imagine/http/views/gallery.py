@@ -30,7 +30,7 @@ from imagine.http.openapi import (
     path_parameter,
     query_parameter,
 )
-from imagine.http.generation_result import GenerationParameters
+from imagine.http.generation_result import GenerationParameters, input_parameters
 from imagine.http.request_bodies import pydantic_errors
 from imagine.security.url_signing import EXPIRES_PARAM, SIGNATURE_PARAM
 from imagine.http.urls import gallery_path
@@ -125,6 +125,7 @@ def _timestamp(created_at: float) -> str:
 def image_json(record: ImageRecord, base: str) -> dict[str, Any]:
     """Seed 003's gallery item, plus the parameters in /generate's own form."""
     metadata = record.metadata
+    inputs = {} if metadata.strength is None else input_parameters(metadata.strength, metadata.image_hash, metadata.mask_hash)
     return {
         "id": record.id,
         "filename": f"{record.id}.png",
@@ -146,6 +147,7 @@ def image_json(record: ImageRecord, base: str) -> dict[str, Any]:
             "height": metadata.height,
             "scheduler": metadata.scheduler,
             "loras": [{"name": name, "weight": weight} for name, weight in metadata.loras],
+            **inputs,
         },
     }
 

@@ -22,7 +22,7 @@ from imagine.engine.generation import server_timing
 # What every generating route can fail with, beside the validation and auth errors.
 GENERATION_ERRORS = {
     400: error_response("Invalid body (`details.errors` lists each field)"),
-    404: error_response("Unknown model (MODEL_NOT_AVAILABLE)"),
+    404: error_response("Unknown model (MODEL_NOT_AVAILABLE), or a `gallery:<id>` input not the caller's (NOT_FOUND)"),
     406: error_response("`Accept` names neither PNG nor JSON"),
     413: error_response("Body larger than server.max_body_bytes"),
     502: error_response("A cloud backend failed"),
@@ -57,7 +57,7 @@ async def generate(request: web.Request) -> web.Response:
         return choose_format(body.response_format, accept)
 
     # Negotiated before the model is looked up, as it always was: an Accept we cannot answer is the first error.
-    admitted = admit(app, principal, await read_json(request), check_body=negotiate)
+    admitted = await admit(app, principal, await read_json(request), check_body=negotiate)
     response_format = negotiate(admitted.body)
     wanted = admitted.request
     if response_format == "png" and wanted.num_images > 1:

@@ -62,7 +62,7 @@ BATCH_RESULTS = obj(
 
 async def _run_item(app: web.Application, principal: Principal, index: int, item: Any) -> dict[str, Any]:
     try:
-        admitted = admit(app, principal, item)
+        admitted = await admit(app, principal, item)
         generated = await generation.submit(
             app, principal, admitted.request, admitted.generator, store=admitted.body.store
         )

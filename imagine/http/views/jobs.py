@@ -125,7 +125,7 @@ async def submit_job(request: web.Request) -> web.Response:
     earlier = jobs.replay(principal, key, fingerprint)
     if earlier is not None:
         return accepted(request, earlier, replayed=True)
-    admitted = admit(app, principal, raw)
+    admitted = await admit(app, principal, raw)
 
     async def to_json(generated: generation.Generated) -> dict[str, Any]:
         return await asyncio.get_running_loop().run_in_executor(

@@ -19,6 +19,11 @@ from imagine.http.views.system import SYSTEM_INFO, model_memory
 
 NULLABLE_STRING = {"type": ["string", "null"]}
 STRINGS = {"type": "array", "items": {"type": "string"}}
+INPUTS = {
+    "type": "array",
+    "items": {"enum": ["text", "image", "mask"]},
+    "description": "What requests may give: text; image (init_image); mask (mask_image, outpaint)",
+}
 
 MODEL_MEMORY = Component(
     "ModelMemory",
@@ -67,6 +72,7 @@ LOCAL_MODEL = Component(
                 }
             ),
             "vram_required": {"type": "string"},
+            "inputs": INPUTS,
             "memory": MODEL_MEMORY,
             # From generator.listing(): only models that take LoRAs list them.
             "loras": {**STRINGS, "description": "The LoRAs on offer (file names in the LoRA folder)"},
@@ -86,6 +92,7 @@ LOCAL_MODEL = Component(
             "defaults",
             "limits",
             "vram_required",
+            "inputs",
             "memory",
         ],
     ),
@@ -99,13 +106,14 @@ CLOUD_MODEL = Component(
             "description": {"type": "string"},
             "aliases": STRINGS,
             "configured": {"type": "boolean", "description": "An API key is set"},
+            "inputs": INPUTS,
             "models": {"type": "object"},
             "default_model": {"type": "string"},
             "aspect_ratios": {"type": "array"},
             "preset_styles": {"type": "array"},
             "quality_levels": {"type": "array"},
         },
-        required=["name", "configured"],
+        required=["name", "configured", "inputs"],
     ),
 )
 
@@ -176,6 +184,7 @@ def local_model(app: web.Application, generator: Generator, memory: ModelMemory)
             "schedulers": list(card.limits.schedulers),
         },
         "vram_required": card.vram_required,
+        "inputs": list(card.inputs),
         "memory": memory.as_json(),
         **generator.listing(),
     }
@@ -190,6 +199,7 @@ def cloud_model(generator: CloudGenerator) -> dict[str, Any]:
         "aliases": list(generator.card.aliases),
         **generator.catalog(),
         "configured": generator.configured,
+        "inputs": list(generator.card.inputs),
     }
 
 

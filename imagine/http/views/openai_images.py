@@ -1,4 +1,4 @@
-"""POST /v1/images/generations: OpenAI's Images API, for OpenAI's client libraries.
+"""POST /v1/images/generations and /v1/images/edits: OpenAI's Images API, for OpenAI's client libraries.
 
 Point a client's `base_url` at `<server>/imagine/v1` and use a service token
 as its API key. Errors on every `/v1/` route use OpenAI's shape (see
@@ -9,18 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import re
 import time
 from typing import Any, Literal
 
-from aiohttp import web
+from aiohttp import BodyPartReader, web
+from PIL import ImageOps
 from pydantic import BaseModel, ConfigDict, Field
 
 from imagine.engine import generation
 from imagine.security.tokens import requires
 from imagine.errors import ApiError, field_error, validation_error
-from imagine.http.app_keys import principal_key
-from imagine.http.front_door import admit
+from imagine.http.app_keys import encode_pool_key, principal_key, settings_key
+from imagine.http.front_door import Admitted, admit
+from imagine.http.image_inputs import decode
 from imagine.http.openapi import Component, json_response, obj, operation
 from imagine.http.request_bodies import Prompt, parse_body, read_json
 from imagine.http.urls import signed_image_url
@@ -28,10 +31,14 @@ from imagine.http.views.generate import GENERATION_ERRORS
 
 _SIZE = re.compile(r"([1-9][0-9]{0,4})x([1-9][0-9]{0,4})")
 # Our /generate fields as OpenAI names them, for error messages and `param`.
-_OPENAI_FIELDS = {"width": "size", "height": "size", "img_size": "size", "num_images": "n"}
+_OPENAI_FIELDS = {
+    "width": "size", "height": "size", "img_size": "size", "num_images": "n", "init_image": "image", "mask_image": "mask",
+}
 
 
-class ImagesGenerationBody(BaseModel):
+class _ImagesBody(BaseModel):
+    """The fields OpenAI's generations and edits share."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
 
     # /generate's length rules, so the document states them; not blank is checked by /generate's body.
@@ -44,10 +51,13 @@ class ImagesGenerationBody(BaseModel):
     # OpenAI knobs our models do not have: accepted so that clients which
     # always send them work, and ignored.
     quality: str | None = None
-    style: str | None = None
     output_format: str | None = None
     background: str | None = None
     moderation: str | None = None
+
+
+class ImagesGenerationBody(_ImagesBody):
+    style: str | None = None
 
 
 OPENAI_ERROR = Component(
@@ -151,12 +161,116 @@ async def create_images(request: web.Request) -> web.Response:
     principal = request[principal_key]
     openai_body = parse_body(ImagesGenerationBody, await read_json(request))
     try:
-        admitted = admit(app, principal, _generate_fields(openai_body))
+        admitted = await admit(app, principal, _generate_fields(openai_body))
     except ApiError as error:
         raise _in_openai_terms(error) from None
-    # Always stored: a `url` points into the gallery, and OpenAI's API has no `store`.
+    return await _answer(request, openai_body.response_format, admitted)
+
+
+class ImagesEditBody(_ImagesBody):
+    """The text fields of POST /v1/images/edits (the files are `image` and `mask`)."""
+
+    # More knobs the client may send on edits, ignored as well.
+    output_compression: str | None = None
+    input_fidelity: str | None = None
+    safety_identifier: str | None = None
+
+
+# The client sends one image as "image", a list as "image[]".
+_FILE_FIELDS = {"image": "image", "image[]": "image", "mask": "mask"}
+
+
+async def _read_edit_form(request: web.Request) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """The form's text fields and files, within the body size and time limits that JSON bodies have."""
+    if request.content_type != "multipart/form-data":
+        raise validation_error([{"loc": ["header", "Content-Type"], "msg": "must be multipart/form-data"}])
+    server = request.app[settings_key].server
+    fields: dict[str, Any] = {}
+    files: dict[str, bytes] = {}
+    received = 0
+    try:
+        async with asyncio.timeout(server.body_timeout_s):
+            reader = await request.multipart()
+            while (part := await reader.next()) is not None:
+                if not isinstance(part, BodyPartReader) or part.name is None:
+                    raise validation_error([{"loc": ["body"], "msg": "nested multipart bodies are not taken"}])
+                data = bytearray()
+                while chunk := await part.read_chunk():
+                    received += len(chunk)
+                    if received > server.max_body_bytes:
+                        raise ApiError(413, "PAYLOAD_TOO_LARGE", f"Request body larger than {server.max_body_bytes} bytes")
+                    data.extend(chunk)
+                name = _FILE_FIELDS.get(part.name)
+                if name is not None:
+                    if name in files:
+                        raise validation_error([field_error(name, "send one file")])
+                    files[name] = bytes(data)
+                elif part.name in fields:
+                    raise validation_error([field_error(part.name, "appears more than once")])
+                else:
+                    fields[part.name] = _form_value(part.name, bytes(data))
+    except TimeoutError:
+        raise ApiError(408, "REQUEST_TIMEOUT", f"The request body did not arrive within {server.body_timeout_s:g} seconds") from None
+    except ValueError:  # a malformed multipart body
+        raise validation_error([{"loc": ["body"], "msg": "malformed multipart/form-data body"}]) from None
+    if "image" not in files:
+        raise validation_error([field_error("image", "required: the image to edit")])
+    return fields, files
+
+
+def _form_value(name: str, data: bytes) -> Any:
+    """A text field; `n` is a number in JSON and a string in a form."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise validation_error([field_error(name, "must be UTF-8 text")]) from None
+    return int(text) if name == "n" and text.isdigit() and len(text) < 5 else text
+
+
+def _mask_png(data: bytes, max_pixels: int) -> str:
+    """OpenAI's mask (transparent = repaint) as ours (white = repaint): a grey PNG, in base64."""
+    transparency = decode("mask", data, "RGBA", max_pixels).image.getchannel("A")
+    buffer = io.BytesIO()
+    ImageOps.invert(transparency).save(buffer, format="PNG", compress_level=1)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+async def mask_from_transparency(app: web.Application, data: bytes) -> str:
+    max_pixels = app[settings_key].server.max_input_pixels
+    return await asyncio.get_running_loop().run_in_executor(app[encode_pool_key], _mask_png, data, max_pixels)
+
+
+@requires("generate")
+@operation(
+    "Edit an image, OpenAI's Images API",
+    tags=["generation"],
+    description="multipart/form-data as OpenAI's client sends it: `image` (PNG, JPEG or WebP), optional `mask` "
+    "(a PNG whose transparent pixels mark what to repaint; without one the whole image is varied), `prompt`, "
+    "`model`, `n`, `size` (default: the image's own), `response_format`. Every error is in OpenAI's shape.",
+    multipart={"image": "The image to edit", "mask": "PNG; transparent pixels are repainted"},
+    body=ImagesEditBody,
+    responses={200: json_response("The images, as `b64_json` or as signed `url`s", IMAGES), **OPENAI_ERRORS},
+)
+async def edit_images(request: web.Request) -> web.Response:
+    app = request.app
+    principal = request[principal_key]
+    fields, files = await _read_edit_form(request)
+    openai_body = parse_body(ImagesEditBody, fields)
+    wanted = _generate_fields(openai_body) | {"init_image": base64.b64encode(files["image"]).decode("ascii")}
+    if "mask" in files:
+        wanted["mask_image"] = await mask_from_transparency(app, files["mask"])
+    try:
+        admitted = await admit(app, principal, wanted)
+    except ApiError as error:
+        raise _in_openai_terms(error) from None
+    return await _answer(request, openai_body.response_format, admitted)
+
+
+async def _answer(request: web.Request, response_format: str | None, admitted: Admitted) -> web.Response:
+    """OpenAI's answer to a generation: b64_json, or links into the gallery (always stored: OpenAI has no `store`)."""
+    app, principal = request.app, request[principal_key]
     generated = await generation.submit(app, principal, admitted.request, admitted.generator, store=True)
-    if openai_body.response_format == "url":
+    if response_format == "url":
         data = [{"url": signed_image_url(request, image_id)} for image_id in generated.ids]
     else:
         encoded = await asyncio.to_thread(lambda: [base64.b64encode(png).decode("ascii") for png in generated.pngs])
@@ -165,4 +279,4 @@ async def create_images(request: web.Request) -> web.Response:
 
 
 def routes(base: str) -> list[web.RouteDef]:
-    return [web.post(base + "/v1/images/generations", create_images)]
+    return [web.post(base + "/v1/images/generations", create_images), web.post(base + "/v1/images/edits", edit_images)]
