@@ -147,7 +147,7 @@ def _encode_like_a_trained_vae(autoencoder: Any) -> None:
         quant_conv.bias[channels:] = -30.0
 
 
-def unet(sample_size: int, cross_attention_dim: int, **extra: Any) -> Any:
+def unet(sample_size: int, cross_attention_dim: int, in_channels: int = 4, **extra: Any) -> Any:
     from diffusers import UNet2DConditionModel
 
     # Attention only on the half-resolution level, with two wide heads: on a
@@ -155,7 +155,7 @@ def unet(sample_size: int, cross_attention_dim: int, **extra: Any) -> Any:
     # dominate the step time.
     return UNet2DConditionModel(
         sample_size=sample_size,
-        in_channels=4,
+        in_channels=in_channels,
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -169,8 +169,10 @@ def unet(sample_size: int, cross_attention_dim: int, **extra: Any) -> Any:
     ).eval()
 
 
-def sdxl_unet() -> Any:
+def sdxl_unet(in_channels: int = 4) -> Any:
+    """The demo SDXL UNet; 9 input channels make an inpainting one (latents, mask, masked image)."""
     return unet(
+        in_channels=in_channels,
         # Default generation size 1024px, as the real SDXL.
         sample_size=128,
         # Prompt embeddings are both text encoders' hidden states concatenated.
@@ -219,6 +221,14 @@ def save_sdxl(folder: pathlib.Path, seed: int, scheduler: Any) -> None:
         scheduler=scheduler,
     )
     pipe.save_pretrained(folder, safe_serialization=True)
+
+
+def save_sdxl_inpaint_unet(folder: pathlib.Path, seed: int) -> None:
+    """A tiny SDXL inpainting model's UNet, in `folder/unet` as in an inpainting pipeline folder."""
+    import torch
+
+    torch.manual_seed(seed)
+    sdxl_unet(in_channels=9).save_pretrained(folder / "unet", safe_serialization=True)
 
 
 def save_random_lora(pipe: Any, folder: pathlib.Path, name: str, seed: int) -> None:

@@ -80,6 +80,12 @@ class DiffusersTable(CardTable):
 
     # A local folder or a hub id; empty: the weights the model is published with.
     source: str = ""
+    # A local folder or hub id of an inpainting model of the same family (a UNet
+    # taking the mask and the masked image, 9 input channels): only its UNet is
+    # loaded, for masked requests. Empty: the base weights inpaint. What is put
+    # on the base UNet (LoRA adapters, Lightning's step checkpoints) does not
+    # reach this one: masked requests run without them, and nothing is refused.
+    inpaint_source: str = ""
 
 
 def module_bytes(module: Any) -> int:
@@ -138,6 +144,10 @@ class DiffusersGenerator(LocalGenerator):
         self.device = "cpu"
         self.dtype = "float32"
         self.pipe: Any = None
+        # Tables of other shapes (Lightning's) have no dedicated inpainting weights.
+        self.inpaint_source = table.inpaint_source if isinstance(table, DiffusersTable) else ""
+        # The UNet loaded from `inpaint_source`, while the inpainting pipeline holds it.
+        self._inpaint_unet: Any = None
         # Image-to-image and inpainting pipelines around the same components, by "has a mask"; built on first use.
         self._image_pipes: dict[bool, Any] = {}
         self._schedulers: dict[str, Any] = {}
@@ -185,6 +195,7 @@ class DiffusersGenerator(LocalGenerator):
 
     def unload(self) -> None:
         self.pipe = None
+        self._inpaint_unet = None
         self._image_pipes = {}
         self._schedulers = {}
         self._footprint = None
@@ -247,7 +258,9 @@ class DiffusersGenerator(LocalGenerator):
         An image pipeline is built once from the loaded pipeline's components:
         `from_pipe` hands it the very same modules, so it holds no second copy of
         any weight, and what those modules carry (Lightning's step checkpoint,
-        LoRA adapters) serves it too.
+        LoRA adapters) serves it too. With `inpaint_source` set, the inpainting
+        pipeline has that model's UNet instead, and everything else of the
+        loaded pipeline's.
         """
         if image is None:
             return self.pipe
@@ -256,16 +269,33 @@ class DiffusersGenerator(LocalGenerator):
         if pipe is None:
             import diffusers
 
-            pipe = getattr(diffusers, IMAGE_PIPELINES[masked]).from_pipe(self.pipe)
+            own_unet = {"unet": self._load_inpaint_unet()} if masked and self.inpaint_source else {}
+            pipe = getattr(diffusers, IMAGE_PIPELINES[masked]).from_pipe(self.pipe, **own_unet)
             pipe.set_progress_bar_config(disable=True)
             self._image_pipes[masked] = pipe
             self.weights_changed()
         # Components `ready_for` swapped on the loaded pipeline (the request's scheduler) apply here too.
         own = pipe.components
         for name, component in self.pipe.components.items():
+            if name == "unet" and own[name] is self._inpaint_unet:
+                continue  # the dedicated inpainting UNet stays
             if name in own and own[name] is not component:
                 setattr(pipe, name, component)
         return pipe
+
+    def _load_inpaint_unet(self) -> Any:
+        """The UNet of `inpaint_source`, on the loaded pipeline's device and dtype.
+
+        It is a separate set of weights: what `ready_for` puts on the loaded
+        UNet (SD 1.5's LoRA adapters) does not reach it, so masked requests
+        inpaint without them.
+        """
+        import torch
+        from diffusers import UNet2DConditionModel
+
+        unet = UNet2DConditionModel.from_pretrained(self.inpaint_source, subfolder="unet", dtype=getattr(torch, self.dtype))
+        self._inpaint_unet = unet.to(self.device).eval()
+        return self._inpaint_unet
 
     def generate(self, requests: Sequence[GenerationRequest], on_step: StepCallback) -> list[list[Image.Image]]:
         import torch

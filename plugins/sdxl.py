@@ -17,6 +17,8 @@ NAME = "sdxl"
 DEFAULT_SOURCE = "stabilityai/stable-diffusion-xl-base-1.0"
 # Where the demo pipeline goes in the demo folder.
 DEMO_FOLDER = "sdxl"
+# A tiny inpainting UNet for `inpaint_source`; the demo settings leave it unset.
+DEMO_INPAINT_FOLDER = "sdxl-inpaint"
 
 CARD = ModelCard(
     description="Stable Diffusion XL 1.0 base: high quality at 1024x1024, 20+ steps",
@@ -47,6 +49,7 @@ def register_generators(register: Callable[[Generator], None], settings: Setting
 
 def _build_demo(folder: Path) -> None:
     demo_weights.save_sdxl(folder / DEMO_FOLDER, seed=0, scheduler=demo_weights.sdxl_base_scheduler())
+    demo_weights.save_sdxl_inpaint_unet(folder / DEMO_INPAINT_FOLDER, seed=1)
 
 
 def _demo_settings(folder: Path) -> Mapping[str, Mapping[str, Any]]:
@@ -55,4 +58,4 @@ def _demo_settings(folder: Path) -> Mapping[str, Mapping[str, Any]]:
 
 @hookimpl
 def register_demo_models(register: Callable[[DemoModels], None]) -> None:
-    register(DemoModels(NAME, version=2, build=_build_demo, settings=_demo_settings))
+    register(DemoModels(NAME, version=3, build=_build_demo, settings=_demo_settings))

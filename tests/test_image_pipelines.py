@@ -14,6 +14,7 @@ import asyncio
 import dataclasses
 import threading
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,8 @@ from imagine.http.png import parameters_text
 from imagine.plugin.generators import GenerationRequest, ImageInput, LocalGenerator, LoraWeight
 from imagine.plugin.manager import collect_generators, plugin_manager
 from imagine.settings import Settings
+from imagine_plugins import sdxl
+from imagine_plugins.diffusers_base import module_bytes
 from tests.conftest import assert_same_image
 from tests.test_executor import BatchSizes
 
@@ -140,8 +143,8 @@ class Device:
 async def start_device(base_settings: Settings) -> AsyncIterator[Callable[..., Device]]:
     devices: list[Device] = []
 
-    def start(batch: int = 1) -> Device:
-        device = Device(base_settings, batch)
+    def start(batch: int = 1, settings: Settings | None = None) -> Device:
+        device = Device(settings or base_settings, batch)
         device.executor.start()
         devices.append(device)
         return device
@@ -301,6 +304,44 @@ async def test_image_requests_cost_no_memory_beyond_the_loaded_weights(start_dev
     again = await device.pixels(device.request(model, image=ImageInput(picture(), 0.75)))
     assert device.memory(model) == loaded
     assert_same_image(again, varied)
+
+
+def with_inpaint_source(settings: Settings, demo_folder: Path) -> Settings:
+    """sdxl with the demo's dedicated inpainting UNet."""
+    options = dict(settings.models.options)
+    options["sdxl"] = {**options["sdxl"], "inpaint_source": str(demo_folder / sdxl.DEMO_INPAINT_FOLDER)}
+    return settings.replace(models={"options": options})
+
+
+async def test_dedicated_inpainting_weights_serve_masked_requests_and_count_while_held(
+    start_device, base_settings, demo_folder
+) -> None:
+    masked = ImageInput(picture(), 0.75, centre_mask())
+    base = start_device()
+    base_text = await base.pixels(base.request())
+    base_inpainted = await base.pixels(base.request(image=masked))
+    await base.executor.stop()
+
+    device = start_device(settings=with_inpaint_source(base_settings, demo_folder))
+    assert_same_image(await device.pixels(device.request()), base_text)
+    loaded = device.memory("sdxl")
+    inpainted = await device.pixels(device.request(image=masked))
+    keep, repaint = np.asarray(masked.mask) == 0, np.asarray(masked.mask) == 255
+    assert np.array_equal(inpainted[keep], np.asarray(picture())[keep])
+    assert mean_difference(inpainted[repaint], base_inpainted[repaint]) > 5
+
+    # Held, the inpainting UNet is counted on top of the loaded weights; text to image is unchanged.
+    generator = device.generator("sdxl")
+    unet_bytes = await device.on_device(lambda: module_bytes(generator.pipeline_for(masked).unet))
+    assert unet_bytes > 0
+    assert device.memory("sdxl")[1].counted_bytes == loaded[1].counted_bytes + unet_bytes
+    assert device.memory("sdxl")[0] == loaded[0] + unet_bytes
+    assert_same_image(await device.pixels(device.request()), base_text)
+    # Unloaded, it goes; loaded again for text only, the memory is the base weights' again.
+    assert await device.on_device(lambda: device.registry.unload(generator))
+    assert device.memory("sdxl") == (0, NOTHING)
+    await device.pixels(device.request())
+    assert device.memory("sdxl") == loaded
 
 
 # ---- provenance ---------------------------------------------------------------
