@@ -14,7 +14,7 @@ import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import pluggy
 import pytest
@@ -36,6 +36,7 @@ from tests.test_jobs import wait_for
 
 # Upper bound for anything a test awaits; nothing here should take more than a second or two.
 LIMIT_S = 20.0
+E = TypeVar("E", bound="ExecutorUnderTest")
 
 
 class BatchSizes(NoTelemetry):
@@ -48,7 +49,40 @@ class BatchSizes(NoTelemetry):
         self.sizes.append(jobs)
 
 
-class Device:
+class ExecutorUnderTest:
+    """A device executor on the CPU over `registry`, counting the items of each pipeline call."""
+
+    def __init__(self, registry: ModelRegistry, *, capacity: int, batch: int, preview_every: int = 5) -> None:
+        self.registry = registry
+        self.telemetry = BatchSizes()
+        self.executor = DeviceExecutor(
+            registry,
+            queue=MemoryQueue(capacity),
+            device_preference="cpu",
+            preview_every=preview_every,
+            batch_max_images=batch,
+            telemetry=self.telemetry,
+        )
+
+
+@contextlib.asynccontextmanager
+async def started_executors() -> AsyncIterator[Callable[[E], E]]:
+    """`start(device)` starts its executor; every one started is stopped on the way out."""
+    started: list[ExecutorUnderTest] = []
+
+    def start(device: E) -> E:
+        device.executor.start()
+        started.append(device)
+        return device
+
+    try:
+        yield start
+    finally:
+        for device in started:
+            await device.executor.stop()
+
+
+class Device(ExecutorUnderTest):
     """An executor over the test plugins' generators, with what a test needs to drive it."""
 
     def __init__(self, *plugins: Any, capacity: int, batch: int) -> None:
@@ -57,15 +91,7 @@ class Device:
         for plugin in plugins:
             manager.register(plugin)
         generators = collect_generators(manager, Settings())
-        self.registry = ModelRegistry(generators, default=next(iter(generators)))
-        self.telemetry = BatchSizes()
-        self.executor = DeviceExecutor(
-            self.registry,
-            queue=MemoryQueue(capacity),
-            device_preference="cpu",
-            batch_max_images=batch,
-            telemetry=self.telemetry,
-        )
+        super().__init__(ModelRegistry(generators, default=next(iter(generators))), capacity=capacity, batch=batch)
 
     def submit(self, prompt: str, *, model: str = "slow", steps: int = 2, timeout_s: float = LIMIT_S) -> WorkItem:
         request = GenerationRequest(
@@ -103,18 +129,9 @@ class Device:
 
 
 @pytest.fixture
-async def start_device() -> AsyncIterator[Any]:
-    devices: list[Device] = []
-
-    def start(*plugins: Any, capacity: int = 8, batch: int = 1) -> Device:
-        device = Device(*plugins, capacity=capacity, batch=batch)
-        device.executor.start()
-        devices.append(device)
-        return device
-
-    yield start
-    for device in devices:
-        await device.executor.stop()
+async def start_device() -> AsyncIterator[Callable[..., Device]]:
+    async with started_executors() as start:
+        yield lambda *plugins, capacity=8, batch=1: start(Device(*plugins, capacity=capacity, batch=batch))
 
 
 async def failure(outcome: Awaitable[Any]) -> ApiError:

@@ -21,9 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-from imagine.engine.executor import DeviceExecutor
 from imagine.engine.memory import NOTHING, ModelMemory
-from imagine.engine.queue import MemoryQueue
 from imagine.engine.registry import ModelRegistry
 from imagine.engine.work import GenerationOutput, WorkItem
 from imagine.http.png import parameters_text
@@ -33,7 +31,7 @@ from imagine.settings import Settings
 from imagine_plugins import sdxl
 from imagine_plugins.diffusers_base import module_bytes
 from tests.conftest import assert_same_image
-from tests.test_executor import BatchSizes
+from tests.test_executor import ExecutorUnderTest, started_executors
 
 LIMIT_S = 60.0
 LOCAL_MODELS = ("sdxl", "sdxl-lightning", "sdxl-turbo", "sd15-lora")
@@ -83,20 +81,12 @@ class Progress:
             self.previews.append(preview)
 
 
-class Device:
+class Device(ExecutorUnderTest):
     """The device executor over the built-in plugins' demo models, as the app builds it."""
 
     def __init__(self, settings: Settings, batch: int) -> None:
-        self.registry = ModelRegistry(collect_generators(plugin_manager(), settings), settings.models.default)
-        self.telemetry = BatchSizes()
-        self.executor = DeviceExecutor(
-            self.registry,
-            queue=MemoryQueue(16),
-            device_preference="cpu",
-            preview_every=1,
-            batch_max_images=batch,
-            telemetry=self.telemetry,
-        )
+        registry = ModelRegistry(collect_generators(plugin_manager(), settings), settings.models.default)
+        super().__init__(registry, capacity=16, batch=batch, preview_every=1)
 
     def generator(self, model: str) -> LocalGenerator:
         generator = self.registry.as_local(self.registry.resolve(model))
@@ -141,17 +131,8 @@ class Device:
 
 @pytest.fixture
 async def start_device(base_settings: Settings) -> AsyncIterator[Callable[..., Device]]:
-    devices: list[Device] = []
-
-    def start(batch: int = 1, settings: Settings | None = None) -> Device:
-        device = Device(settings or base_settings, batch)
-        device.executor.start()
-        devices.append(device)
-        return device
-
-    yield start
-    for device in devices:
-        await device.executor.stop()
+    async with started_executors() as start:
+        yield lambda batch=1, settings=None: start(Device(settings or base_settings, batch))
 
 
 def round_trip(generator: Any, image: Image.Image) -> np.ndarray:
