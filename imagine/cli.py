@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from imagine import __version__
 from imagine.security.tokens import JwtKeys, JwtKeyError, load_jwt_keys, parse_duration, sign_token
@@ -15,8 +17,6 @@ from imagine.settings import Settings, SettingsError, load_settings
 
 DEFAULT_CONFIG = Path("imagine.toml")
 DEMO_TOKEN_TTL = "30d"
-# The demo model a first request is fastest on (one step at 512²).
-DEMO_TRY_IT_MODEL = "sdxl-turbo"
 
 
 def _config_path(given: str | None) -> Path | None:
@@ -33,7 +33,8 @@ def _settings_and_keys(config: str | None) -> tuple[Settings, JwtKeys]:
     return settings, load_jwt_keys(settings.auth, Path(settings.server.state_dir))
 
 
-def _banner(settings: Settings, keys: JwtKeys, host: str, port: int, demo_folder: Path | None) -> str:
+def _banner(settings: Settings, keys: JwtKeys, host: str, port: int, demo_folder: Path | None, model: str) -> str:
+    """What `imagine serve` prints once ready; `model` is the one its curl line asks for."""
     shown_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     url = f"http://{shown_host}:{port}{settings.server.base_path}"
     lines = [f"imagine {__version__} is serving on {url}"]
@@ -44,7 +45,6 @@ def _banner(settings: Settings, keys: JwtKeys, host: str, port: int, demo_folder
         )
     if keys.source == "development":
         token = sign_token(keys, settings.auth, sub="demo", scopes=("generate", "admin", "metrics"), ttl_s=parse_duration(DEMO_TOKEN_TTL))
-        model = _try_it_model(settings, demo_folder)
         lines += [
             f"Tokens are signed with a development secret kept in {keys.location}; "
             "set IMAGINE_JWT_SECRET (32+ bytes) or auth.secret_file in production.",
@@ -59,17 +59,16 @@ def _banner(settings: Settings, keys: JwtKeys, host: str, port: int, demo_folder
     return "\n".join(lines)
 
 
-def _try_it_model(settings: Settings, demo_folder: Path | None) -> str:
-    """The model of the printed curl line: the demo's fastest, else the configured default."""
-    return DEMO_TRY_IT_MODEL if demo_folder is not None else settings.models.default
+def _with_models(settings: Settings) -> tuple[Settings, Path | None, str]:
+    """The demo models stand in when no weights are configured (built on first use).
 
-
-def _with_models(settings: Settings) -> tuple[Settings, Path | None]:
-    """The demo models stand in when no weights are configured (built on first use)."""
-    from imagine.devtools.demo_models import demo_settings, names_weights, prepare_demo_models
+    Also the model a first request should try: the configured default, or the
+    demo model a plugin offers as answering at once (loaded at start-up then).
+    """
+    from imagine.devtools.demo_models import demo_settings, names_weights, offered_demo_models, prepare_demo_models
 
     if names_weights(settings):
-        return settings, None
+        return settings, None, settings.models.default
     demo_folder = Path(settings.server.cache_dir) / "demo-models"
     print(f"No model weights configured: using the demo models in {demo_folder}", flush=True)
     if not demo_folder.exists():
@@ -77,11 +76,14 @@ def _with_models(settings: Settings) -> tuple[Settings, Path | None]:
     if prepare_demo_models(demo_folder):
         print("Built the demo models.", flush=True)
     settings = demo_settings(settings, demo_folder)
+    try_it = next((demo.try_it for demo in offered_demo_models() if demo.try_it), None)
+    if try_it is None:
+        return settings, demo_folder, settings.models.default
     # Loaded while the banner is read, so the printed curl line does not wait for it.
     preload = settings.models.preload
-    if DEMO_TRY_IT_MODEL not in preload:
-        settings = settings.replace(models={"preload": (*preload, DEMO_TRY_IT_MODEL)})
-    return settings, demo_folder
+    if try_it not in preload:
+        settings = settings.replace(models={"preload": (*preload, try_it)})
+    return settings, demo_folder, try_it
 
 
 # What the libraries print while loading, unless --verbose: progress bars for
@@ -118,9 +120,9 @@ def serve(arguments: argparse.Namespace) -> int:
     settings, keys = _settings_and_keys(arguments.config)
     host = arguments.host or settings.server.host
     port = arguments.port or settings.server.port
-    settings, demo_folder = _with_models(settings)
+    settings, demo_folder, try_it = _with_models(settings)
     app = create_app(settings, keys=keys, handle_signals=True)
-    banner = _banner(settings, keys, host, port, demo_folder)
+    banner = _banner(settings, keys, host, port, demo_folder, try_it)
     _bare_access_lines()
     run_app(app, host=host, port=port, shutdown_timeout=HANDLER_WAIT_S, on_ready=lambda: print(banner, flush=True))
     return 0
@@ -145,13 +147,17 @@ def token(arguments: argparse.Namespace) -> int:
 def demo_models(arguments: argparse.Namespace) -> int:
     target = Path(arguments.directory)
     if arguments.full_size:
-        from imagine.devtools.full_size_models import build_full_size_sdxl
+        from imagine.devtools.demo_models import offered_demo_models
 
-        build_full_size_sdxl(target / "sdxl")
-        print(
-            f"Full-size SDXL with random weights written to {target / 'sdxl'}; to serve or bench it as both SDXL models:\n\n"
-            f'[models.sdxl]\nsource = "{target / "sdxl"}"\n\n[models.sdxl-turbo]\nsource = "{target / "sdxl"}"'
-        )
+        offers = [demo for demo in offered_demo_models() if demo.full_size is not None]
+        if not offers:
+            print("imagine: no plugin offers full-size demo models", file=sys.stderr)
+            return 2
+        for demo in offers:
+            assert demo.full_size is not None
+            served = demo.full_size(target)
+            print(f"Full-size {demo.name} with random weights written under {target}; to serve or bench it:\n")
+            print(_toml_tables(served))
         return 0
     from imagine.devtools.demo_models import build_demo_models
 
@@ -173,10 +179,19 @@ def plugins(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def _toml_tables(settings: Mapping[str, Mapping[str, Any]]) -> str:
+    """Settings shaped like the TOML file (section -> table -> key -> text), as TOML to paste."""
+    return "\n\n".join(
+        f"[{section}.{name}]\n" + "\n".join(f"{key} = {json.dumps(value)}" for key, value in table.items())
+        for section, tables in settings.items()
+        for name, table in tables.items()
+    )
+
+
 def bench(arguments: argparse.Namespace) -> int:
     from imagine.devtools import bench as benchmark
 
-    settings, _ = _with_models(load_settings(_config_path(arguments.config)))
+    settings, _, _ = _with_models(load_settings(_config_path(arguments.config)))
     return benchmark.run(settings, arguments)
 
 
@@ -204,7 +219,7 @@ def _parser() -> argparse.ArgumentParser:
     demo_parser = commands.add_parser("demo-models", parents=[common], help="write tiny random-weight models in the real layouts")
     demo_parser.add_argument("directory", help="folder to write them to")
     demo_parser.add_argument(
-        "--full-size", action="store_true", help="SDXL's real architecture instead (random weights, about 7 GB), for benchmarks"
+        "--full-size", action="store_true", help="the real architectures instead (random weights, gigabytes), for benchmarks"
     )
     demo_parser.set_defaults(run=demo_models)
 

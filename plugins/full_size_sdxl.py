@@ -1,6 +1,6 @@
 """SDXL at its real size with random weights: the real models' compute, without a download.
 
-`imagine demo-models --full-size DIR` writes one pipeline folder with the
+`imagine demo-models --full-size DIR` writes `DIR/sdxl`, one pipeline folder with the
 architecture of stabilityai/stable-diffusion-xl-base-1.0 (the shapes below are
 its published configuration: a 2.57-billion-parameter UNet, CLIP ViT-L and
 OpenCLIP ViT-bigG text encoders, the SDXL VAE) and random weights. The images
@@ -93,9 +93,17 @@ def full_size_sdxl_components() -> dict[str, Any]:
     }
 
 
-def build_full_size_sdxl(folder: pathlib.Path) -> None:
-    """Write the full-size SDXL pipeline to `folder`, in float16 as the released weights (about 7 GB)."""
+FOLDER = "sdxl"
+
+
+def build_full_size_sdxl(target: pathlib.Path) -> dict[str, Any]:
+    """Write the full-size SDXL pipeline under `target`, in float16 as the released weights (about 7 GB).
+
+    Returns the settings that serve it as both SDXL models.
+    """
     import torch
+
+    folder = target / FOLDER
 
     torch.manual_seed(0)
     # Random initialisation of 3.5 billion parameters takes minutes on a CPU and seconds on a GPU.
@@ -103,3 +111,4 @@ def build_full_size_sdxl(folder: pathlib.Path) -> None:
         pipe = sdxl_pipeline(**full_size_sdxl_components(), scheduler=sdxl_base_scheduler())
     pipe.to(dtype=torch.float16)
     pipe.save_pretrained(folder, safe_serialization=True)
+    return {"models": {"sdxl": {"source": str(folder)}, "sdxl-turbo": {"source": str(folder)}}}

@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import Any
 
 from imagine.plugin.demo import DemoModels
-from imagine.plugin.generators import Generator, ModelCard, ModelDefaults, ModelLimits
+from imagine.plugin.generators import Generator, ModelCard, ModelDefaults, ModelExample, ModelLimits
 from imagine.plugin.hookspecs import hookimpl
 from imagine.settings import Settings
 from imagine_plugins import demo_weights
 from imagine_plugins.diffusers_base import DiffusersGenerator, DiffusersTable
+from imagine_plugins.full_size_sdxl import build_full_size_sdxl
 
 NAME = "sdxl"
 DEFAULT_SOURCE = "stabilityai/stable-diffusion-xl-base-1.0"
@@ -27,6 +28,7 @@ CARD = ModelCard(
     vram_required="8-10 GB (float16)",
     aliases=("stable-diffusion-xl",),
     inputs=("text", "image", "mask"),
+    examples=(ModelExample("Lighthouse", "a lighthouse at dusk, dramatic clouds, oil painting", "blurry, low quality"),),
 )
 
 
@@ -58,4 +60,4 @@ def _demo_settings(folder: Path) -> Mapping[str, Mapping[str, Any]]:
 
 @hookimpl
 def register_demo_models(register: Callable[[DemoModels], None]) -> None:
-    register(DemoModels(NAME, version=3, build=_build_demo, settings=_demo_settings))
+    register(DemoModels(NAME, version=3, build=_build_demo, settings=_demo_settings, full_size=build_full_size_sdxl))

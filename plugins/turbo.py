@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from imagine.plugin.demo import DemoModels
-from imagine.plugin.generators import Generator, ModelCard, ModelDefaults, ModelLimits
+from imagine.plugin.generators import Generator, ModelCard, ModelDefaults, ModelExample, ModelLimits
 from imagine.plugin.hookspecs import hookimpl
 from imagine.settings import Settings
 from imagine_plugins import demo_weights
@@ -24,6 +24,7 @@ CARD = ModelCard(
     limits=ModelLimits(min_size=512, max_size=1024, max_steps=4, schedulers=("euler_a", "euler")),
     vram_required="8 GB (float16)",
     inputs=("text", "image", "mask"),
+    examples=(ModelExample("Quick sketch", "a pencil sketch of a fox curled up asleep"),),
 )
 
 
@@ -52,4 +53,5 @@ def _demo_settings(folder: Path) -> Mapping[str, Mapping[str, Any]]:
 
 @hookimpl
 def register_demo_models(register: Callable[[DemoModels], None]) -> None:
-    register(DemoModels(NAME, version=2, build=_build_demo, settings=_demo_settings))
+    # One step at 512²: the demo's fastest first request.
+    register(DemoModels(NAME, version=2, build=_build_demo, settings=_demo_settings, try_it=NAME))

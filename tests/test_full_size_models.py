@@ -6,7 +6,7 @@ import pytest
 import torch
 from accelerate import init_empty_weights
 
-from imagine.devtools.full_size_models import full_size_sdxl_components
+from imagine_plugins.full_size_sdxl import full_size_sdxl_components
 
 # These tests run torch on pytest's own thread: conftest runs them last.
 pytestmark = pytest.mark.torch_in_test_thread

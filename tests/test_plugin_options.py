@@ -160,11 +160,8 @@ def test_the_core_names_neither_this_plugin_nor_the_built_in_models() -> None:
     # Where the core names a built-in model on purpose, and why.
     allowed = {
         "settings.py": "models.default: the model a request that names none gets",
-        "cli.py": "the demo model the banner's curl line uses; --full-size writes SDXL's architecture",
-        "devtools/full_size_models.py": "SDXL's real architecture, for benchmarks",
         "devtools/bench.py": "the model benchmarked by default",
         "http/views/generate_image.py": "seed 004's route, which serves SDXL",
-        "http/views/system.py": "examples in the OpenAPI document",
     }
     assert core_files_naming(r"leonardo|lightning|sdxl|turbo|sd15") <= set(allowed)
 

@@ -31,7 +31,8 @@ MARKER_NAME = ".demo-models-version"
 CONTENTS_NAME = ".demo-models-contents"
 
 
-def _offered() -> list[DemoModels]:
+def offered_demo_models() -> list[DemoModels]:
+    """What the built-in and installed plugins offer for the demo."""
     from imagine.plugin.manager import collect_demo_models, plugin_manager
 
     return collect_demo_models(plugin_manager())
@@ -39,7 +40,7 @@ def _offered() -> list[DemoModels]:
 
 def build_demo_models(target: pathlib.Path) -> None:
     """Write every plugin's demo models under `target`, deterministically; marker last."""
-    offered = _offered()
+    offered = offered_demo_models()
     target.mkdir(parents=True, exist_ok=True)
     for demo in offered:
         demo.build(target)
@@ -52,7 +53,7 @@ def build_demo_models(target: pathlib.Path) -> None:
 def demo_configuration(folder: pathlib.Path) -> dict[str, dict[str, Any]]:
     """Every plugin's demo settings for models built in `folder`, merged (model tables key by key)."""
     merged: dict[str, dict[str, Any]] = {}
-    for demo in _offered():
+    for demo in offered_demo_models():
         for section, values in demo.settings(folder).items():
             target = merged.setdefault(section, {})
             for key, value in values.items():
@@ -114,7 +115,7 @@ def ensure_demo_models(target: pathlib.Path) -> bool:
     Returns True if it built them. The build goes to a temporary sibling folder
     that is renamed into place, so a crash never leaves a broken `target`.
     """
-    if _is_current(target, _offered()):
+    if _is_current(target, offered_demo_models()):
         return False
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))

@@ -21,3 +21,10 @@ class DemoModels:
     #: The settings, shaped like the TOML file, that point the plugin's models at what
     #: `build` wrote under the folder given, e.g. {"models": {"my-model": {"source": ".../my-model"}}}.
     settings: Callable[[pathlib.Path], Mapping[str, Mapping[str, Any]]]
+    #: A model of this offer that answers a first request at once: the curl line
+    #: `imagine serve` prints uses it, and it is loaded at start-up.
+    try_it: str = ""
+    #: `imagine demo-models --full-size DIR`: write the real architecture with
+    #: random weights under the folder given, for benchmarks at the real cost,
+    #: and return the settings that serve it (shaped like `settings`).
+    full_size: Callable[[pathlib.Path], Mapping[str, Mapping[str, Any]]] | None = None

@@ -121,6 +121,15 @@ class GenerationInterrupted(Exception):
 
 
 @dataclass(frozen=True)
+class ModelExample:
+    """A prompt that shows what a model is good at, for GET /examples."""
+
+    name: str
+    prompt: str
+    negative_prompt: str = ""
+
+
+@dataclass(frozen=True)
 class ModelDefaults:
     steps: int
     guidance: float
@@ -158,6 +167,7 @@ class ModelCard:
     takes_loras: bool = False
     # What requests may give: "text" always; "image" (image to image) and "mask" (inpainting, outpainting).
     inputs: tuple[str, ...] = ("text",)
+    examples: tuple[ModelExample, ...] = ()
 
 
 class Generator(abc.ABC):

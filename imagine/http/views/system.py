@@ -19,19 +19,8 @@ from imagine.http.openapi import Component, error_response, json_response, obj, 
 from imagine.security.ratelimit import operational
 
 
+# Examples for whatever model is the default; each model's own come from its card.
 EXAMPLES = [
-    {
-        "name": "Lighthouse",
-        "prompt": "a lighthouse at dusk, dramatic clouds, oil painting",
-        "negative_prompt": "blurry, low quality",
-        "model": "sdxl",
-    },
-    {
-        "name": "Quick sketch",
-        "prompt": "a pencil sketch of a fox curled up asleep",
-        "negative_prompt": "",
-        "model": "sdxl-turbo",
-    },
     {
         "name": "Geometric",
         "prompt": "abstract geometric patterns in vibrant colors, artistic composition",
@@ -337,10 +326,12 @@ async def status(request: web.Request) -> web.Response:
     responses={200: json_response("Examples", EXAMPLES_SCHEMA)},
 )
 async def examples(request: web.Request) -> web.Response:
-    names = set(request.app[registry_key].names)
-    # An example without a model runs on the default; drop those naming a model we lack.
-    usable = [example for example in EXAMPLES if example.get("model") is None or example["model"] in names]
-    return web.json_response({"examples": usable})
+    own = [
+        {"name": example.name, "prompt": example.prompt, "negative_prompt": example.negative_prompt, "model": generator.name}
+        for generator in request.app[registry_key].generators()
+        for example in generator.card.examples
+    ]
+    return web.json_response({"examples": own + EXAMPLES})
 
 
 def routes(base: str) -> list[web.RouteDef]:
