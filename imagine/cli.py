@@ -1,4 +1,4 @@
-"""The `imagine` command: serve, token, demo-models."""
+"""The `imagine` command: serve, worker, token, demo-models, plugins, bench."""
 
 from __future__ import annotations
 
@@ -121,10 +121,29 @@ def serve(arguments: argparse.Namespace) -> int:
     host = arguments.host or settings.server.host
     port = arguments.port or settings.server.port
     settings, demo_folder, try_it = _with_models(settings)
-    app = create_app(settings, keys=keys, handle_signals=True)
+    if arguments.no_device:
+        # The API tier loads nothing: the workers' devices run its work.
+        settings = settings.replace(models={"preload": ()})
+    app = create_app(settings, keys=keys, handle_signals=True, role="api" if arguments.no_device else "serve")
     banner = _banner(settings, keys, host, port, demo_folder, try_it)
     _bare_access_lines()
     run_app(app, host=host, port=port, shutdown_timeout=HANDLER_WAIT_S, on_ready=lambda: print(banner, flush=True))
+    return 0
+
+
+def worker(arguments: argparse.Namespace) -> int:
+    """A device pulling from the shared queue, answering only /livez and /metrics."""
+    from imagine.http.app import create_app
+    from imagine.http.server import run_app
+    from imagine.http.shutdown import HANDLER_WAIT_S
+
+    settings, keys = _settings_and_keys(arguments.config)
+    host = arguments.host or settings.server.host
+    port = arguments.port or settings.server.port
+    settings, _, _ = _with_models(settings)
+    app = create_app(settings, keys=keys, handle_signals=True, role="worker")
+    ready = f"imagine worker: pulling from the shared queue; /livez and /metrics on http://{host}:{port}{settings.server.base_path}"
+    run_app(app, host=host, port=port, shutdown_timeout=HANDLER_WAIT_S, on_ready=lambda: print(ready, flush=True))
     return 0
 
 
@@ -195,6 +214,26 @@ def bench(arguments: argparse.Namespace) -> int:
     return benchmark.run(settings, arguments)
 
 
+def gallery_migrate(arguments: argparse.Namespace) -> int:
+    """Copy the embedded gallery (of --config's state folder) into a shared one; safe to run again."""
+    import asyncio
+
+    from imagine.errors import ApiError
+    from imagine.storage.migrate import migrate_to_shared
+
+    settings = load_settings(_config_path(arguments.config))
+    try:
+        report = asyncio.run(migrate_to_shared(settings, database=arguments.to, objects=arguments.objects))
+    except ApiError as error:
+        print(f"imagine: {error.message}", file=sys.stderr)
+        return 1
+    print(
+        f"Copied {report.copied} image(s) into the shared gallery; {report.already_there} were there already"
+        + (f", {report.missing_png} had no PNG left to copy" if report.missing_png else "")
+    )
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imagine", description="Self-hosted text-to-image service")
     parser.add_argument("--version", action="version", version=f"imagine {__version__}")
@@ -206,7 +245,18 @@ def _parser() -> argparse.ArgumentParser:
     serve_parser.add_argument("--config", help="TOML settings file (default: ./imagine.toml if present)")
     serve_parser.add_argument("--host", help="address to listen on (default: server.host)")
     serve_parser.add_argument("--port", type=int, help="port to listen on (default: server.port)")
+    serve_parser.add_argument(
+        "--no-device", action="store_true", help="HTTP only: an API tier whose work the workers' devices run (needs queue.storage)"
+    )
     serve_parser.set_defaults(run=serve)
+
+    worker_parser = commands.add_parser(
+        "worker", parents=[common], help="run a device that pulls work from the shared queue (queue.storage)"
+    )
+    worker_parser.add_argument("--config", help="TOML settings file (default: ./imagine.toml if present)")
+    worker_parser.add_argument("--host", help="address of /livez and /metrics (default: server.host)")
+    worker_parser.add_argument("--port", type=int, help="port of /livez and /metrics (default: server.port)")
+    worker_parser.set_defaults(run=worker)
 
     token_parser = commands.add_parser("token", parents=[common], help="print a bearer token signed with the service's key")
     token_parser.add_argument("--config", help="TOML settings file (default: ./imagine.toml if present)")
@@ -234,6 +284,16 @@ def _parser() -> argparse.ArgumentParser:
     bench_parser = commands.add_parser("bench", parents=[common], help="measure the service against the bare pipeline; prints a table")
     add_arguments(bench_parser)
     bench_parser.set_defaults(run=bench)
+
+    gallery_parser = commands.add_parser("gallery", help="manage the gallery")
+    gallery_commands = gallery_parser.add_subparsers(dest="gallery_command", required=True)
+    migrate_parser = gallery_commands.add_parser(
+        "migrate", parents=[common], help="copy the embedded gallery into a shared one (PostgreSQL + S3); running it again copies nothing twice"
+    )
+    migrate_parser.add_argument("--config", help="TOML settings file: the embedded gallery's folder, gallery.s3_* (default: ./imagine.toml if present)")
+    migrate_parser.add_argument("--to", required=True, metavar="POSTGRESQL_URL", help="the shared gallery's database")
+    migrate_parser.add_argument("--objects", required=True, metavar="S3_URL", help="the shared gallery's bucket, s3://bucket/prefix")
+    migrate_parser.set_defaults(run=gallery_migrate)
     return parser
 
 

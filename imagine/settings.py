@@ -153,12 +153,31 @@ class RateLimitSettings:
 class QueueSettings:
     max_size: int = 32
     timeout_s: float = 300.0
+    # "memory": this process's queue and jobs; "redis://...": one queue and job
+    # store shared by every replica that names the same Redis (see imagine.cluster).
+    storage: str = "memory"
+    # Shared queue only: a worker that has not reported on its work for this long
+    # is taken for dead, and another worker claims the work.
+    visibility_timeout_s: float = 30.0
+    # Shared queue only: how many times a job may start before it fails instead of running again.
+    max_attempts: int = 3
 
     def __post_init__(self) -> None:
         if self.max_size < 1:
             raise SettingsError("queue.max_size must be at least 1")
         if self.timeout_s <= 0:
             raise SettingsError("queue.timeout_s must be positive")
+        if self.storage != "memory" and not self.storage.startswith(REDIS_SCHEMES):
+            raise SettingsError("queue.storage must be 'memory' or a Redis URL (redis://, rediss://, unix://)")
+        if self.visibility_timeout_s < 1:
+            raise SettingsError("queue.visibility_timeout_s must be at least 1")
+        if self.max_attempts < 1:
+            raise SettingsError("queue.max_attempts must be at least 1")
+
+    @property
+    def shared(self) -> bool:
+        """True when the queue and jobs live in Redis, shared by every replica."""
+        return self.storage != "memory"
 
 
 @dataclass(frozen=True)
@@ -273,6 +292,23 @@ class GallerySettings:
     max_age_days: float = 0.0
     # How long a signed image URL (OpenAI `response_format: "url"`) stays valid.
     url_ttl_s: int = 3600
+    # The URL-signing secret every replica shares (else IMAGINE_URL_SECRET, else one generated in the state folder).
+    url_secret_file: str = ""
+    # One gallery for every replica: the index in PostgreSQL ("postgresql://host/db"; the password
+    # from PGPASSWORD or a passfile) and the PNGs in S3-compatible storage ("s3://bucket/prefix";
+    # credentials from the standard AWS variables or files). Both or neither; neither = embedded.
+    database: str = ""
+    objects: str = ""
+    # S3-compatible stores (MinIO, Ceph, R2, GCS): their endpoint, region and path-style addressing.
+    s3_endpoint_url: str = ""
+    s3_region: str = ""
+    s3_path_style: bool = False
+    # Shared gallery: answer GET /gallery/{id}.png with 307 to a short-lived presigned object URL
+    # instead of streaming the PNG through the replica. Only where clients can reach the bucket.
+    redirect: bool = False
+    # Shared gallery: the sweep removes objects without a row only once they are this old, so an image
+    # between its upload and its commit is never taken. Keep it above any clock skew to the bucket.
+    orphan_grace_s: float = 300.0
 
     def __post_init__(self) -> None:
         if self.max_images < 0:
@@ -281,6 +317,25 @@ class GallerySettings:
             raise SettingsError("gallery.max_age_days must be 0 (forever) or more")
         if not 1 <= self.url_ttl_s <= 7 * 86400:
             raise SettingsError("gallery.url_ttl_s must be between 1 and 604800 (a week)")
+        if bool(self.database) != bool(self.objects):
+            raise SettingsError("gallery.database and gallery.objects go together (a shared gallery needs both)")
+        if self.database and urllib.parse.urlsplit(self.database).scheme not in ("postgresql", "postgres"):
+            raise SettingsError("gallery.database must be a PostgreSQL URL, e.g. 'postgresql://db.internal/imagine'")
+        if self.objects:
+            parts = urllib.parse.urlsplit(self.objects)
+            if parts.scheme != "s3" or not parts.netloc or parts.query or parts.fragment:
+                raise SettingsError("gallery.objects must be an S3 URL, e.g. 's3://bucket/prefix'")
+        if self.s3_endpoint_url and urllib.parse.urlsplit(self.s3_endpoint_url).scheme not in ("http", "https"):
+            raise SettingsError("gallery.s3_endpoint_url must be an http:// or https:// URL")
+        if not 1 <= self.orphan_grace_s <= 86400:
+            raise SettingsError("gallery.orphan_grace_s must be between 1 and 86400 seconds")
+        if self.redirect and not self.shared:
+            raise SettingsError("gallery.redirect needs a shared gallery (gallery.database and gallery.objects)")
+
+    @property
+    def shared(self) -> bool:
+        """True when every replica that names the same database and bucket shares one gallery."""
+        return bool(self.database)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import re
 import pytest
 
 from imagine.cli import main
+from tests.processes import program
 
 
 @pytest.fixture
@@ -79,6 +80,34 @@ def test_load_counts_statuses_and_refusals_carry_retry_after(bench_environment, 
     statuses = dict(part.split(": ") for part in row[4].split(", "))
     assert set(statuses) <= {"200", "503"} and int(statuses["200"]) > 0
     assert row[5] == "0"  # every 503 said when to come back
+
+
+def test_cluster_compares_the_queues_and_scales_over_replica_processes(bench_environment, capsys) -> None:
+    program("redis-server", "/usr/bin/redis-server")
+    arguments = ["bench", "--mode", "cluster", "--model", "sdxl-turbo", "--size", "64", "--steps", "1"]
+    assert main([*arguments, "--requests", "3", "--concurrency", "2"]) == 0
+    output = capsys.readouterr().out
+    memory, redis = table_rows(output, "cluster latency:")
+    # The memory row leaves "paired extra" empty; the split on runs of spaces drops that cell.
+    assert memory[0] == "memory queue" and memory[3] == "0.00 ms" and memory[4] == "1.000" and len(memory) == 7
+    assert redis[0] == "redis queue" and float(redis[4]) > 0 and len(redis) == 8
+    for row in (memory, redis):
+        p50, p90, own = (float(cell.removesuffix(" ms")) for cell in (row[1], row[2], row[-2]))
+        assert 0 < own < p50 <= p90
+    p50, extra, paired = (float(cell.removesuffix(" ms")) for cell in (redis[1], redis[3], redis[5]))
+    assert abs(extra) < p50 and abs(paired) < p50
+    single, spread, to_first = table_rows(output, "cluster throughput:")
+    assert [row[0] for row in (single, spread, to_first)] == [
+        "1 replica",
+        "2 replicas, clients spread over both",
+        "2 replicas, all 2 clients to the first",
+    ]
+    # The single replica leaves "made by the second replica" empty.
+    assert float(single[1]) > 0 and single[2] == "1.00" and float(single[3]) > 0
+    for row in (spread, to_first):
+        assert float(row[1]) > 0 and float(row[2]) > 0
+        assert re.fullmatch(r"\d+%", row[3]) and 0 <= int(row[3][:-1]) <= 100  # the second replica's share
+        assert float(row[4]) > 0  # cores' worth of CPU the two replicas got
 
 
 def test_a_model_named_by_its_alias_is_benched_under_its_own_name(bench_environment, capsys) -> None:

@@ -12,11 +12,10 @@ from __future__ import annotations
 import http.client
 import io
 import json
-import os
 import re
 import subprocess
-import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +24,10 @@ import pytest
 from PIL import Image
 
 from imagine.devtools.demo_models import names_weights
+from imagine.devtools.processes import ServiceProcess
 from imagine.settings import QueueSettings, ServerSettings, load_settings
 from tests.conftest import SECRET, make_token
-from tests.processes import LOOPBACK, fill_in, free_port, nginx, program, redis_server, stop, wait_for_port
+from tests.processes import LOOPBACK, fill_in, free_port, nginx, program, redis_server
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -73,44 +73,51 @@ def test_the_shipped_files_agree_with_the_service() -> None:
     assert "imagine serve --port $$((9000 + %i))" in unit
 
 
-class Replica:
-    """`imagine serve` in its own process; its stdout is the access log, one JSON line per request."""
+class Replica(ServiceProcess):
+    """An imagine process started as systemd would start it: a TOML file, the JWT secret in the environment."""
 
-    def __init__(self, folder: Path, config: Path, demo_folder: Path) -> None:
-        self.folder = folder
-        self.port = free_port()
-        folder.mkdir(parents=True)
-        environment = {
-            key: value for key, value in os.environ.items() if not key.startswith(("IMAGINE_", "LEONARDO_"))
-        } | {
-            "IMAGINE_JWT_SECRET": SECRET.decode(),
-            "IMAGINE_SERVER_STATE_DIR": str(folder / "state"),
-            # The demo models of this test session stand in for real weights.
-            "IMAGINE_SERVER_CACHE_DIR": str(demo_folder.parent),
-            # This checkout's code, whatever the interpreter has installed.
-            "PYTHONPATH": str(ROOT),
-            "PYTHONUNBUFFERED": "1",
-        }
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "imagine.cli", "serve", "--config", str(config), "--port", str(self.port)],
-            cwd=folder,
-            env=environment,
-            stdout=open(folder / "stdout.log", "wb"),  # noqa: SIM115 - closed with the process
-            stderr=open(folder / "stderr.log", "wb"),  # noqa: SIM115
+    def __init__(
+        self,
+        folder: Path,
+        config: Path,
+        demo_folder: Path,
+        *,
+        command: tuple[str, ...] = ("serve",),
+        environment: dict[str, str] | None = None,
+        port: int | None = None,
+    ) -> None:
+        super().__init__(
+            folder,
+            config,
+            command=command,
+            port=port,
+            environment={
+                "IMAGINE_JWT_SECRET": SECRET.decode(),
+                "IMAGINE_SERVER_STATE_DIR": str(folder / "state"),
+                # The demo models of this test session stand in for real weights.
+                "IMAGINE_SERVER_CACHE_DIR": str(demo_folder.parent),
+                # This checkout's code, whatever the interpreter has installed.
+                "PYTHONPATH": str(ROOT),
+                **(environment or {}),
+            },
         )
 
-    def wait_ready(self) -> None:
-        try:
-            wait_for_port(self.port, self.process, timeout=120)
-        except (RuntimeError, TimeoutError):
-            raise RuntimeError((self.folder / "stderr.log").read_text()[-3000:]) from None
 
-    def access_lines(self) -> list[dict]:
-        text = (self.folder / "stdout.log").read_text()
-        return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
-
-    def stop(self) -> None:
-        stop(self.process)
+@contextmanager
+def behind_nginx(folder: Path, replicas: list[Replica]) -> Iterator[int]:
+    """The shipped deploy/nginx.conf (only its ports and log folder filled in) in front of two replicas; its port."""
+    port = free_port()
+    site = fill_in(
+        (DEPLOY / "nginx.conf").read_text(),
+        {
+            "listen 80;": f"listen {LOOPBACK}:{port};",
+            "server 127.0.0.1:9000 ": f"server {LOOPBACK}:{replicas[0].port} ",
+            "server 127.0.0.1:9001 ": f"server {LOOPBACK}:{replicas[1].port} ",
+            "/var/log/nginx/": f"{folder / 'nginx'}/",
+        },
+    )
+    with nginx(folder / "nginx", site) as listening:
+        yield listening
 
 
 @dataclass
@@ -153,17 +160,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, demo_folder: Path) -> Iterat
         try:
             for replica in replicas:
                 replica.wait_ready()
-            nginx_port = free_port()
-            site = fill_in(
-                (DEPLOY / "nginx.conf").read_text(),
-                {
-                    "listen 80;": f"listen {LOOPBACK}:{nginx_port};",
-                    "server 127.0.0.1:9000 ": f"server {LOOPBACK}:{replicas[0].port} ",
-                    "server 127.0.0.1:9001 ": f"server {LOOPBACK}:{replicas[1].port} ",
-                    "/var/log/nginx/": f"{folder / 'nginx'}/",
-                },
-            )
-            with nginx(folder / "nginx", site) as port:
+            with behind_nginx(folder, replicas) as port:
                 yield Stack(port, replicas, folder / "nginx")
         finally:
             for replica in replicas:

@@ -1,8 +1,15 @@
-"""The gallery: stored generations, persistence, isolation, retention and crash recovery."""
+"""The gallery: stored generations, persistence, isolation, retention and crash recovery.
+
+Every test that stores through the service runs against both stores: the
+embedded one (files and SQLite) and the shared one (a real PostgreSQL and an
+S3-protocol server, both started by the tests).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import io
 import os
 import re
@@ -10,12 +17,18 @@ import sqlite3
 import time
 from pathlib import Path
 
+import asyncpg
 import pytest
 from PIL import Image
 
-from imagine.storage.gallery import INDEX_FILE, GalleryStore, ImageMetadata, ListQuery, new_id, storage_folder
 from imagine.http.app_keys import gallery_key
+from imagine.settings import Settings
+from imagine.storage.gallery import INDEX_FILE, GalleryStore, storage_folder
+from imagine.storage.records import ImageMetadata, ListQuery, new_id
+from imagine.storage.s3_objects import bucket_and_prefix
 from tests.conftest import auth
+from tests.postgres import postgres  # noqa: F401 - the session's PostgreSQL, a fixture
+from tests.s3 import CREDENTIALS, s3  # noqa: F401 - the session's S3 server, a fixture
 
 GENERATE = "/imagine/generate"
 GALLERY = "/imagine/gallery"
@@ -36,8 +49,88 @@ async def listing(client, query: str = "", headers=None) -> dict:
     return await response.json()
 
 
-def image_files(settings) -> list[Path]:
-    return sorted((storage_folder(settings) / "images").iterdir())
+URL_SECRET = "a URL-signing secret every replica shares"
+# Long enough that a restart stays inside it, short enough to wait out in a test.
+SHARED_ORPHAN_GRACE_S = 2.0
+
+
+@pytest.fixture(params=["embedded", "shared"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def base_settings(base_settings: Settings, backend: str, request: pytest.FixtureRequest, monkeypatch) -> Settings:
+    """The conftest's settings with the gallery on `backend`: shared ones in a database and bucket of their own."""
+    if backend == "embedded":
+        return base_settings
+    cluster, server = request.getfixturevalue("postgres"), request.getfixturevalue("s3")
+    for name, value in CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("IMAGINE_URL_SECRET", URL_SECRET)
+    return base_settings.replace(
+        gallery={
+            "database": cluster.new_database(),
+            "objects": f"s3://{server.new_bucket()}/gallery",
+            "s3_endpoint_url": server.endpoint,
+            "s3_path_style": True,
+            "orphan_grace_s": SHARED_ORPHAN_GRACE_S,
+        }
+    )
+
+
+def stored_names(settings: Settings) -> list[str]:
+    """The PNGs the store holds, by name, sorted: files in the folder, or objects in the bucket."""
+    if not settings.gallery.shared:
+        return sorted(path.name for path in (storage_folder(settings) / "images").iterdir())
+    from tests.s3 import S3Server
+
+    bucket, prefix = bucket_and_prefix(settings.gallery.objects)
+    return sorted(key.removeprefix(prefix) for key in S3Server(settings.gallery.s3_endpoint_url).keys(bucket))
+
+
+async def set_created_at(settings: Settings, image_id: str, created_at: float) -> None:
+    """Change an image's time behind the service's back (the service is stopped)."""
+    if not settings.gallery.shared:
+        with contextlib.closing(sqlite3.connect(storage_folder(settings) / INDEX_FILE)) as index, index:
+            index.execute("UPDATE images SET created_at = ? WHERE id = ?", (created_at, image_id))
+        return
+    connection = await asyncpg.connect(settings.gallery.database)
+    try:
+        await connection.execute("UPDATE gallery_images SET created_at = $1 WHERE id = $2", created_at, image_id)
+    finally:
+        await connection.close()
+
+
+async def copy_row(settings: Settings, image_id: str, new: str) -> None:
+    """A second row like `image_id`'s under the id `new`, with no PNG of its own."""
+    if not settings.gallery.shared:
+        with contextlib.closing(sqlite3.connect(storage_folder(settings) / INDEX_FILE)) as index, index:
+            columns = [row[1] for row in index.execute("PRAGMA table_info(images)")]
+            values = list(index.execute("SELECT * FROM images WHERE id = ?", (image_id,)).fetchone())
+            values[columns.index("id")] = new
+            index.execute(f"INSERT INTO images VALUES ({', '.join('?' * len(values))})", values)
+        return
+    connection = await asyncpg.connect(settings.gallery.database)
+    try:
+        columns = [row["attname"] for row in await connection.fetch(
+            "SELECT attname FROM pg_attribute WHERE attrelid = 'gallery_images'::regclass AND attnum > 0 "
+            "AND NOT attisdropped AND attname NOT IN ('seq', 'id')"
+        )]
+        names = ", ".join(columns)
+        await connection.execute(
+            f"INSERT INTO gallery_images (id, {names}) SELECT $1, {names} FROM gallery_images WHERE id = $2", new, image_id
+        )
+    finally:
+        await connection.close()
+
+
+def put_object(settings: Settings, name: str, data: bytes) -> None:
+    """An object written straight through the S3 API, as a replica killed before its commit leaves one."""
+    from tests.s3 import S3Server
+
+    bucket, prefix = bucket_and_prefix(settings.gallery.objects)
+    S3Server(settings.gallery.s3_endpoint_url).client().put_object(Bucket=bucket, Key=prefix + name, Body=data)
 
 
 async def test_generate_png_names_its_gallery_id_and_the_image_is_kept(client) -> None:
@@ -77,7 +170,7 @@ async def test_store_false_keeps_nothing(client, base_settings) -> None:
     assert "X-Image-Id" not in response.headers
     assert (await generate(client, store=False))["ids"] == []
     assert (await listing(client))["total_count"] == 0
-    assert image_files(base_settings) == []
+    assert stored_names(base_settings) == []
 
 
 async def test_images_and_metadata_survive_a_restart(make_client, base_settings) -> None:
@@ -190,7 +283,7 @@ async def test_admin_sees_and_deletes_everyones_images(client, base_settings) ->
     assert (await client.get(f"{GALLERY}/{alices}.png", headers=ADMIN)).status == 200
     assert (await client.delete(f"{GALLERY}/{alices}", headers=ADMIN)).status == 204
     assert (await listing(client, headers=auth("alice")))["total_count"] == 0
-    assert [path.name for path in image_files(base_settings)] == [f"{bobs}.png"]
+    assert stored_names(base_settings) == [f"{bobs}.png"]
 
 
 async def test_gallery_needs_the_generate_or_admin_scope(client) -> None:
@@ -217,13 +310,22 @@ async def test_gallery_needs_the_generate_or_admin_scope(client) -> None:
 async def test_malformed_and_path_like_ids_are_404_before_any_lookup(client, monkeypatch, path) -> None:
     store = client.app[gallery_key]
     lookups = []
-    original = store._db
 
-    async def spy(function, *args):
-        lookups.append(function.__name__)
-        return await original(function, *args)
+    def spy(owner, name):
+        original = getattr(owner, name)
 
-    monkeypatch.setattr(store, "_db", spy)
+        async def spied(*args, **kwargs):
+            lookups.append(name)
+            return await original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, spied)
+
+    if isinstance(store, GalleryStore):
+        spy(store, "_db")
+    else:
+        spy(store.index, "_use")
+        for name in ("read", "delete", "presigned_url"):
+            spy(store.objects, name)
     for method in ("GET", "DELETE"):
         response = await client.request(method, f"{GALLERY}/{path}", headers=ADMIN)
         assert response.status in (404, 405), (method, path, response.status)
@@ -240,7 +342,7 @@ async def test_retention_by_count_removes_the_oldest(make_client, base_settings)
     assert [image["id"] for image in page["images"]] == ids[:0:-1]
     assert page["total_count"] == 2
     assert (await client.get(f"{GALLERY}/{ids[0]}", headers=auth())).status == 404
-    assert [path.name for path in image_files(settings)] == sorted(f"{image_id}.png" for image_id in ids[1:])
+    assert stored_names(settings) == sorted(f"{image_id}.png" for image_id in ids[1:])
 
 
 async def test_retention_by_age_applies_at_start(make_client, base_settings) -> None:
@@ -248,13 +350,12 @@ async def test_retention_by_age_applies_at_start(make_client, base_settings) -> 
     old = (await generate(first, prompt="old"))["ids"][0]
     recent = (await generate(first, prompt="recent"))["ids"][0]
     await first.close()
-    with sqlite3.connect(storage_folder(base_settings) / INDEX_FILE) as index:
-        index.execute("UPDATE images SET created_at = ? WHERE id = ?", (time.time() - 3 * 86400, old))
+    await set_created_at(base_settings, old, time.time() - 3 * 86400)
 
     settings = base_settings.replace(gallery={"max_age_days": 2.0})
     second = await make_client(settings)
     assert [image["id"] for image in (await listing(second))["images"]] == [recent]
-    assert [path.name for path in image_files(settings)] == [f"{recent}.png"]
+    assert stored_names(settings) == [f"{recent}.png"]
 
 
 async def test_start_repairs_what_a_crash_left(make_client, base_settings) -> None:
@@ -262,34 +363,36 @@ async def test_start_repairs_what_a_crash_left(make_client, base_settings) -> No
     kept = (await generate(first))["ids"][0]
     await first.close()
 
-    folder = storage_folder(base_settings)
-    images = folder / "images"
-    an_hour_ago = time.time() - 3600
-    # A crash after the rename, before the commit: a file without a row.
-    orphan = images / f"{new_id()}.png"
-    orphan.write_bytes(b"\x89PNG orphan")
-    os.utime(orphan, (an_hour_ago, an_hour_ago))
-    # A crash in the middle of writing: a temporary file.
-    temporary = images / f".{new_id()}.png.1234abcd.tmp"
-    temporary.write_bytes(b"\x89PNG half")
-    os.utime(temporary, (an_hour_ago, an_hour_ago))
-    # Another process's image between its rename and its commit: too young to judge.
-    in_flight = images / f"{new_id()}.png"
-    in_flight.write_bytes(b"\x89PNG in flight")
-    # A row whose file is gone.
-    dangling = new_id()
-    with sqlite3.connect(folder / INDEX_FILE) as index:
-        columns = [row[1] for row in index.execute("PRAGMA table_info(images)")]
-        values = list(index.execute("SELECT * FROM images WHERE id = ?", (kept,)).fetchone())
-        values[columns.index("id")] = dangling
-        index.execute(f"INSERT INTO images VALUES ({', '.join('?' * len(values))})", values)
+    orphan, in_flight, dangling = f"{new_id()}.png", f"{new_id()}.png", new_id()
+    expected = sorted([f"{kept}.png", in_flight])
+    if base_settings.gallery.shared:
+        # A replica killed after its PUT, before its COMMIT: an object without a row. Objects' times
+        # come from the S3 server, so the orphan is made old by waiting out the grace period.
+        put_object(base_settings, orphan, b"\x89PNG orphan")
+        await asyncio.sleep(SHARED_ORPHAN_GRACE_S + 0.2)
+        # Another replica's image between its PUT and its COMMIT: too young to judge.
+        put_object(base_settings, in_flight, b"\x89PNG in flight")
+    else:
+        images = storage_folder(base_settings) / "images"
+        an_hour_ago = time.time() - 3600
+        # A crash after the rename, before the commit: a file without a row.
+        (images / orphan).write_bytes(b"\x89PNG orphan")
+        os.utime(images / orphan, (an_hour_ago, an_hour_ago))
+        # A crash in the middle of writing: a temporary file.
+        temporary = images / f".{new_id()}.png.1234abcd.tmp"
+        temporary.write_bytes(b"\x89PNG half")
+        os.utime(temporary, (an_hour_ago, an_hour_ago))
+        # Another process's image between its rename and its commit: too young to judge.
+        (images / in_flight).write_bytes(b"\x89PNG in flight")
+    # A row whose PNG is gone.
+    await copy_row(base_settings, kept, dangling)
 
     second = await make_client(base_settings)
     page = await listing(second, headers=ADMIN)
     assert [image["id"] for image in page["images"]] == [kept]
     assert page["total_count"] == 1
     assert (await second.get(f"{GALLERY}/{dangling}", headers=auth())).status == 404
-    assert sorted(path.name for path in images.iterdir()) == sorted([f"{kept}.png", in_flight.name])
+    assert stored_names(base_settings) == expected
     assert (await second.get(f"{GALLERY}/{kept}.png", headers=auth())).status == 200
 
 

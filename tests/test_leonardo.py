@@ -18,6 +18,7 @@ from imagine_plugins.leonardo import LeonardoSettings
 from imagine_plugins.leonardo_catalog import MODELS
 from tests.conftest import KEYS, auth, pixels
 from tests.fake_leonardo import API_PREFIX, FakeLeonardo, gradient
+from tests.processes import redis_server
 from tests.slow_plugin import SlowPlugin
 
 URL = "/imagine/generate"
@@ -325,3 +326,24 @@ def test_leonardo_settings_are_checked_at_startup(base_settings) -> None:
         load_settings(None, {"IMAGINE_LEONARDO_BASE_URL": "ftp://example.org"})
     with pytest.raises(SettingsError, match="default_model"):
         create_app(base_settings.replace(leonardo={"default_model": "picasso-2"}), keys=KEYS)
+
+
+async def test_on_a_shared_queue_cloud_generations_run_on_the_replica_that_took_them(
+    aiohttp_client: Callable[..., Any], leonardo_settings: Settings, fake: FakeLeonardo, monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    """An API-tier replica (no device) answers Leonardo requests itself; the job is in Redis all the same."""
+    monkeypatch.setenv("LEONARDO_API_KEY", KEY)
+    with redis_server(tmp_path / "redis") as redis:
+        settings = leonardo_settings.replace(queue={"storage": redis.url})
+        client = await aiohttp_client(create_app(settings, keys=KEYS, role="api"))
+        body = {"prompt": "a lighthouse", "model": "leonardo", "seed": 5}
+        answer = await client.post(URL, json=body, headers=auth())
+        assert answer.status == 200, await answer.text()
+        assert answer.headers["X-Model"] == "leonardo"
+        job = await (await client.post("/imagine/jobs", json=body, headers=auth())).json()
+        async with asyncio.timeout(10):
+            while (state := await (await client.get(f"/imagine/jobs/{job['id']}", headers=auth())).json())["status"] in ("queued", "running"):
+                await asyncio.sleep(0.02)
+        assert state["status"] == "succeeded", state
+        assert state["result"]["seed"] == 5 and len(fake.generations) == 2
+        await client.close()

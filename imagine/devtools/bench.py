@@ -5,7 +5,8 @@ the ratios hold on a noisy machine. Results are a table on stdout.
 
 - overhead: the bare `pipe(...)` loop vs the same requests through HTTP (PNG or JSON).
 - batching: the service with batching off and on, each against its bare loop (batch 1 and batch N).
-- load: a bounded burst of concurrent HTTP clients; images/s, latency, statuses.
+- load: a bounded burst of concurrent HTTP clients; images/s, latency, statuses (--store: unstored, then stored).
+- cluster: replica processes on a shared Redis queue vs the memory queue (imagine.devtools.cluster_bench).
 """
 
 from __future__ import annotations
@@ -409,36 +410,57 @@ async def batching(settings: Settings, keys: JwtKeys, token: str, arguments: arg
 
 
 async def load(settings: Settings, keys: JwtKeys, token: str, arguments: argparse.Namespace) -> None:
-    body = _body(arguments.model, arguments.size, arguments.steps)
+    """With --store, the same load twice, `"store": false` then `"store": true`: what keeping each image costs."""
+    variants = [False, True] if arguments.store else [False]
+    bodies = {store: _body(arguments.model, arguments.size, arguments.steps, store=store) for store in variants}
 
-    async def run(url: str) -> Outcome:
-        return await drive(url, token, body, concurrency=arguments.concurrency, requests=None, duration=arguments.duration)
+    async def run(url: str, store: bool) -> Outcome:
+        return await drive(url, token, bodies[store], concurrency=arguments.concurrency, requests=None, duration=arguments.duration)
 
+    outcomes: dict[bool, Outcome] = {}
     if arguments.url:
-        outcome = await run(arguments.url.rstrip("/"))
+        for store in variants:
+            outcomes[store] = await run(arguments.url.rstrip("/"), store)
     else:
         async with running_service(settings.replace(queue={"max_size": arguments.queue_size}), keys) as service:
-            await drive(service.url, token, body, concurrency=1, requests=1, duration=None)
-            outcome = await run(service.url)
-    latencies = outcome.latencies or [0.0]
-    print_table(
-        f"load: {arguments.concurrency} clients for {arguments.duration:g} s",
-        [
+            for store in variants:
+                await drive(service.url, token, bodies[store], concurrency=1, requests=1, duration=None)
+            for store in variants:
+                outcomes[store] = await run(service.url, store)
+    rows = []
+    for store, outcome in outcomes.items():
+        latencies = outcome.latencies or [0.0]
+        stored = [timing.get("store", 0.0) / 1000 for timing in outcome.server_timing]
+        rows.append(
             Row(
-                arguments.url or "in-process service",
+                f"{arguments.url or 'in-process service'}{', stored' if store else ''}",
                 {
                     "images/s": f"{outcome.images / outcome.elapsed:.2f}",
                     "p50": milliseconds(statistics.median(latencies)),
                     "p95": milliseconds(percentile(latencies, 0.95)),
+                    "store p50 (Server-Timing)": milliseconds(statistics.median(stored)) if store and stored else "",
                     "statuses": ", ".join(f"{status}: {count}" for status, count in sorted(outcome.statuses.items())),
                     "503 without Retry-After": str(outcome.refusals_without_retry_after),
                 },
             )
-        ],
+        )
+    if arguments.store:
+        extra = statistics.median(outcomes[True].latencies or [0.0]) - statistics.median(outcomes[False].latencies or [0.0])
+        rows.append(Row("extra per stored image (p50 latency)", {"p50": milliseconds(extra)}))
+    print_table(
+        f"load: {arguments.concurrency} clients for {arguments.duration:g} s, {arguments.size}x{arguments.size}",
+        [Row(row.name, {column: row.values.get(column, "") for column in rows[0].values}) for row in rows],
     )
 
 
-MODES = {"overhead": overhead, "batching": batching, "load": load}
+async def cluster(settings: Settings, keys: JwtKeys, token: str, arguments: argparse.Namespace) -> None:
+    """Replicas of their own, with a key of their own: this process's service, key and token are not used."""
+    from imagine.devtools.cluster_bench import cluster as run_cluster
+
+    await run_cluster(settings, arguments)
+
+
+MODES = {"overhead": overhead, "batching": batching, "load": load, "cluster": cluster}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -447,9 +469,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="sdxl")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--requests", type=int, default=16, help="requests (overhead) or images (batching) to time")
+    parser.add_argument("--requests", type=int, default=16, help="requests (overhead, cluster) or images (batching) to time")
     parser.add_argument("--response", choices=("png", "json"), default="png", help="response format (overhead mode)")
-    parser.add_argument("--store", action="store_true", help="keep the images in the gallery too (overhead mode)")
+    parser.add_argument(
+        "--store",
+        action="store_true",
+        help="keep the images in the gallery too (overhead mode); load mode runs without, then with, and prints the difference",
+    )
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of load (load mode)")
     parser.add_argument("--rounds", type=int, default=5, help="rounds of bare loop and service, alternating (batching mode)")

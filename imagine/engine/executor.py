@@ -165,6 +165,11 @@ class DeviceExecutor:
     def retry_after_s(self) -> int:
         return max(1, math.ceil((self.depth + 1) * self.seconds_per_item))
 
+    @property
+    def accepting(self) -> bool:
+        """False once the intake closed (shutdown): submissions answer 503."""
+        return self._accepting
+
     def submit(
         self,
         request: GenerationRequest,
@@ -173,16 +178,27 @@ class DeviceExecutor:
         observer: JobObserver | None = None,
         owner: str = "",
     ) -> WorkItem:
+        return self.submit_all([(request, generator, timeout_s, observer, owner)])[0]
+
+    def submit_all(
+        self, works: Sequence[tuple[GenerationRequest, Generator, float, JobObserver | None, str]]
+    ) -> list[WorkItem]:
+        """Queue (request, generator, timeout_s, observer, owner) works together, all or none, so the
+        device thread can take them as one batch."""
         assert self._loop is not None, "executor not started"
-        future: asyncio.Future[GenerationOutput] = self._loop.create_future()
-        # Nobody may be left to await cancelled work: mark its error as seen.
-        future.add_done_callback(lambda done: done.cancelled() or done.exception())
-        item = WorkItem(request=request, generator=generator, timeout_s=timeout_s, future=future, observer=observer, owner=owner)
+        items = []
+        for request, generator, timeout_s, observer, owner in works:
+            future: asyncio.Future[GenerationOutput] = self._loop.create_future()
+            # Nobody may be left to await cancelled work: mark its error as seen.
+            future.add_done_callback(lambda done: done.cancelled() or done.exception())
+            items.append(
+                WorkItem(request=request, generator=generator, timeout_s=timeout_s, future=future, observer=observer, owner=owner)
+            )
         with self._lock:
             if not self._accepting:
                 raise shutting_down_error()
             try:
-                self._queue.submit(item)
+                self._queue.submit(*items)
             except QueueFull as full:
                 raise ApiError(
                     503,
@@ -191,13 +207,16 @@ class DeviceExecutor:
                     details={"queue_depth": full.depth, "capacity": full.capacity},
                     headers={"Retry-After": str(self.retry_after_s())},
                 ) from None
-            self._unfinished.add(item)
-        if observer is not None:
-            observer.queued(self.position(item), self.eta_s(item))
-        return item
+            self._unfinished.update(items)
+        for item in items:
+            if item.observer is not None:
+                item.observer.queued(self.position(item), self.eta_s(item))
+        return items
 
     async def call(self, task: Callable[[], T]) -> T:
         """Run `task` on the device thread before the next queued work, and return its result."""
+        if self._thread is None:
+            raise ApiError(503, "SERVICE_UNAVAILABLE", "This replica runs no device (imagine serve --no-device)")
         assert self._loop is not None, "executor not started"
         future: asyncio.Future[T] = self._loop.create_future()
         future.add_done_callback(lambda done: done.cancelled() or done.exception())

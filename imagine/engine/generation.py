@@ -1,14 +1,16 @@
 """One generation from validated request to encoded PNGs: what every generating route shares.
 
-`submit` is the one way in: it queues the work at once and hands back the coroutine
-that finishes it, whichever kind of generator runs it.
+`generate` is the routes' way in: the app's job store (`jobs_key`) decides where
+a generation runs, here or on whichever replica's device is free.
+`submit_here` runs it in this process: it queues the work at once and hands
+back the coroutine that finishes it, whichever kind of generator runs it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Awaitable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +24,7 @@ from imagine.http.app_keys import (
     encode_pool_key,
     executor_key,
     gallery_key,
+    jobs_key,
     metrics_key,
     png_encoder_key,
     settings_key,
@@ -55,19 +58,26 @@ def server_timing(timings: Mapping[str, float]) -> str:
     return ", ".join(f"{name};dur={seconds * 1000:.2f}" for name, seconds in timings.items())
 
 
-def submit(
+async def generate(
+    app: web.Application, principal: Principal, request: GenerationRequest, generator: Generator, *, store: bool
+) -> Generated:
+    """Run a generation to its end, wherever the job store runs it, and keep its images unless `store` is False."""
+    work = await app[jobs_key].submit_generation(principal, request, generator, store=store)
+    return await work
+
+
+def submit_here(
     app: web.Application,
     principal: Principal,
     request: GenerationRequest,
     generator: Generator,
-    *,
     store: bool,
     observer: JobObserver | None = None,
 ) -> Coroutine[Any, Any, Generated]:
-    """Queue a generation now, so a full queue is refused at once (503); the returned coroutine
-    finishes it: awaits the images, encodes them and keeps them in the caller's gallery unless
-    `store` is False."""
-    return _finish(app, principal, request, generator, _run(app, principal, request, generator, observer), store)
+    """Queue a generation in this process now, so a full queue is refused at once (503); the returned
+    coroutine finishes it: awaits the images, encodes them and keeps them in the caller's gallery
+    unless `store` is False."""
+    return finish(app, principal, request, generator, _run(app, principal, request, generator, observer), store)
 
 
 def _run(
@@ -149,14 +159,15 @@ def image_metadata(request: GenerationRequest, output: GenerationOutput, seed: i
     )
 
 
-async def _finish(
+async def finish(
     app: web.Application,
     principal: Principal,
     request: GenerationRequest,
     generator: Generator,
-    running: Coroutine[Any, Any, GenerationOutput],
+    running: Awaitable[GenerationOutput],
     store: bool,
 ) -> Generated:
+    """Await the images `running` makes, encode them, and store them in the caller's gallery with `store`."""
     output = await running
     encoding = time.perf_counter()
     pngs = await encode_images(app, request, output)

@@ -14,15 +14,17 @@ import hashlib
 import io
 import json
 import logging
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from imagine.security.tokens import Principal
-from imagine.errors import ApiError, error_body
-from imagine.engine.work import shutting_down_error
+from imagine.errors import ApiError, error_body, validation_error
+from imagine.engine.work import JobObserver, shutting_down_error
+from imagine.plugin.generators import GenerationRequest, Generator
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -32,6 +34,32 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TERMINAL = ("succeeded", "failed", "cancelled")
+# Event ids are 1, 2, 3...: the log's own ids are the only values Last-Event-ID may carry.
+EVENT_ID = re.compile(r"[0-9]{1,9}")
+
+# Queues a job's generation on this replica now (so a full queue is refused at once) and returns
+# what finishes it: (principal, request, generator, store, observer). See imagine.engine.generation.
+JobRunner = Callable[[Principal, GenerationRequest, Generator, bool, JobObserver | None], Coroutine[Any, Any, "Generated"]]
+# A finished generation as the /generate JSON a job's result holds.
+ResultJson = Callable[["Generated"], Coroutine[Any, Any, dict[str, Any]]]
+
+
+def sse_event(event_id: str, kind: str, data: str) -> bytes:
+    """One Server-Sent Event; `data` is JSON text."""
+    return f"id: {event_id}\nevent: {kind}\ndata: {data}\n\n".encode()
+
+
+def idempotency_conflict(job_id: str) -> ApiError:
+    return ApiError(409, "CONFLICT", "This Idempotency-Key was used with a different request body", details={"job_id": job_id})
+
+
+def too_many_jobs(limit: int) -> ApiError:
+    return ApiError(
+        429,
+        "RATE_LIMIT_EXCEEDED",
+        f"Too many unfinished jobs ({limit}); wait for some to finish or cancel them",
+        headers={"Retry-After": "5"},
+    )
 
 
 @dataclass(frozen=True)
@@ -41,7 +69,7 @@ class JobEvent:
     data: dict[str, Any]
 
     def sse(self) -> bytes:
-        return f"id: {self.id}\nevent: {self.type}\ndata: {json.dumps(self.data)}\n\n".encode()
+        return sse_event(str(self.id), self.type, json.dumps(self.data))
 
 
 def body_fingerprint(body: Any) -> str:
@@ -73,11 +101,12 @@ class TrackedJob:
         self.result: dict[str, Any] | None = None
         self.error: dict[str, Any] | None = None
         self.created_at = time.time()
+        self.started_at: float | None = None
         self.finished_at: float | None = None
         self.events: list[JobEvent] = []
         # What POST /jobs answered; a replay of that request answers it again.
         self.acceptance: dict[str, Any] = {}
-        self.task: asyncio.Task[None] | None = None
+        self.task: asyncio.Task[str] | None = None
         self._changed = asyncio.Event()
 
     # -- JobObserver (called on the loop) --------------------------------
@@ -90,6 +119,7 @@ class TrackedJob:
     def started(self) -> None:
         if self.status == "queued":
             self.status, self.position = "running", 0
+            self.started_at = time.time()
             self._emit("started", {"total": self.total})
 
     def progress(self, step: int, total: int, preview: Image.Image | None) -> None:
@@ -143,6 +173,10 @@ class TrackedJob:
             "progress": {"step": self.step, "total": self.total},
             "created_at": self.created_at,
         }
+        if self.started_at is not None:
+            body["started_at"] = self.started_at
+        if self.finished_at is not None:
+            body["finished_at"] = self.finished_at
         if self.result is not None:
             body["result"] = self.result
         if self.error is not None:
@@ -150,14 +184,53 @@ class TrackedJob:
         return body
 
 
+class JobStore(Protocol):
+    """What the routes use of jobs: `JobManager` in one process, `imagine.cluster.jobs.ClusterJobs` across replicas."""
+
+    async def submit_generation(
+        self, principal: Principal, request: GenerationRequest, generator: Generator, *, store: bool
+    ) -> Coroutine[Any, Any, Generated]: ...
+
+    async def replay(self, principal: Principal, key: str | None, fingerprint: str) -> dict[str, Any] | None: ...
+
+    async def submit(
+        self,
+        principal: Principal,
+        key: str | None,
+        fingerprint: str,
+        request: GenerationRequest,
+        generator: Generator,
+        *,
+        store: bool,
+        preview: bool,
+    ) -> tuple[dict[str, Any], bool]: ...
+
+    async def snapshot(self, principal: Principal, job_id: str) -> dict[str, Any]: ...
+
+    async def cancel(self, principal: Principal, job_id: str) -> dict[str, Any]: ...
+
+    def parse_event_id(self, value: str) -> str: ...
+
+    async def events(self, principal: Principal, job_id: str, after: str | None) -> AsyncIterator[bytes | None]: ...
+
+    def close_intake(self) -> list[asyncio.Task[str]]: ...
+
+    async def fail_unfinished(self) -> int: ...
+
+
 def not_found() -> ApiError:
     return ApiError(404, "NOT_FOUND", "Job not found")
 
 
 class JobManager:
-    def __init__(self, *, ttl_s: float, max_per_subject: int) -> None:
+    """The jobs of one process, in memory (`queue.storage = "memory"`)."""
+
+    def __init__(self, *, ttl_s: float, max_per_subject: int, keepalive_s: float, run: JobRunner, to_json: ResultJson) -> None:
         self._ttl_s = ttl_s
         self._max_per_subject = max_per_subject
+        self._keepalive_s = keepalive_s
+        self._run_here = run
+        self._to_json = to_json
         self._jobs: dict[str, TrackedJob] = {}
         self._idempotency: dict[tuple[str, str], str] = {}  # (sub, key) -> job id
         self._accepting = True
@@ -178,15 +251,14 @@ class JobManager:
         for job in [job for job in owned if job.finished][: max(0, excess)]:
             self._forget(job)
         if sum(job.owner == owner for job in self._jobs.values()) >= self._max_per_subject:
-            raise ApiError(
-                429,
-                "RATE_LIMIT_EXCEEDED",
-                f"Too many unfinished jobs ({self._max_per_subject}); wait for some to finish or cancel them",
-                headers={"Retry-After": "5"},
-            )
+            raise too_many_jobs(self._max_per_subject)
 
-    def replay(self, principal: Principal, key: str | None, fingerprint: str) -> TrackedJob | None:
-        """The job an earlier submit with this Idempotency-Key made; 409 if the body changed."""
+    async def replay(self, principal: Principal, key: str | None, fingerprint: str) -> dict[str, Any] | None:
+        """What an earlier POST /jobs with this Idempotency-Key answered; 409 if the body changed."""
+        job = self._replayed(principal, key, fingerprint)
+        return None if job is None else job.acceptance
+
+    def _replayed(self, principal: Principal, key: str | None, fingerprint: str) -> TrackedJob | None:
         self._forget_expired()
         if key is None:
             return None
@@ -195,42 +267,47 @@ class JobManager:
             return None
         job = self._jobs[job_id]
         if job.fingerprint != fingerprint:
-            raise ApiError(
-                409, "CONFLICT", "This Idempotency-Key was used with a different request body", details={"job_id": job.id}
-            )
+            raise idempotency_conflict(job.id)
         return job
 
-    def submit(
+    async def submit(
         self,
         principal: Principal,
         key: str | None,
         fingerprint: str,
-        total_steps: int,
-        wants_preview: bool,
-        submit: Callable[[TrackedJob], Coroutine[Any, Any, Generated]],
-        to_json: Callable[[Generated], Coroutine[Any, Any, dict[str, Any]]],
-    ) -> TrackedJob:
-        """Create the job and queue its work at once with `submit` (so a full queue is refused now)."""
+        request: GenerationRequest,
+        generator: Generator,
+        *,
+        store: bool,
+        preview: bool,
+    ) -> tuple[dict[str, Any], bool]:
+        """Create the job and queue its work at once (so a full queue is refused now): its acceptance, and
+        whether it is a replay of an earlier submit with this Idempotency-Key."""
         if not self._accepting:
             raise shutting_down_error()
+        earlier = self._replayed(principal, key, fingerprint)
+        if earlier is not None:
+            return earlier.acceptance, True
         self._make_room(principal.sub)
-        job = TrackedJob(principal.sub, total_steps, wants_preview, fingerprint)
-        work = submit(job)
+        job = TrackedJob(principal.sub, request.steps, preview, fingerprint)
+        work = self._run_here(principal, request, generator, store, job)
         job.acceptance = {"id": job.id, "status": "queued", "position": job.position, "eta_seconds": job.eta_s}
         self._jobs[job.id] = job
         if key is not None:
             self._idempotency[(principal.sub, key)] = job.id
-        job.task = asyncio.create_task(self._run(job, work, to_json), name=job.id)
-        return job
+        job.task = asyncio.create_task(self._run(job, work), name=job.id)
+        return job.acceptance, False
 
-    async def _run(
-        self,
-        job: TrackedJob,
-        work: Coroutine[Any, Any, Generated],
-        to_json: Callable[[Generated], Coroutine[Any, Any, dict[str, Any]]],
-    ) -> None:
+    async def submit_generation(
+        self, principal: Principal, request: GenerationRequest, generator: Generator, *, store: bool
+    ) -> Coroutine[Any, Any, Generated]:
+        """A generation someone waits for (/generate): queued on this process's device now."""
+        return self._run_here(principal, request, generator, store, None)
+
+    async def _run(self, job: TrackedJob, work: Coroutine[Any, Any, Generated]) -> str:
+        """Finish the job; its final status."""
         try:
-            job.finish("succeeded", result=await to_json(await work))
+            job.finish("succeeded", result=await self._to_json(await work))
         except asyncio.CancelledError:
             job.finish("cancelled")
         except ApiError as error:
@@ -238,8 +315,9 @@ class JobManager:
         except Exception:
             log.exception("job %s failed", job.id)
             job.finish("failed", error=error_body("INTERNAL_ERROR", "Generation failed"))
+        return job.status
 
-    def get(self, principal: Principal, job_id: str) -> TrackedJob:
+    def _get(self, principal: Principal, job_id: str) -> TrackedJob:
         """Another subject's job is indistinguishable from a missing one."""
         self._forget_expired()
         job = self._jobs.get(job_id)
@@ -247,17 +325,35 @@ class JobManager:
             raise not_found()
         return job
 
-    async def cancel(self, principal: Principal, job_id: str) -> TrackedJob:
-        job = self.get(principal, job_id)
+    async def snapshot(self, principal: Principal, job_id: str) -> dict[str, Any]:
+        return self._get(principal, job_id).snapshot()
+
+    async def cancel(self, principal: Principal, job_id: str) -> dict[str, Any]:
+        job = self._get(principal, job_id)
         if job.task is not None and not job.finished:
             job.task.cancel()
             await asyncio.wait([job.task])
-        return job
+        return job.snapshot()
 
-    def close_intake(self) -> list[TrackedJob]:
-        """Refuse new jobs from now on (503); the jobs not finished yet."""
+    @staticmethod
+    def parse_event_id(value: str) -> str:
+        if EVENT_ID.fullmatch(value) is None:
+            raise validation_error([{"loc": ["header", "Last-Event-ID"], "msg": "must be an event id of this stream"}])
+        return value
+
+    async def events(self, principal: Principal, job_id: str, after: str | None) -> AsyncIterator[bytes | None]:
+        """The job's events after `after` as SSE bytes, until its last; None means keep-alive."""
+        job = self._get(principal, job_id)
+        return self._stream(job, int(after or 0))
+
+    async def _stream(self, job: TrackedJob, after: int) -> AsyncIterator[bytes | None]:
+        async for event in job.stream(after, self._keepalive_s):
+            yield None if event is None else event.sse()
+
+    def close_intake(self) -> list[asyncio.Task[str]]:
+        """Refuse new jobs from now on (503); the tasks of the jobs not finished yet (each ends with its status)."""
         self._accepting = False
-        return self.unfinished()
+        return [job.task for job in self.unfinished() if job.task is not None]
 
     def unfinished(self) -> list[TrackedJob]:
         return [job for job in self._jobs.values() if not job.finished]

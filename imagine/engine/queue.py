@@ -1,10 +1,12 @@
 """Where submitted work waits for the device: the interface the device loop relies on, and its in-memory queue.
 
-`WorkQueue` is all the executor knows of a queue, so a queue shared between
-processes (Redis Streams, with a consumer group) can stand beside
-`MemoryQueue` without touching the device loop. The batch a queue hands out
-is chosen by `imagine.engine.batching.FairBatcher`: fair across subjects,
-compatible within the batch.
+`WorkQueue` is all the executor knows of a queue. The queue shared between
+replicas (`imagine.cluster`, Redis Streams) does not replace it but sits in
+front: a replica's worker pulls a batch from Redis only when this process's
+device is free and hands it to this queue in one `submit`, so the device loop
+is the same with or without it. The batch a queue hands out is chosen by
+`imagine.engine.batching.FairBatcher`: fair across subjects, compatible
+within the batch.
 """
 
 from __future__ import annotations
@@ -39,8 +41,8 @@ class WorkQueue(Protocol[W]):
 
     def __len__(self) -> int: ...
 
-    def submit(self, item: W) -> None:
-        """Queue `item` last; QueueFull when the queue is at capacity."""
+    def submit(self, *items: W) -> None:
+        """Queue `items` last, together: all or none (QueueFull when they would not fit)."""
         ...
 
     def position(self, item: W) -> int:
@@ -95,11 +97,11 @@ class MemoryQueue(Generic[W]):
     def __len__(self) -> int:
         return len(self._items)
 
-    def submit(self, item: W) -> None:
+    def submit(self, *items: W) -> None:
         with self._condition:
-            if len(self._items) >= self._capacity:
+            if len(self._items) + len(items) > self._capacity:
                 raise QueueFull(len(self._items), self._capacity)
-            self._items.append(item)
+            self._items.extend(items)
             self._condition.notify()
 
     def position(self, item: W) -> int:

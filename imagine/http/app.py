@@ -4,24 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 from aiohttp import web
 
 from imagine import __version__
 from imagine.http.access import access_middleware, add_request_id
-from imagine.security.tokens import JwtKeys, TokenVerifier, load_jwt_keys
+from imagine.security.tokens import JwtKeys, Principal, TokenVerifier, load_jwt_keys
 from imagine.security.cloud_api_keys import CloudKeys, started_cloud_generators
 from imagine.engine.executor import DeviceExecutor
 from imagine.engine.queue import MemoryQueue
-from imagine.storage.gallery import GalleryStore, storage_folder
+from imagine.storage.factory import build_gallery
+from imagine.engine import generation
+from imagine.engine.generation import Generated
 from imagine.engine.jobs import JobManager
 from imagine.http.app_keys import (
     client_session_key,
+    cluster_key,
     cloud_keys_key,
     encode_pool_key,
     executor_key,
@@ -33,6 +36,7 @@ from imagine.http.app_keys import (
     openapi_key,
     png_encoder_key,
     registry_key,
+    role_key,
     settings_key,
     trusted_networks_key,
     url_signer_key,
@@ -49,8 +53,10 @@ from imagine.http.middlewares import (
 )
 from imagine.engine.registry import ModelRegistry
 from imagine.http.openapi import build_document
+from imagine.plugin.generators import GenerationRequest, Generator
 from imagine.plugin.manager import collect_generators, plugin_manager
 from imagine.http.png import PngEncoder
+from imagine.http.generation_result import GenerationResult
 from imagine.http.request_bodies import generate_body_model
 from imagine.security.ratelimit import MemoryBucketStore, RateLimiter, parse_networks
 from imagine.settings import Settings, SettingsError
@@ -71,7 +77,10 @@ from imagine.http.views import (
     system,
 )
 
-# How often age-based retention runs between generations (each one also applies it).
+# "serve": HTTP and a device; "api": HTTP only; "worker": a device, with /livez and /metrics.
+Role = Literal["serve", "api", "worker"]
+
+# How often the gallery's upkeep runs (age retention, the shared gallery's orphan sweep); each generation also applies retention.
 RETENTION_SWEEP_S = 600.0
 
 
@@ -111,17 +120,53 @@ async def _openapi(app: web.Application) -> None:
     app[openapi_key] = build_document(app, app[settings_key].server.base_path)
 
 
-async def _device_executor(app: web.Application) -> AsyncIterator[None]:
-    app[executor_key].start()
-    yield
-    await app[executor_key].stop()
+def _device_executor(device: bool) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def run(app: web.Application) -> AsyncIterator[None]:
+        if device:
+            app[executor_key].start()
+        yield
+        await app[executor_key].stop()
+
+    return run
 
 
-async def _jobs(app: web.Application) -> AsyncIterator[None]:
-    jobs = app[settings_key].jobs
-    app[jobs_key] = JobManager(ttl_s=jobs.ttl_s, max_per_subject=jobs.max_per_subject)
-    yield
-    await app[jobs_key].close()
+def _jobs(device: bool) -> Callable[[web.Application], AsyncIterator[None]]:
+    """Jobs in this process, or on the shared queue (`queue.storage`), where this replica's device pulls work."""
+
+    async def run(app: web.Application) -> AsyncIterator[None]:
+        settings = app[settings_key]
+
+        def run_here(principal: Principal, request: GenerationRequest, generator: Generator, store: bool, observer: Any) -> Any:
+            return generation.submit_here(app, principal, request, generator, store, observer)
+
+        async def to_json(generated: Generated) -> dict[str, Any]:
+            # Megabytes of base64 for large images: built on the encoding pool, off the loop.
+            return await asyncio.get_running_loop().run_in_executor(
+                app[encode_pool_key], lambda: GenerationResult.of(generated).model_dump()
+            )
+
+        if not settings.queue.shared:
+            jobs = settings.jobs
+            app[jobs_key] = manager = JobManager(
+                ttl_s=jobs.ttl_s, max_per_subject=jobs.max_per_subject, keepalive_s=jobs.keepalive_s, run=run_here, to_json=to_json
+            )
+            yield
+            await manager.close()
+            return
+        # Only deployments that name Redis need the cluster's parts.
+        from imagine.cluster.service import shared_queue
+
+        def finish(principal: Principal, request: GenerationRequest, generator: Generator, running: Any, store: bool) -> Any:
+            return generation.finish(app, principal, request, generator, running, store)
+
+        async with shared_queue(
+            settings, app[executor_key], app[registry_key], device=device, run_here=run_here, finish=finish, to_json=to_json
+        ) as cluster:
+            app[cluster_key] = cluster
+            app[jobs_key] = cluster.jobs
+            yield
+
+    return run
 
 
 async def _gallery(app: web.Application) -> AsyncIterator[None]:
@@ -131,9 +176,9 @@ async def _gallery(app: web.Application) -> AsyncIterator[None]:
     async def sweep() -> None:
         while True:
             await asyncio.sleep(RETENTION_SWEEP_S)
-            await store.apply_retention()
+            await store.maintain()
 
-    sweeper = asyncio.create_task(sweep()) if app[settings_key].gallery.max_age_days else None
+    sweeper = asyncio.create_task(sweep()) if store.periodic_upkeep else None
     yield
     if sweeper is not None:
         sweeper.cancel()
@@ -181,17 +226,24 @@ def create_app(
     keys: JwtKeys | None = None,
     extra_plugins: Iterable[Any] = (),
     handle_signals: bool = False,
+    role: Role = "serve",
 ) -> web.Application:
     """Build the service. `extra_plugins` are registered beside the built-in and installed ones.
 
     With `handle_signals` (`imagine serve`), SIGTERM and SIGINT start the drain of accepted
     work while the service still answers (see `imagine.http.shutdown`); apps under test leave them alone.
+    `role` "serve" is HTTP and a device; "api" (`serve --no-device`) runs no device, and "worker"
+    (`imagine worker`) answers only /livez and /metrics: both need the shared queue.
     """
+    if role != "serve" and not settings.queue.shared:
+        raise SettingsError(f'the {role} role needs queue.storage = "redis://...": no other process would run its work')
+    device = role != "api"
     app = web.Application(
         middlewares=[access_middleware, cors_middleware, error_middleware, ratelimit_middleware, auth_middleware],
         client_max_size=settings.server.max_body_bytes,
     )
     app[settings_key] = settings
+    app[role_key] = role
     keys = keys or load_jwt_keys(settings.auth, Path(settings.server.state_dir))
     app[verifier_key] = TokenVerifier(keys, settings.auth)
     app[metrics_key] = telemetry = Metrics()
@@ -212,19 +264,21 @@ def create_app(
     telemetry.watch_queue(lambda: app[executor_key].depth, settings.queue.max_size)
     app[cloud_keys_key] = CloudKeys(g.key_spec for g in registry.cloud())
     gallery_settings = settings.gallery
-    app[gallery_key] = GalleryStore(
-        storage_folder(settings),
-        max_images=gallery_settings.max_images,
-        max_age_s=gallery_settings.max_age_days * 86400,
+    app[gallery_key] = build_gallery(settings)
+    url_secret = load_url_secret(
+        Path(settings.server.state_dir), secret_file=gallery_settings.url_secret_file, shared=gallery_settings.shared
     )
-    app[url_signer_key] = UrlSigner(load_url_secret(Path(settings.server.state_dir)), gallery_settings.url_ttl_s)
+    app[url_signer_key] = UrlSigner(url_secret, gallery_settings.url_ttl_s)
     app.on_response_prepare.extend([add_response_headers, add_request_id])
     app.on_startup.append(_openapi)
     # The gallery opens first and closes last: generations in flight may still store.
-    app.cleanup_ctx.extend([_gallery, _rate_limiter, _encode_pool, _device_executor, _client_session, _jobs])
+    app.cleanup_ctx.extend([_gallery, _rate_limiter, _encode_pool, _device_executor(device), _client_session, _jobs(device)])
     # Accepted work drains before any of these closes.
     install_shutdown(app, handle_signals=handle_signals)
     base = settings.server.base_path
+    if role == "worker":
+        app.router.add_routes([web.get(base + "/livez", system.livez), *metrics.routes(base)])
+        return app
     for module in (system, models, generate, jobs, api_keys, generate_batch, generate_image, gallery, openai_images, metrics, docs):
         app.router.add_routes(module.routes(base))
     return app

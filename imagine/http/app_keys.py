@@ -11,8 +11,8 @@ from aiohttp import web
 from imagine.security.tokens import Principal, TokenVerifier
 from imagine.security.cloud_api_keys import CloudKeys
 from imagine.engine.executor import DeviceExecutor
-from imagine.storage.gallery import GalleryStore
-from imagine.engine.jobs import JobManager
+from imagine.storage.interface import Gallery
+from imagine.engine.jobs import JobStore
 from imagine.http.metrics import Metrics
 from imagine.engine.registry import ModelRegistry
 from imagine.http.png import PngEncoder
@@ -21,6 +21,7 @@ from imagine.settings import Settings
 from imagine.security.url_signing import UrlSigner
 
 if TYPE_CHECKING:
+    from imagine.cluster.service import Cluster
     from imagine.http.request_bodies import GenerateBody
 
 settings_key = web.AppKey("settings", Settings)
@@ -28,15 +29,19 @@ verifier_key = web.AppKey("verifier", TokenVerifier)
 limiter_key = web.AppKey("limiter", RateLimiter)
 registry_key = web.AppKey("registry", ModelRegistry)
 executor_key = web.AppKey("executor", DeviceExecutor)
-jobs_key = web.AppKey("jobs", JobManager)
+jobs_key = web.AppKey("jobs", JobStore)
 trusted_networks_key = web.AppKey("trusted_networks", tuple[IPNetwork, ...])
 encode_pool_key = web.AppKey("encode_pool", ThreadPoolExecutor)
 png_encoder_key = web.AppKey("png_encoder", PngEncoder)
 client_session_key = web.AppKey("client_session", aiohttp.ClientSession)
 cloud_keys_key = web.AppKey("cloud_keys", CloudKeys)
-gallery_key = web.AppKey("gallery", GalleryStore)
+gallery_key = web.AppKey("gallery", Gallery)
 url_signer_key = web.AppKey("url_signer", UrlSigner)
 metrics_key = web.AppKey("metrics", Metrics)
+# "serve", "api" (no device) or "worker": see imagine.http.app.Role.
+role_key = web.AppKey("role", str)
+# The shared queue's parts, with queue.storage = "redis://..." only.
+cluster_key: web.AppKey[Cluster] = web.AppKey("cluster")
 # The OpenAPI document, built once the router is complete (at startup).
 openapi_key = web.AppKey("openapi", dict[str, Any])
 # The generation body with the registered generators' options (request_bodies.generate_body_model).

@@ -42,6 +42,13 @@ class Metrics:
             "imagine_http_errors", "Error responses by contract error code", ["code"], registry=registry
         )
         self._queue_depth = Gauge("imagine_queue_depth", "Jobs waiting for the device", registry=registry)
+        self._cluster_depth = Gauge(
+            "imagine_cluster_queue_depth", "Jobs waiting in the shared queue, for every replica (shared queue only)",
+            registry=registry,
+        )
+        self._cluster_workers = Gauge(
+            "imagine_cluster_workers", "Workers seen alive in the last minute (shared queue only)", registry=registry
+        )
         self._queue_capacity = Gauge(
             "imagine_queue_capacity", "Jobs the queue holds before 503 QUEUE_FULL", registry=registry
         )
@@ -79,6 +86,11 @@ class Metrics:
         """Read the queue depth at scrape time, not at every change."""
         self._queue_depth.set_function(depth)
         self._queue_capacity.set(capacity)
+
+    def cluster_seen(self, depth: int, workers: int) -> None:
+        """The shared queue's state, read from Redis just before a scrape."""
+        self._cluster_depth.set(depth)
+        self._cluster_workers.set(workers)
 
     def watch_limiter_store(self, available: Callable[[], bool]) -> None:
         self._store_up.set_function(lambda: 1.0 if available() else 0.0)

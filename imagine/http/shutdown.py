@@ -109,10 +109,10 @@ class Shutdown:
                 "stopping: new work is refused; %d generations and %d jobs may finish within the %g s grace",
                 len(generations), len(tracked), grace_s,
             )
-        work = [job.future for job in generations] + [job.task for job in tracked if job.task is not None]
+        work = [item.future for item in generations] + tracked
         await _wait(work, grace_s)
         generations_failed = executor.fail_unfinished()
-        late = [job for job in tracked if not job.finished]
+        late = [task for task in tracked if not task.done()]
         if generations_failed or late:
             await _wait(work, STOP_WAIT_S)
             await jobs.fail_unfinished()  # still busy past the device: cloud calls, encoding
@@ -120,7 +120,8 @@ class Shutdown:
             generations=len(generations),
             generations_failed=generations_failed,
             jobs=len(tracked),
-            jobs_failed=sum(job.status == "failed" for job in late),
+            # Each job's task ends with the job's status.
+            jobs_failed=sum(task.done() and not task.cancelled() and task.result() == "failed" for task in late),
         )
         log.log(
             logging.WARNING if report.generations_failed or report.jobs_failed else logging.INFO,

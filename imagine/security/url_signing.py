@@ -2,8 +2,9 @@
 
 A link carries `expires` (unix seconds) and `signature`, an HMAC-SHA256 over
 the image id and that expiry, so neither can be changed without the secret.
-The secret comes from the environment (shared by every replica) or from a
-file in the state folder created on first use.
+The secret comes from `gallery.url_secret_file` or the environment (shared by
+every replica, as a shared gallery requires), else from a file in the state
+folder created on first use (one replica's own).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from pathlib import Path
 from imagine.security.private_files import secret_in
 from imagine.settings import SettingsError
 
-SECRET_ENV = "IMAGINE_URL_SIGNING_SECRET"
+SECRET_ENV = "IMAGINE_URL_SECRET"
+# The variable's earlier name, still read so that links of deployments that set it keep verifying.
+FORMER_SECRET_ENV = "IMAGINE_URL_SIGNING_SECRET"
 SECRET_FILE = "url-signing-secret"
 MIN_SECRET_BYTES = 32
 EXPIRES_PARAM = "expires"
@@ -53,12 +56,29 @@ class UrlSigner:
         return hmac.compare_digest(self._signature(image_id, int(expires)), signature)
 
 
-def load_url_secret(state_dir: Path, environ: Mapping[str, str] | None = None) -> bytes:
-    """$IMAGINE_URL_SIGNING_SECRET, else a random secret kept owner-only in the state folder."""
+def load_url_secret(
+    state_dir: Path, environ: Mapping[str, str] | None = None, *, secret_file: str = "", shared: bool = False
+) -> bytes:
+    """`secret_file`, else $IMAGINE_URL_SECRET, else (not `shared`) a random secret kept owner-only in the state folder.
+
+    `shared`: replicas share one gallery, so a link one replica signs must
+    verify on every other; a secret of each replica's own would not.
+    """
     environ = os.environ if environ is None else environ
-    if environ.get(SECRET_ENV):
-        secret = environ[SECRET_ENV].encode()
-        if len(secret) < MIN_SECRET_BYTES:
-            raise SettingsError(f"{SECRET_ENV} is shorter than {MIN_SECRET_BYTES} bytes")
-        return secret
-    return secret_in(state_dir / SECRET_FILE)
+    if secret_file:
+        try:
+            secret, source = Path(secret_file).expanduser().read_bytes().strip(), "gallery.url_secret_file"
+        except OSError as error:
+            raise SettingsError(f"cannot read gallery.url_secret_file {secret_file}: {error.strerror}") from None
+    elif environ.get(SECRET_ENV) or environ.get(FORMER_SECRET_ENV):
+        source = SECRET_ENV if environ.get(SECRET_ENV) else FORMER_SECRET_ENV
+        secret = environ[source].encode()
+    elif shared:
+        raise SettingsError(
+            f"a shared gallery needs the URL-signing secret every replica shares: gallery.url_secret_file or {SECRET_ENV}"
+        )
+    else:
+        return secret_in(state_dir / SECRET_FILE)
+    if len(secret) < MIN_SECRET_BYTES:
+        raise SettingsError(f"the URL-signing secret from {source} is shorter than {MIN_SECRET_BYTES} bytes")
+    return secret

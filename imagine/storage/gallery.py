@@ -1,4 +1,7 @@
-"""The gallery store: one PNG file per image plus one row in an SQLite index.
+"""The embedded gallery store (the default): one PNG file per image plus one row in an SQLite index.
+
+One host only: SQLite needs a local disk. Several replicas share one gallery
+through `imagine.storage.shared_gallery` instead.
 
 Consistency: a PNG is written under a temporary name, fsynced and renamed into
 place before its row is committed, and a row is deleted (committed) before its
@@ -24,26 +27,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 import os
-import re
-import secrets
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from imagine.security.private_files import TEMP_SUFFIX, write_private
 from imagine.settings import Settings
+from imagine.storage.interface import Gallery, GalleryState
+from imagine.storage.records import (
+    COLUMNS,
+    ImageMetadata,
+    ImageRecord,
+    ListQuery,
+    RecoveryReport,
+    is_valid_id,
+    new_id,
+    record_from_values,
+    record_values,
+)
 
 log = logging.getLogger(__name__)
 
-ID_PREFIX = "img_"
-_ID_PATTERN = re.compile(r"img_[A-Za-z0-9_-]{22}")  # "img_" + token_urlsafe(16)
 INDEX_FILE = "gallery.sqlite3"
 IMAGES_FOLDER = "images"
 SCHEMA_VERSION = 2
@@ -90,83 +99,17 @@ _MIGRATIONS = {
 }
 
 
-def new_id() -> str:
-    """128 random bits: ids can be neither guessed nor enumerated."""
-    return ID_PREFIX + secrets.token_urlsafe(16)
-
-
-def is_valid_id(text: str) -> bool:
-    return _ID_PATTERN.fullmatch(text) is not None
-
-
 def storage_folder(settings: Settings) -> Path:
     return Path(settings.storage.dir or Path(settings.server.state_dir) / "gallery")
 
 
-@dataclass(frozen=True)
-class ImageMetadata:
-    """How an image was made: what the gallery keeps beside the pixels."""
-
-    prompt: str
-    negative_prompt: str
-    model: str
-    seed: int
-    width: int
-    height: int
-    steps: int
-    guidance: float
-    scheduler: str
-    loras: tuple[tuple[str, float], ...]
-    generation_time: float
-    vram_used: float
-    # With an input image: its strength and the short hashes of the image and the mask as sent.
-    strength: float | None = None
-    image_hash: str | None = None
-    mask_hash: str | None = None
-
-
-@dataclass(frozen=True)
-class ImageRecord:
-    id: str
-    owner: str
-    created_at: float  # unix seconds
-    metadata: ImageMetadata
-
-
-@dataclass(frozen=True)
-class ListQuery:
-    owner: str | None  # None: every owner's images
-    limit: int
-    offset: int = 0
-    model: str | None = None
-    text: str | None = None  # a case-insensitive substring of the prompt
-
-
-@dataclass(frozen=True)
-class RecoveryReport:
-    temporary_files: int = 0
-    orphan_files: int = 0
-    dangling_rows: int = 0
-
-
-_METADATA_COLUMNS = tuple(field.name for field in dataclasses.fields(ImageMetadata))
-_COLUMNS = ("id", "owner", "created_at", *_METADATA_COLUMNS)
-_SELECT = f"SELECT {', '.join(_COLUMNS)} FROM images"
-_INSERT = f"INSERT INTO images ({', '.join((*_COLUMNS, 'prompt_folded'))}) VALUES ({', '.join('?' * (len(_COLUMNS) + 1))})"
+_SELECT = f"SELECT {', '.join(COLUMNS)} FROM images"
+_INSERT = f"INSERT INTO images ({', '.join((*COLUMNS, 'prompt_folded'))}) VALUES ({', '.join('?' * (len(COLUMNS) + 1))})"
 _NEWEST_FIRST = "ORDER BY created_at DESC, rowid DESC"
 
 
 def _row(record: ImageRecord) -> tuple[Any, ...]:
-    metadata = dataclasses.asdict(record.metadata)
-    metadata["loras"] = json.dumps([{"name": name, "weight": weight} for name, weight in record.metadata.loras])
-    return (record.id, record.owner, record.created_at, *metadata.values(), record.metadata.prompt.casefold())
-
-
-def _record(row: Sequence[Any]) -> ImageRecord:
-    values = dict(zip(_COLUMNS, row, strict=True))
-    values["loras"] = tuple((lora["name"], lora["weight"]) for lora in json.loads(values["loras"]))
-    metadata = ImageMetadata(**{name: values[name] for name in _METADATA_COLUMNS})
-    return ImageRecord(values["id"], values["owner"], values["created_at"], metadata)
+    return (*record_values(record), record.metadata.prompt.casefold())
 
 
 @contextlib.contextmanager
@@ -195,7 +138,9 @@ def _fsync_folder(folder: Path) -> None:
 T = TypeVar("T")
 
 
-class GalleryStore:
+class GalleryStore(Gallery):
+    backend = "embedded"
+
     def __init__(
         self, folder: Path, *, max_images: int = 0, max_age_s: float = 0.0, clock: Callable[[], float] = time.time
     ) -> None:
@@ -363,6 +308,19 @@ class GalleryStore:
                     expired += [row[0] for row in oldest]
         return expired
 
+    @property
+    def periodic_upkeep(self) -> bool:
+        return bool(self._max_age_s)
+
+    async def maintain(self) -> None:
+        try:
+            await self.apply_retention()
+        except Exception:
+            log.exception("gallery retention failed")
+
+    async def state(self) -> GalleryState:
+        return GalleryState(self.backend, self._connection is not None)
+
     # ---- reading ------------------------------------------------------------
 
     async def get(self, image_id: str, owner: str | None) -> ImageRecord | None:
@@ -376,7 +334,7 @@ class GalleryStore:
             row = self._sql.execute(f"{_SELECT} WHERE id = ?", (image_id,)).fetchone()
         else:
             row = self._sql.execute(f"{_SELECT} WHERE id = ? AND owner = ?", (image_id, owner)).fetchone()
-        return _record(row) if row else None
+        return record_from_values(row) if row else None
 
     async def list(self, query: ListQuery) -> tuple[list[ImageRecord], int]:
         """One page, newest first, and how many images match in all."""
@@ -401,7 +359,7 @@ class GalleryStore:
                 f"{_SELECT} {where} {_NEWEST_FIRST} LIMIT ? OFFSET ?", (*parameters, query.limit, query.offset)
             ).fetchall()
             total = self._sql.execute(f"SELECT COUNT(*) FROM images {where}", parameters).fetchone()[0]
-        return [_record(row) for row in rows], total
+        return [record_from_values(row) for row in rows], total
 
     async def read_png(self, image_id: str) -> bytes | None:
         """The PNG bytes, or None for a malformed id or an image deleted meanwhile."""
@@ -411,6 +369,20 @@ class GalleryStore:
             return await asyncio.to_thread(self._file_path(image_id).read_bytes)
         except FileNotFoundError:
             return None
+
+    async def all_records(self, batch: int = 500) -> AsyncIterator[list[ImageRecord]]:
+        """Every image, oldest first, `batch` at a time: what a migration copies."""
+        after = 0
+        while True:
+            rows = await self._db(self._records_after, after, batch)
+            if not rows:
+                return
+            after = rows[-1][0]
+            yield [record_from_values(row[1:]) for row in rows]
+
+    def _records_after(self, rowid: int, batch: int) -> list[tuple[Any, ...]]:
+        select = _SELECT.replace("SELECT ", "SELECT rowid, ", 1)
+        return self._sql.execute(f"{select} WHERE rowid > ? ORDER BY rowid LIMIT ?", (rowid, batch)).fetchall()
 
     # ---- recovery -----------------------------------------------------------
 

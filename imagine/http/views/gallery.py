@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from imagine.security.tokens import Principal, requires, signed_url_allowed
 from imagine.errors import ApiError, validation_error
-from imagine.storage.gallery import ImageRecord, ListQuery, is_valid_id
+from imagine.storage.records import ImageRecord, ListQuery, is_valid_id
 from imagine.http.app_keys import gallery_key, principal_key, settings_key, url_signer_key
 from imagine.http.openapi import (
     Component,
@@ -36,6 +36,7 @@ from imagine.security.url_signing import EXPIRES_PARAM, SIGNATURE_PARAM
 from imagine.http.urls import gallery_path
 
 MAX_LIMIT = 200
+PNG_HEADERS = {"Cache-Control": "private", "X-Content-Type-Options": "nosniff"}
 # SQLite's OFFSET is a signed 64-bit integer.
 MAX_OFFSET = 2**63 - 1
 
@@ -53,6 +54,9 @@ class GalleryQuery(BaseModel):
 
 IMAGE_ID = path_parameter("image_id", "A gallery id (`img_` and 22 URL-safe characters), as /generate answered")
 NOT_FOUND = {404: error_response("No such image for this caller (another caller's image included)")}
+UNAVAILABLE = {
+    503: error_response("A shared gallery's database or object storage cannot be reached (with `Retry-After`)")
+}
 GALLERY_IMAGE = Component(
     "GalleryImage",
     obj(
@@ -171,6 +175,7 @@ def image_json(record: ImageRecord, base: str) -> dict[str, Any]:
     responses={
         200: json_response("A page of images", GALLERY_PAGE),
         400: error_response("A parameter out of range, repeated or unknown"),
+        **UNAVAILABLE,
     },
 )
 async def list_images(request: web.Request) -> web.Response:
@@ -204,7 +209,7 @@ async def list_images(request: web.Request) -> web.Response:
     "A stored image's metadata",
     tags=["gallery"],
     parameters=[IMAGE_ID],
-    responses={200: json_response("The image's metadata", GALLERY_IMAGE), **NOT_FOUND},
+    responses={200: json_response("The image's metadata", GALLERY_IMAGE), **NOT_FOUND, **UNAVAILABLE},
 )
 async def show_image(request: web.Request) -> web.Response:
     record = await request.app[gallery_key].get(request.match_info["image_id"], visible_owner(request[principal_key]))
@@ -234,8 +239,13 @@ async def show_image(request: web.Request) -> web.Response:
             {"image/png": {"type": "string", "contentMediaType": "image/png"}},
             headers=["Content-Disposition"],
         ),
+        307: {
+            "description": "With `gallery.redirect` (shared gallery): to a presigned object URL, valid for a minute",
+            "headers": {"Location": {"schema": {"type": "string"}}},
+        },
         403: error_response("The token lacks the scope; without a token, the link's signature is invalid or expired"),
         **NOT_FOUND,
+        **UNAVAILABLE,
     },
 )
 async def image_png(request: web.Request) -> web.Response:
@@ -253,18 +263,22 @@ async def image_png(request: web.Request) -> web.Response:
     store = request.app[gallery_key]
     if await store.get(image_id, owner) is None:
         raise not_found()
-    png = await store.read_png(image_id)
-    if png is None:  # deleted since the lookup
-        raise not_found()
-    return web.Response(
-        body=png,
-        content_type="image/png",
-        headers={
-            "Content-Disposition": f'inline; filename="{image_id}.png"',
-            "Cache-Control": "private",
-            "X-Content-Type-Options": "nosniff",
-        },
-    )
+    link = await store.png_link(image_id)
+    if link is not None:
+        # Straight from the object store (gallery.redirect): the bytes never pass through this replica.
+        raise web.HTTPTemporaryRedirect(link, headers={"Cache-Control": "no-store"})
+    async with store.open_png(image_id) as png:
+        if png is None:  # deleted since the lookup
+            raise not_found()
+        response = web.StreamResponse(headers=PNG_HEADERS | {"Content-Disposition": f'inline; filename="{image_id}.png"'})
+        response.content_type = "image/png"
+        response.content_length = png.length
+        await response.prepare(request)
+        if request.method != "HEAD":
+            async for chunk in png.chunks:
+                await response.write(chunk)
+        await response.write_eof()
+        return response
 
 
 @requires("generate", "admin")
@@ -272,7 +286,7 @@ async def image_png(request: web.Request) -> web.Response:
     "Delete a stored image",
     tags=["gallery"],
     parameters=[IMAGE_ID],
-    responses={204: {"description": "Deleted"}, **NOT_FOUND},
+    responses={204: {"description": "Deleted"}, **NOT_FOUND, **UNAVAILABLE},
 )
 async def delete_image(request: web.Request) -> web.Response:
     deleted = await request.app[gallery_key].delete(request.match_info["image_id"], visible_owner(request[principal_key]))

@@ -65,7 +65,7 @@ async def generate(request: web.Request) -> web.Response:
             [field_error("num_images", 'a PNG response holds one image: send "response_format": "json" for several')]
         )
     timings = {"validate": time.perf_counter() - started}
-    generated = await generation.submit(app, principal, wanted, admitted.generator, store=admitted.body.store)
+    generated = await generation.generate(app, principal, wanted, admitted.generator, store=admitted.body.store)
     timings |= generated.timings()
     request[queue_wait_key] = generated.output.queue_time
     if response_format == "json":

@@ -63,7 +63,7 @@ BATCH_RESULTS = obj(
 async def _run_item(app: web.Application, principal: Principal, index: int, item: Any) -> dict[str, Any]:
     try:
         admitted = await admit(app, principal, item)
-        generated = await generation.submit(
+        generated = await generation.generate(
             app, principal, admitted.request, admitted.generator, store=admitted.body.store
         )
     except ApiError as error:

@@ -59,7 +59,7 @@ async def generate_image(request: web.Request) -> web.Response:
     seed004 = parse_body(GenerateImageBody, await read_json(request))
     # The same fields as /generate under the same names, so its errors read the same.
     admitted = await admit(app, principal, {**seed004.model_dump(), "model": MODEL})
-    generated = await generation.submit(app, principal, admitted.request, admitted.generator, store=True)
+    generated = await generation.generate(app, principal, admitted.request, admitted.generator, store=True)
     seed = generated.output.seeds[0]
     image_base64 = await asyncio.to_thread(lambda: base64.b64encode(generated.pngs[0]).decode("ascii"))
     return web.json_response(

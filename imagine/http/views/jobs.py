@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
-import re
 from typing import Any
 
 from aiohttp import web
 
-from imagine.engine import generation
 from imagine.security.tokens import requires
 from imagine.errors import validation_error
-from imagine.engine.jobs import TrackedJob, body_fingerprint
-from imagine.http.app_keys import encode_pool_key, jobs_key, principal_key, settings_key
+from imagine.engine.jobs import body_fingerprint
+from imagine.http.app_keys import jobs_key, principal_key, settings_key
 from imagine.http.front_door import admit
 from imagine.http.generation_result import GenerationResult
 from imagine.http.openapi import (
@@ -30,8 +27,9 @@ from imagine.http.request_bodies import GENERATE_BODY, read_json
 from imagine.http.views.generate import GENERATION_ERRORS
 
 MAX_IDEMPOTENCY_KEY = 255
-# Event ids are 1, 2, 3...: the stream's own ids are the only values Last-Event-ID may carry.
-EVENT_ID = "[0-9]{1,9}"
+# Event ids are 1, 2, 3... in one process, Redis stream ids ("1764590000000-0") with a shared queue:
+# the stream's own ids are the only values Last-Event-ID may carry.
+EVENT_ID = "[0-9]{1,15}(-[0-9]{1,9})?"
 
 JOB_ID = path_parameter("job_id", "The id POST /jobs answered with")
 ACCEPTED = obj(
@@ -54,6 +52,12 @@ JOB = Component(
             "eta_seconds": {"type": "number"},
             "progress": obj({"step": {"type": "integer"}, "total": {"type": "integer"}}),
             "created_at": {"type": "number", "description": "Unix time"},
+            "started_at": {"type": "number", "description": "Unix time it (last) started on a device"},
+            "finished_at": {"type": "number", "description": "Unix time, once it ended"},
+            "worker": {
+                "type": "string",
+                "description": "Shared queue only: the worker that ran it last (host, process and start), once started",
+            },
             "result": GenerationResult,
             "error": ERROR,
         },
@@ -64,32 +68,24 @@ NOT_FOUND = {404: error_response("No such job for this caller")}
 # One event of the stream (what OpenAPI 3.2 calls the itemSchema); `data` is JSON text.
 EVENT = obj(
     {
-        "id": {"type": "string", "pattern": "^[0-9]+$"},
+        "id": {"type": "string", "pattern": f"^{EVENT_ID}$"},
         "event": {"enum": ["queued", "started", "progress", "succeeded", "failed", "cancelled"]},
         "data": {"type": "string", "contentMediaType": "application/json"},
     }
 )
 
 
-def job_url(request: web.Request, job: TrackedJob) -> str:
-    return f"{request.app[settings_key].server.base_path}/jobs/{job.id}"
-
-
-def accepted(request: web.Request, job: TrackedJob, *, replayed: bool) -> web.Response:
-    headers = {"Location": job_url(request, job)}
+def accepted(request: web.Request, acceptance: dict[str, Any], *, replayed: bool) -> web.Response:
+    headers = {"Location": f"{request.app[settings_key].server.base_path}/jobs/{acceptance['id']}"}
     if replayed:
         headers["Idempotent-Replayed"] = "true"
-    return web.json_response(job.acceptance, status=202, headers=headers)
+    return web.json_response(acceptance, status=202, headers=headers)
 
 
-def resume_after(request: web.Request) -> int:
-    """The Last-Event-ID a reconnecting client sent (0 without one); 400 for anything but an event id."""
+def resume_after(request: web.Request) -> str | None:
+    """The Last-Event-ID a reconnecting client sent (None without one); 400 for anything but an event id."""
     value = request.headers.get("Last-Event-ID")
-    if value is None:
-        return 0
-    if re.fullmatch(EVENT_ID, value) is None:
-        raise validation_error([{"loc": ["header", "Last-Event-ID"], "msg": "must be an event id of this stream"}])
-    return int(value)
+    return None if value is None else request.app[jobs_key].parse_event_id(value)
 
 
 @requires("generate")
@@ -122,28 +118,20 @@ async def submit_job(request: web.Request) -> web.Response:
     raw = await read_json(request)
     fingerprint = body_fingerprint(raw)
     jobs = app[jobs_key]
-    earlier = jobs.replay(principal, key, fingerprint)
+    earlier = await jobs.replay(principal, key, fingerprint)
     if earlier is not None:
         return accepted(request, earlier, replayed=True)
     admitted = await admit(app, principal, raw)
-
-    async def to_json(generated: generation.Generated) -> dict[str, Any]:
-        return await asyncio.get_running_loop().run_in_executor(
-            app[encode_pool_key], lambda: GenerationResult.of(generated).model_dump()
-        )
-
-    job = jobs.submit(
+    acceptance, replayed = await jobs.submit(
         principal,
         key,
         fingerprint,
-        admitted.request.steps,
-        admitted.body.preview,
-        lambda observer: generation.submit(
-            app, principal, admitted.request, admitted.generator, store=admitted.body.store, observer=observer
-        ),
-        to_json,
+        admitted.request,
+        admitted.generator,
+        store=admitted.body.store,
+        preview=admitted.body.preview,
     )
-    return accepted(request, job, replayed=False)
+    return accepted(request, acceptance, replayed=replayed)
 
 
 @requires("generate")
@@ -154,8 +142,7 @@ async def submit_job(request: web.Request) -> web.Response:
     responses={200: json_response("The job", JOB), **NOT_FOUND},
 )
 async def get_job(request: web.Request) -> web.Response:
-    job = request.app[jobs_key].get(request[principal_key], request.match_info["job_id"])
-    return web.json_response(job.snapshot())
+    return web.json_response(await request.app[jobs_key].snapshot(request[principal_key], request.match_info["job_id"]))
 
 
 @requires("generate")
@@ -166,8 +153,7 @@ async def get_job(request: web.Request) -> web.Response:
     responses={200: json_response("The job, cancelled (or already finished)", JOB), **NOT_FOUND},
 )
 async def cancel_job(request: web.Request) -> web.Response:
-    job = await request.app[jobs_key].cancel(request[principal_key], request.match_info["job_id"])
-    return web.json_response(job.snapshot())
+    return web.json_response(await request.app[jobs_key].cancel(request[principal_key], request.match_info["job_id"]))
 
 
 @requires("generate")
@@ -191,7 +177,7 @@ async def cancel_job(request: web.Request) -> web.Response:
 )
 async def job_events(request: web.Request) -> web.StreamResponse:
     after = resume_after(request)
-    job = request.app[jobs_key].get(request[principal_key], request.match_info["job_id"])
+    events = await request.app[jobs_key].events(request[principal_key], request.match_info["job_id"], after)
     response = web.StreamResponse(
         headers={
             "Content-Type": "text/event-stream",
@@ -201,9 +187,9 @@ async def job_events(request: web.Request) -> web.StreamResponse:
         }
     )
     await response.prepare(request)
-    async for event in job.stream(after, request.app[settings_key].jobs.keepalive_s):
+    async for event in events:
         # A comment line keeps proxies from closing an idle stream.
-        await response.write(b": keep-alive\n\n" if event is None else event.sse())
+        await response.write(b": keep-alive\n\n" if event is None else event)
     await response.write_eof()
     return response
 

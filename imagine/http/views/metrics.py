@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from imagine import __version__
 from imagine.security.tokens import requires
-from imagine.http.app_keys import executor_key, metrics_key, registry_key
+from imagine.http.app_keys import cluster_key, executor_key, metrics_key, registry_key
 from imagine.http.negotiation import preferred
 from imagine.http.openapi import content_response, obj, operation
 from imagine.security.ratelimit import operational
@@ -32,7 +35,7 @@ SEED_SUMMARY = obj(
     tags=["operations"],
     description=(
         "Prometheus text exposition (OpenMetrics when the scraper asks for it): requests by route and status, "
-        "latency, queue depth, capacity and wait, generation seconds and images by model, rate-limit refusals "
+        "latency, queue depth, capacity and wait (and the shared queue's depth and live workers), generation seconds and images by model, rate-limit refusals "
         "by bucket, model loads, errors by code, cloud credits, batch sizes. With `Accept: application/json`, "
         "seed 000's summary instead."
     ),
@@ -51,6 +54,10 @@ async def metrics(request: web.Request) -> web.Response:
     accept = request.headers.get("Accept")
     if preferred(accept, OFFERED) == "application/json":
         return web.json_response(_seed_summary(request.app))
+    cluster = request.app.get(cluster_key)
+    if cluster is not None:
+        with contextlib.suppress(RedisError):  # the shared queue's gauges keep their last values
+            request.app[metrics_key].cluster_seen(await cluster.queue.depth(), len(await cluster.queue.workers()))
     body, content_type = request.app[metrics_key].exposition(accept)
     return web.Response(body=body, headers={"Content-Type": content_type})
 

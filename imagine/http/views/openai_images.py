@@ -269,7 +269,7 @@ async def edit_images(request: web.Request) -> web.Response:
 async def _answer(request: web.Request, response_format: str | None, admitted: Admitted) -> web.Response:
     """OpenAI's answer to a generation: b64_json, or links into the gallery (always stored: OpenAI has no `store`)."""
     app, principal = request.app, request[principal_key]
-    generated = await generation.submit(app, principal, admitted.request, admitted.generator, store=True)
+    generated = await generation.generate(app, principal, admitted.request, admitted.generator, store=True)
     if response_format == "url":
         data = [{"url": signed_image_url(request, image_id)} for image_id in generated.ids]
     else:

@@ -8,11 +8,12 @@ from typing import Any
 
 import psutil
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from imagine.engine import device
 from imagine.security.tokens import public
 from imagine.plugin.generators import Generator
-from imagine.http.app_keys import executor_key, limiter_key, registry_key
+from imagine.http.app_keys import cluster_key, executor_key, gallery_key, limiter_key, registry_key, role_key
 from imagine.engine.memory import gigabytes
 from imagine.engine.registry import ModelRegistry
 from imagine.http.openapi import Component, error_response, json_response, obj, operation, query_parameter
@@ -90,7 +91,24 @@ HEALTH = Component(
                     required=["loaded", "error"],
                 ),
             },
-            "queue": obj({"depth": {"type": "integer"}, "capacity": {"type": "integer"}}),
+            "queue": obj(
+                {
+                    "depth": {"type": "integer", "description": "Jobs waiting: in the whole cluster with a shared queue"},
+                    "capacity": {"type": "integer"},
+                    "workers": {
+                        "type": "array",
+                        "items": {"type": "string"},
+                        "description": "Shared queue only: the workers seen alive in the last minute",
+                    },
+                },
+                required=["depth", "capacity"],
+            ),
+            "gallery": obj(
+                {
+                    "backend": {"enum": ["embedded", "shared"]},
+                    "ok": {"type": "boolean", "description": "Whether its database and object storage answer"},
+                }
+            ),
             "reasons": {
                 "type": "array",
                 "items": {"type": "string"},
@@ -217,8 +235,8 @@ def _generator_summaries(registry: ModelRegistry) -> dict[str, dict[str, Any]]:
 @operation(
     "Health: models, queue and the rate-limit store",
     tags=["status"],
-    description="`degraded` when a local model failed to load, the queue is full or the shared rate-limit store "
-    "is unreachable; `reasons` says which.",
+    description="`degraded` when a local model failed to load, the queue is full, the shared rate-limit store "
+    "or the shared gallery is unreachable; `reasons` says which.",
     responses={
         200: json_response("Healthy or degraded", HEALTH),
         503: json_response("Unhealthy: the device thread is gone", HEALTH),
@@ -231,12 +249,25 @@ async def health(request: web.Request) -> web.Response:
     model_status = _model_status(registry)
     local = {generator.name for generator in registry.local()}
     reasons = [f"model {name} failed to load" for name in failed if name in local]
-    if executor.depth >= executor.capacity:
+    queue = {"depth": executor.depth, "capacity": executor.capacity}
+    cluster = request.app.get(cluster_key)
+    if cluster is not None:
+        try:
+            queue = {"depth": await cluster.queue.depth(), "capacity": executor.capacity, "workers": await cluster.queue.workers()}
+        except RedisError:
+            reasons.append("the shared queue is unreachable")
+        else:
+            if not queue["workers"]:
+                reasons.append("no worker was seen in the last minute")
+    if queue["depth"] >= queue["capacity"]:
         reasons.append("the queue is full")
     limiter_problem = request.app[limiter_key].problem()
     if limiter_problem is not None:
         reasons.append(limiter_problem)
-    if not executor.alive:
+    gallery = await request.app[gallery_key].state()
+    if not gallery.ok:
+        reasons.append("the gallery's database or object storage is unreachable")
+    if request.app[role_key] != "api" and not executor.alive:
         status = "unhealthy"
         reasons.insert(0, "the device thread is not running")
     else:
@@ -246,7 +277,8 @@ async def health(request: web.Request) -> web.Response:
         "timestamp": datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z"),
         "model_loaded": _local_model_loaded(registry),
         "model_status": model_status,
-        "queue": {"depth": executor.depth, "capacity": executor.capacity},
+        "queue": queue,
+        "gallery": {"backend": gallery.backend, "ok": gallery.ok},
         "reasons": reasons,
     }
     return web.json_response(body, status=503 if status == "unhealthy" else 200)

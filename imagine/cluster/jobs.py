@@ -1,0 +1,453 @@
+"""Jobs and generations of the whole cluster, as the HTTP routes of any replica see them.
+
+Submitting writes the job record and its queue entry in one script (with the
+cluster-wide checks: capacity, the subject's unfinished jobs, the
+idempotency key); polling, streaming and cancelling read and write only
+Redis, so every replica answers alike. A /generate is a job its caller does
+not see: this replica waits on its event stream while whichever device is
+free runs it. Cloud generations need no device: they run on the replica that
+took them, and record their progress here all the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from typing import TYPE_CHECKING, Any
+
+import redis.asyncio as redis
+from redis.exceptions import RedisError
+
+from imagine.cluster import keys, scripts, wire
+from imagine.cluster.queue import SharedQueue
+from imagine.cluster.records import TERMINAL, EventWriter, JobRecords
+from imagine.engine.jobs import JobRunner, ResultJson, idempotency_conflict, not_found, sse_event, too_many_jobs
+from imagine.engine.work import GenerationOutput, cancelled_error, shutting_down_error, timeout_error
+from imagine.errors import ApiError, validation_error
+from imagine.plugin.generators import CloudGenerator, GenerationRequest, Generator
+from imagine.security.tokens import Principal
+
+if TYPE_CHECKING:
+    from imagine.engine.generation import Generated
+
+log = logging.getLogger(__name__)
+
+# What a client is told to wait when Redis cannot be reached: a restart takes about this long.
+REDIS_RETRY_AFTER_S = 2
+# Stream ids as Redis makes them: milliseconds, then a sequence number.
+EVENT_ID = re.compile(r"[0-9]{1,15}-[0-9]{1,9}")
+# How long DELETE waits for the worker running a job to stop it, before answering its state then.
+CANCEL_WAIT_S = 10.0
+
+
+def redis_unavailable() -> ApiError:
+    return ApiError(
+        503,
+        "SERVICE_UNAVAILABLE",
+        "The shared queue cannot be reached, retry later",
+        headers={"Retry-After": str(REDIS_RETRY_AFTER_S)},
+    )
+
+
+@contextlib.contextmanager
+def redis_errors() -> Iterator[None]:
+    """A Redis outage reaches the client as 503 with Retry-After; what was stored stays stored."""
+    try:
+        yield
+    except RedisError as error:
+        log.warning("the shared queue cannot be reached: %s", error)
+        raise redis_unavailable() from None
+
+
+class ClusterJobs:
+    def __init__(
+        self,
+        client: redis.Redis,
+        queue: SharedQueue,
+        records: JobRecords,
+        *,
+        capacity: int,
+        timeout_s: float,
+        max_per_subject: int,
+        keepalive_s: float,
+        local_seconds_per_image: Callable[[], float],
+        run_here: JobRunner,
+        to_json: ResultJson,
+    ) -> None:
+        self._client = client
+        self._queue = queue
+        self.records = records
+        self._capacity = capacity
+        self._timeout_s = timeout_s
+        self._max_per_subject = max_per_subject
+        self._keepalive_ms = int(keepalive_s * 1000)
+        self._local_seconds_per_image = local_seconds_per_image
+        self._run_here = run_here
+        self._to_json = to_json
+        self._submit = client.register_script(scripts.SUBMIT)
+        self._cancel = client.register_script(scripts.CANCEL)
+        # Cloud jobs this replica runs, by id, with their owners: the cancel channel stops them here.
+        self._local: dict[str, tuple[asyncio.Task[str], str]] = {}
+        self._accepting = True
+
+    # ---- estimates ----------------------------------------------------------
+
+    async def seconds_per_image(self) -> float:
+        """The cluster's measured pace (over the last minute), or this replica's before anything finished."""
+        rate = await self._queue.images_per_second()
+        return 1 / rate if rate > 0 else self._local_seconds_per_image()
+
+    async def retry_after_s(self, depth: int) -> int:
+        return max(1, math.ceil((depth + 1) * await self.seconds_per_image()))
+
+    # ---- submitting ---------------------------------------------------------
+
+    async def _enqueue(
+        self,
+        principal: Principal,
+        request: GenerationRequest,
+        *,
+        store: bool,
+        visible: bool,
+        enqueue: bool,
+        preview: bool = False,
+        fingerprint: str = "",
+        idempotency_key: str | None = None,
+    ) -> tuple[str, str]:
+        """Write the job (and its entry, with `enqueue`); (job id, position), or the earlier job's id and "replay"."""
+        if not self._accepting:
+            raise shutting_down_error()
+        job_id = "job_" + secrets.token_urlsafe(16)
+        now = time.time()
+        job_fields = {
+            "owner": principal.sub,
+            "fingerprint": fingerprint,
+            "total": str(request.steps),
+            "preview": "1" if preview else "0",
+            "created_at": repr(now),
+        }
+        entry_fields: dict[str, bytes | str] = {
+            "job": job_id,
+            "owner": principal.sub,
+            "model": request.model,
+            "images": str(request.num_images),
+            "batch_key": wire.batch_key_digest(request),
+            "submitted_at": repr(now),
+            "deadline": repr(now + self._timeout_s),
+            "store": "1" if store else "0",
+            "visible": "1" if visible else "0",
+            "preview": "1" if preview else "0",
+            **wire.request_fields(request),
+        }
+        flat = [part for pair in entry_fields.items() for part in pair]
+        with redis_errors():
+            per_position = await self.seconds_per_image() * request.num_images
+            outcome, value = await self._submit(
+                keys=[
+                    keys.WAITING, keys.SEQUENCE, keys.SUBJECTS, keys.SERVED, keys.STREAMS, keys.BELL,
+                    keys.subject_stream(principal.sub), keys.job(job_id), keys.events(job_id),
+                    keys.unfinished(principal.sub), keys.idempotency(principal.sub, idempotency_key or ""),
+                ],
+                args=[
+                    job_id, self._capacity, self._max_per_subject,
+                    int(self.records.ttl_s + self._timeout_s), 1 if idempotency_key else 0, 1 if enqueue else 0,
+                    f"{per_position:.4f}", json.dumps(job_fields), 1 if visible else 0, *flat,
+                ],
+            )
+            outcome, value = outcome.decode(), value.decode()
+            if outcome == "full":
+                depth = int(value)
+                raise ApiError(
+                    503,
+                    "QUEUE_FULL",
+                    "The generation queue is full, retry later",
+                    details={"queue_depth": depth, "capacity": self._capacity},
+                    headers={"Retry-After": str(await self.retry_after_s(depth))},
+                )
+        if outcome == "too_many":
+            raise too_many_jobs(self._max_per_subject)
+        if outcome == "replay":
+            return value, "replay"
+        return job_id, value
+
+    async def submit_generation(
+        self, principal: Principal, request: GenerationRequest, generator: Generator, *, store: bool
+    ) -> Coroutine[Any, Any, Generated]:
+        """Queue a local generation for whichever device is free; the coroutine returned waits for its images.
+        A cloud generation needs no device: it runs here."""
+        if isinstance(generator, CloudGenerator):
+            if not self._accepting:
+                raise shutting_down_error()
+            return self._run_here(principal, request, generator, store, None)
+        job_id, _ = await self._enqueue(principal, request, store=store, visible=False, enqueue=True)
+        return self._wait_for(job_id, principal, request, generator, time.time() + self._timeout_s)
+
+    async def _wait_for(
+        self, job_id: str, principal: Principal, request: GenerationRequest, generator: Generator, deadline: float
+    ) -> Generated:
+        from imagine.engine.generation import Generated
+
+        try:
+            await self._await_end(job_id, deadline)
+        except asyncio.CancelledError:
+            # The caller is gone: nobody wants the images any more.
+            asyncio.ensure_future(self._cancel_quietly(principal, job_id))
+            raise
+        stored = await self._retrying(lambda: self.records.take_result(job_id), deadline)
+        meta = stored.meta
+        output = GenerationOutput(
+            images=[],  # they arrive encoded, as the PNGs below
+            seeds=meta["seeds"],
+            generation_time=meta["generation_time"],
+            queue_time=meta["queue_time"],
+            vram_used=meta["vram_used"],
+            runtime=meta["runtime"],
+        )
+        return Generated(
+            request, generator, output, stored.pngs, ids=meta["ids"],
+            encode_time=meta["encode_time"], store_time=meta["store_time"],
+        )
+
+    async def _await_end(self, job_id: str, deadline: float) -> None:
+        """Wait for the job's last event; raise what it failed with. Rides out a Redis restart until the deadline."""
+        last = "0-0"
+        while True:
+            remaining = deadline - time.time()
+            if remaining <= 0:
+                asyncio.ensure_future(self._cancel_job(job_id, timeout_error(self._timeout_s)))
+                raise timeout_error(self._timeout_s)
+            try:
+                answer = await self._client.xread({keys.events(job_id): last}, block=int(min(remaining, 5.0) * 1000))
+            except RedisError:
+                await asyncio.sleep(0.2)
+                continue
+            for _, events in answer:
+                for event_id, fields in events:
+                    last = event_id.decode()
+                    kind = fields[b"type"].decode()
+                    if kind == "succeeded":
+                        return
+                    if kind == "cancelled":
+                        raise cancelled_error()
+                    if kind == "failed":
+                        raise await self._retrying(lambda: self.records.error_of(job_id), deadline)
+
+    async def _retrying(self, read: Callable[[], Coroutine[Any, Any, Any]], deadline: float) -> Any:
+        while True:
+            try:
+                return await read()
+            except RedisError:
+                if time.time() > deadline:
+                    raise redis_unavailable() from None
+                await asyncio.sleep(0.2)
+
+    async def replay(self, principal: Principal, key: str | None, fingerprint: str) -> dict[str, Any] | None:
+        """What an earlier POST /jobs with this Idempotency-Key answered; 409 if the body changed."""
+        if key is None:
+            return None
+        with redis_errors():
+            raw = await self._client.get(keys.idempotency(principal.sub, key))
+            if raw is None:
+                return None
+            fields = await self.records.fields(raw.decode())
+        if not fields:
+            return None
+        if fields["fingerprint"] != fingerprint:
+            raise idempotency_conflict(raw.decode())
+        return acceptance(raw.decode(), fields)
+
+    async def submit(
+        self,
+        principal: Principal,
+        key: str | None,
+        fingerprint: str,
+        request: GenerationRequest,
+        generator: Generator,
+        *,
+        store: bool,
+        preview: bool,
+    ) -> tuple[dict[str, Any], bool]:
+        """Create a job (or find the one this Idempotency-Key made): its acceptance, and whether it is a replay."""
+        cloud = isinstance(generator, CloudGenerator)
+        job_id, position = await self._enqueue(
+            principal, request, store=store, visible=True, enqueue=not cloud, preview=preview,
+            fingerprint=fingerprint, idempotency_key=key,
+        )
+        if position == "replay":
+            replayed = await self.replay(principal, key, fingerprint)
+            if replayed is None:
+                raise not_found()
+            return replayed, True
+        if cloud:
+            self._run_cloud(job_id, principal, request, generator, store=store, preview=preview)
+        with redis_errors():
+            return acceptance(job_id, await self.records.fields(job_id)), False
+
+    def _run_cloud(
+        self, job_id: str, principal: Principal, request: GenerationRequest, generator: Generator, *, store: bool, preview: bool
+    ) -> None:
+        writer = EventWriter(self.records, job_id, wants_preview=preview, total_steps=request.steps, announce_start=True)
+
+        async def run() -> str:
+            try:
+                generated = await self._run_here(principal, request, generator, store, writer)
+                result = await self._to_json(generated)
+                await writer.flush()
+                await self.records.succeed(job_id, principal.sub, request.num_images, result, None)
+                return "succeeded"
+            except asyncio.CancelledError:
+                error = cancelled_error()
+            except ApiError as failure:
+                error = failure
+            except Exception:
+                log.exception("job %s failed", job_id)
+                error = ApiError(500, "INTERNAL_ERROR", "Generation failed")
+            finally:
+                self._local.pop(job_id, None)
+            await writer.flush()
+            await self.records.fail(job_id, principal.sub, error)
+            return "cancelled" if error.code == "CANCELLED" else "failed"
+
+        self._local[job_id] = (asyncio.create_task(run(), name=job_id), principal.sub)
+
+    def stop_here(self, job_id: str) -> None:
+        """A cancel for `job_id` arrived on the channel: stop it if this replica runs it as a cloud job."""
+        running = self._local.get(job_id)
+        if running is not None:
+            running[0].cancel()
+
+    # ---- reading --------------------------------------------------------------
+
+    @staticmethod
+    def parse_event_id(value: str) -> str:
+        if EVENT_ID.fullmatch(value) is None:
+            raise validation_error([{"loc": ["header", "Last-Event-ID"], "msg": "must be an event id of this stream"}])
+        return value
+
+    async def _owned(self, principal: Principal, job_id: str) -> dict[str, str]:
+        """Another subject's job, or a /generate's, is indistinguishable from a missing one."""
+        with redis_errors():
+            fields = await self.records.fields(job_id)
+        if not fields or fields.get("owner") != principal.sub or fields.get("visible") != "1":
+            raise not_found()
+        return fields
+
+    async def snapshot(self, principal: Principal, job_id: str) -> dict[str, Any]:
+        fields = await self._owned(principal, job_id)
+        status = fields["status"]
+        position, eta = 0, 0.0
+        if status == "queued":
+            with redis_errors():
+                rank = await self._client.zrank(keys.WAITING, job_id)
+                position = 0 if rank is None else rank + 1
+                eta = round(position * await self.seconds_per_image(), 2)
+        body: dict[str, Any] = {
+            "id": job_id,
+            "status": status,
+            "position": position,
+            "eta_seconds": eta,
+            "progress": {"step": int(fields.get("step", 0)), "total": int(fields["total"])},
+            "created_at": float(fields["created_at"]),
+        }
+        if "started_at" in fields:
+            body["started_at"] = float(fields["started_at"])
+        if "finished_at" in fields:
+            body["finished_at"] = float(fields["finished_at"])
+        if "worker" in fields:
+            body["worker"] = fields["worker"]
+        if "result" in fields:
+            body["result"] = json.loads(fields["result"])
+        if "error" in fields:
+            body["error"] = json.loads(fields["error"])
+        return body
+
+    async def cancel(self, principal: Principal, job_id: str) -> dict[str, Any]:
+        await self._owned(principal, job_id)
+        with redis_errors():
+            state = await self._cancel_job(job_id, cancelled_error(), owner=principal.sub)
+            if state == "signalled":
+                await self._wait_until_ended(job_id, time.time() + CANCEL_WAIT_S)
+        return await self.snapshot(principal, job_id)
+
+    async def _cancel_job(self, job_id: str, error: ApiError, owner: str | None = None) -> str:
+        if owner is None:
+            owner = (await self.records.fields(job_id)).get("owner", "")
+        state = await self._cancel(
+            keys=[keys.job(job_id), keys.WAITING, keys.events(job_id), keys.unfinished(owner), keys.STREAMS, keys.SUBJECTS],
+            args=[job_id, json.dumps(error.body()), self.records.ttl_s, time.time()],
+        )
+        return state.decode()
+
+    async def _cancel_quietly(self, principal: Principal, job_id: str) -> None:
+        try:
+            await self._cancel_job(job_id, cancelled_error(), owner=principal.sub)
+        except RedisError as error:
+            log.warning("could not cancel %s, whose caller left: %s", job_id, error)
+
+    async def _wait_until_ended(self, job_id: str, deadline: float) -> None:
+        with contextlib.suppress(ApiError):
+            await self._await_end(job_id, deadline)
+
+    async def events(self, principal: Principal, job_id: str, after: str | None) -> AsyncIterator[bytes | None]:
+        """The job's events after `after` (a Last-Event-ID), as SSE bytes, until its last; None: keep-alive.
+
+        Checks the job is the caller's before the first event, so a 404 is still an HTTP answer.
+        """
+        await self._owned(principal, job_id)
+        return self._stream(job_id, after or "0-0")
+
+    async def _stream(self, job_id: str, last: str) -> AsyncIterator[bytes | None]:
+        stream = keys.events(job_id)
+        while True:
+            with redis_errors():
+                answer = await self._client.xread({stream: last}, block=self._keepalive_ms, count=100)
+                if not answer:
+                    status = await self._client.hget(keys.job(job_id), "status")
+                    if status is None or status.decode() in TERMINAL:
+                        return  # it ended before the last event this client saw, or expired
+                    yield None
+                    continue
+            for _, events in answer:
+                for event_id, fields in events:
+                    last = event_id.decode()
+                    kind = fields[b"type"].decode()
+                    yield sse_event(last, kind, fields[b"data"].decode())
+                    if kind in TERMINAL:
+                        return
+
+    # ---- stopping -------------------------------------------------------------
+
+    def close_intake(self) -> list[asyncio.Task[str]]:
+        """Refuse new work from now on (503); the cloud jobs this replica still runs. Queued work stays in Redis."""
+        self._accepting = False
+        return [task for task, _ in self._local.values() if not task.done()]
+
+    async def fail_unfinished(self) -> int:
+        """Past the grace: fail the cloud jobs still running here (their callers learn why)."""
+        running = [(job_id, task, owner) for job_id, (task, owner) in self._local.items() if not task.done()]
+        error = shutting_down_error()
+        for job_id, task, owner in running:
+            with contextlib.suppress(RedisError):
+                await self.records.fail(job_id, owner, error)
+            task.cancel()
+        if running:
+            await asyncio.wait([task for _, task, _ in running])
+        return len(running)
+
+
+def acceptance(job_id: str, fields: dict[str, str]) -> dict[str, Any]:
+    """What POST /jobs answered, rebuilt from the record so a replay on any replica answers the same."""
+    return {
+        "id": job_id,
+        "status": "queued",
+        "position": int(fields.get("accepted_position", 0)),
+        "eta_seconds": float(fields.get("accepted_eta", 0.0)),
+    }
+

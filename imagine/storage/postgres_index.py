@@ -1,0 +1,317 @@
+"""The shared gallery's index: one PostgreSQL table every replica reads and writes, through an asyncpg pool.
+
+Schema: created and migrated at start-up inside one transaction holding an
+advisory lock, so replicas starting together migrate once; the version is
+recorded in `gallery_schema`, and a replica that finds a newer version than it
+knows refuses to start rather than write rows it does not understand.
+
+Listing stays on indexes: each filter combination has a b-tree that ends in
+the listing order (newest first, `seq` the tie-break, as SQLite's rowid), and
+`q` is `ILIKE '%...%'` served by a trigram index (pg_trgm). A trigram index
+answers exactly the contract's case-insensitive substring; full-text search
+would match words and stems instead, and a lower() b-tree cannot serve a
+substring at all.
+
+Connection failures become `gallery_unavailable` (503). An insert whose COMMIT
+was sent but not answered is reported as `CommitUnknown`: its rows may exist,
+so the caller must not remove their objects (the sweep decides later).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import asyncpg
+
+from imagine.errors import ApiError
+from imagine.storage.interface import gallery_unavailable
+from imagine.storage.records import COLUMNS, ImageRecord, ListQuery, record_from_values, record_values
+
+SCHEMA_VERSION = 1
+TABLE = "gallery_images"
+# Advisory lock keys (any 64-bit numbers of our own): schema changes, retention, the orphan sweep.
+SCHEMA_LOCK = 0x1A6A_11E1
+RETENTION_LOCK = 0x1A6A_11E2
+SWEEP_LOCK = 0x1A6A_11E3
+CONNECT_TIMEOUT_S = 3.0
+COMMAND_TIMEOUT_S = 10.0
+POOL_SIZE = 10
+
+# What each schema version adds to the one before.
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        "CREATE EXTENSION IF NOT EXISTS pg_trgm",
+        f"""CREATE TABLE {TABLE} (
+            seq bigserial PRIMARY KEY,
+            -- Byte order ("C"), as S3 lists keys: the sweep walks rows and objects side by side.
+            id text COLLATE "C" NOT NULL UNIQUE,
+            owner text NOT NULL,
+            created_at double precision NOT NULL,
+            prompt text NOT NULL,
+            negative_prompt text NOT NULL,
+            model text NOT NULL,
+            seed bigint NOT NULL,
+            width integer NOT NULL,
+            height integer NOT NULL,
+            steps integer NOT NULL,
+            guidance double precision NOT NULL,
+            scheduler text NOT NULL,
+            loras text NOT NULL,
+            generation_time double precision NOT NULL,
+            vram_used double precision NOT NULL,
+            strength double precision,
+            image_hash text,
+            mask_hash text
+        )""",
+        # Newest first per caller, per caller and model, per model (admins), and by age (retention, admins).
+        f"CREATE INDEX {TABLE}_by_owner ON {TABLE} (owner, created_at, seq)",
+        f"CREATE INDEX {TABLE}_by_owner_model ON {TABLE} (owner, model, created_at, seq)",
+        f"CREATE INDEX {TABLE}_by_model ON {TABLE} (model, created_at, seq)",
+        f"CREATE INDEX {TABLE}_by_age ON {TABLE} (created_at, seq)",
+        f"CREATE INDEX {TABLE}_prompt_trigrams ON {TABLE} USING gin (prompt gin_trgm_ops)",
+    ),
+}
+
+_SELECT = f"SELECT {', '.join(COLUMNS)} FROM {TABLE}"
+_INSERT = f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}) VALUES ({', '.join(f'${n}' for n in range(1, len(COLUMNS) + 1))})"
+_NEWEST_FIRST = "ORDER BY created_at DESC, seq DESC"
+
+# What a database that is down, restarting or out of connections raises.
+_UNREACHABLE = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+)
+T = TypeVar("T")
+
+
+class SchemaTooNew(RuntimeError):
+    """The database was migrated by a newer version of the service."""
+
+
+class CommitUnknown(Exception):
+    """The connection failed while a COMMIT was on its way: the rows may or may not exist."""
+
+
+def _like_pattern(text: str) -> str:
+    """`text` as an ILIKE substring pattern, its own wildcards taken literally."""
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
+
+
+class PostgresIndex:
+    def __init__(self, dsn: str) -> None:
+        self._dsn = dsn
+        self._pool: asyncpg.Pool | None = None
+        self._migrated = False
+
+    # ---- life cycle ---------------------------------------------------------
+
+    async def open(self) -> None:
+        """Make the pool (no connection yet) and migrate the schema if the database answers."""
+        # min_size 0: the pool opens even while the database is down; each use connects as needed.
+        self._pool = await asyncpg.create_pool(
+            self._dsn,
+            min_size=0,
+            max_size=POOL_SIZE,
+            timeout=CONNECT_TIMEOUT_S,
+            command_timeout=COMMAND_TIMEOUT_S,
+        )
+        with contextlib.suppress(ApiError):
+            await self._ensure_schema()
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    async def _ensure_schema(self) -> None:
+        if self._migrated:
+            return
+        await self._run(self._migrate)
+        self._migrated = True
+
+    async def _migrate(self, connection: asyncpg.Connection) -> None:
+        async with connection.transaction():
+            await connection.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
+            await connection.execute(
+                "CREATE TABLE IF NOT EXISTS gallery_schema ("
+                "only_row boolean PRIMARY KEY DEFAULT true CHECK (only_row), version integer NOT NULL)"
+            )
+            version = await connection.fetchval("SELECT version FROM gallery_schema") or 0
+            if version > SCHEMA_VERSION:
+                raise SchemaTooNew(
+                    f"the shared gallery's database has schema {version}, written by a newer version of imagine "
+                    f"(this one knows {SCHEMA_VERSION}): upgrade this replica"
+                )
+            for added in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in _MIGRATIONS[added]:
+                    await connection.execute(statement)
+            await connection.execute(
+                "INSERT INTO gallery_schema (version) VALUES ($1) "
+                "ON CONFLICT (only_row) DO UPDATE SET version = EXCLUDED.version",
+                SCHEMA_VERSION,
+            )
+
+    async def _run(self, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        """`work` on a pooled connection; an unreachable database becomes a 503."""
+        assert self._pool is not None, "gallery index not open"
+        try:
+            async with self._pool.acquire(timeout=CONNECT_TIMEOUT_S) as connection:
+                return await work(connection)
+        except _UNREACHABLE as error:
+            raise gallery_unavailable(f"its database cannot be reached: {type(error).__name__}") from error
+
+    async def _use(self, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        await self._ensure_schema()
+        return await self._run(work)
+
+    async def ping(self) -> bool:
+        try:
+            await self._use(lambda connection: connection.fetchval("SELECT 1"))
+        except ApiError:
+            return False
+        return True
+
+    # ---- writing ------------------------------------------------------------
+
+    async def insert(self, records: Sequence[ImageRecord], *, if_absent: bool = False) -> int:
+        """Commit the rows in one transaction; how many were new (`if_absent`: an id already there is kept as is)."""
+        statement = f"{_INSERT} ON CONFLICT (id) DO NOTHING" if if_absent else _INSERT
+
+        async def insert(connection: asyncpg.Connection) -> int:
+            transaction = connection.transaction()
+            await transaction.start()
+            try:
+                if if_absent:
+                    statuses = [await connection.execute(statement, *record_values(record)) for record in records]
+                    added = sum(int(status.rsplit(" ", 1)[-1]) for status in statuses)
+                else:
+                    # One round trip for the lot.
+                    await connection.executemany(statement, [record_values(record) for record in records])
+                    added = len(records)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await transaction.rollback()
+                raise
+            try:
+                await transaction.commit()
+            except _UNREACHABLE as error:
+                raise CommitUnknown from error
+            return added
+
+        return await self._use(insert)
+
+    async def delete(self, image_id: str, owner: str | None) -> bool:
+        if owner is None:
+            status = await self._use(lambda c: c.execute(f"DELETE FROM {TABLE} WHERE id = $1", image_id))
+        else:
+            status = await self._use(
+                lambda c: c.execute(f"DELETE FROM {TABLE} WHERE id = $1 AND owner = $2", image_id, owner)
+            )
+        return status != "DELETE 0"
+
+    async def delete_expired(self, now: float, max_age_s: float, max_images: int) -> list[str]:
+        """Delete the rows past the age limit and the oldest beyond the count; their ids.
+
+        Under a transaction-scoped lock: two replicas applying the count limit
+        at once would otherwise each remove the same excess.
+        """
+
+        async def expire(connection: asyncpg.Connection) -> list[str]:
+            async with connection.transaction():
+                await connection.execute("SELECT pg_advisory_xact_lock($1)", RETENTION_LOCK)
+                expired: list[str] = []
+                if max_age_s:
+                    rows = await connection.fetch(f"DELETE FROM {TABLE} WHERE created_at < $1 RETURNING id", now - max_age_s)
+                    expired += [row["id"] for row in rows]
+                if max_images:
+                    excess = await connection.fetchval(f"SELECT count(*) FROM {TABLE}") - max_images
+                    if excess > 0:
+                        rows = await connection.fetch(
+                            f"DELETE FROM {TABLE} WHERE seq IN "
+                            f"(SELECT seq FROM {TABLE} ORDER BY created_at, seq LIMIT $1) RETURNING id",
+                            excess,
+                        )
+                        expired += [row["id"] for row in rows]
+                return expired
+
+        return await self._use(expire)
+
+    # ---- reading ------------------------------------------------------------
+
+    async def get(self, image_id: str, owner: str | None) -> ImageRecord | None:
+        if owner is None:
+            row = await self._use(lambda c: c.fetchrow(f"{_SELECT} WHERE id = $1", image_id))
+        else:
+            row = await self._use(lambda c: c.fetchrow(f"{_SELECT} WHERE id = $1 AND owner = $2", image_id, owner))
+        return record_from_values(tuple(row)) if row is not None else None
+
+    def list_statements(self, query: ListQuery) -> tuple[str, str, list[Any]]:
+        """The page's and the count's SQL for `query`, and their parameters (the page's adds limit and offset)."""
+        conditions, parameters = [], []
+        if query.owner is not None:
+            parameters.append(query.owner)
+            conditions.append(f"owner = ${len(parameters)}")
+        if query.model is not None:
+            parameters.append(query.model)
+            conditions.append(f"model = ${len(parameters)}")
+        if query.text:
+            parameters.append(_like_pattern(query.text))
+            conditions.append(f"prompt ILIKE ${len(parameters)}")
+        where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
+        count = len(parameters)
+        page = f"{_SELECT} {where} {_NEWEST_FIRST} LIMIT ${count + 1} OFFSET ${count + 2}"
+        return page, f"SELECT count(*) FROM {TABLE} {where}", parameters
+
+    async def list(self, query: ListQuery) -> tuple[list[ImageRecord], int]:
+        page, count, parameters = self.list_statements(query)
+
+        async def read(connection: asyncpg.Connection) -> tuple[list[ImageRecord], int]:
+            # One snapshot for both: the total matches the page.
+            async with connection.transaction(isolation="repeatable_read", readonly=True):
+                rows = await connection.fetch(page, *parameters, query.limit, query.offset)
+                total = await connection.fetchval(count, *parameters)
+            return [record_from_values(tuple(row)) for row in rows], total
+
+        return await self._use(read)
+
+    async def existing(self, ids: Sequence[str]) -> set[str]:
+        """Which of `ids` have a row (one indexed lookup for the lot)."""
+        rows = await self._use(lambda c: c.fetch(f"SELECT id FROM {TABLE} WHERE id = ANY($1::text[])", list(ids)))
+        return {row["id"] for row in rows}
+
+    async def ids_after(self, after: str, limit: int) -> list[str]:
+        """Up to `limit` ids greater than `after`, in byte order (off the id index)."""
+        rows = await self._use(lambda c: c.fetch(f"SELECT id FROM {TABLE} WHERE id > $1 ORDER BY id LIMIT $2", after, limit))
+        return [row["id"] for row in rows]
+
+    async def delete_ids(self, ids: Sequence[str]) -> int:
+        status = await self._use(lambda c: c.execute(f"DELETE FROM {TABLE} WHERE id = ANY($1::text[])", list(ids)))
+        return int(status.rsplit(" ", 1)[-1])
+
+    async def explain(self, statement: str, *parameters: Any) -> list[str]:
+        """The planner's plan for a statement, one line per step."""
+        rows = await self._use(lambda c: c.fetch(f"EXPLAIN {statement}", *parameters))
+        return [row[0] for row in rows]
+
+    @contextlib.asynccontextmanager
+    async def sweep_lock(self) -> AsyncIterator[bool]:
+        """Whether this replica may sweep now: one sweep at a time across the cluster, the others skip."""
+        await self._ensure_schema()
+        assert self._pool is not None
+        try:
+            async with self._pool.acquire(timeout=CONNECT_TIMEOUT_S) as connection:
+                locked = await connection.fetchval("SELECT pg_try_advisory_lock($1)", SWEEP_LOCK)
+                try:
+                    yield locked
+                finally:
+                    if locked:
+                        await connection.execute("SELECT pg_advisory_unlock($1)", SWEEP_LOCK)
+        except _UNREACHABLE as error:
+            raise gallery_unavailable(f"its database cannot be reached: {type(error).__name__}") from error

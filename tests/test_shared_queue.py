@@ -1,0 +1,258 @@
+"""Two replicas in one test process sharing a real redis-server: jobs, generations and cancels across them.
+
+Replica "api" runs no device (`serve --no-device`); replica "gpu" is a full
+`serve`. Whatever is submitted to one is answered alike by the other, and
+work submitted to the API tier runs on the GPU replica's device. Killed
+processes and nginx in front are in tests/test_cluster.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis as redis_sync
+import redis.asyncio as redis_asyncio
+
+from imagine.cluster.queue import SharedQueue
+from imagine.http.app import create_app
+from imagine.settings import Settings
+from tests.conftest import KEYS, auth, data_url_png, pixels
+from tests.processes import RedisServer, free_port, redis_server
+from tests.slow_plugin import SlowPlugin
+
+
+@pytest.fixture(scope="module")
+def redis(tmp_path_factory: pytest.TempPathFactory) -> RedisServer:
+    with redis_server(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture
+def shared(redis: RedisServer, base_settings: Settings) -> Settings:
+    redis_sync.Redis.from_url(redis.url).flushall()
+    return base_settings.replace(
+        queue={"storage": redis.url, "visibility_timeout_s": 1.0}, batch={"max_size": 1}, jobs={"preview_every": 1}
+    )
+
+
+Replicas = Callable[..., Any]
+
+
+@pytest.fixture
+async def raw_redis(redis: RedisServer) -> AsyncIterator[Any]:
+    """A client of the test's own, to play a worker that takes work and dies."""
+    client = redis_asyncio.Redis.from_url(redis.url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def replica(aiohttp_client: Callable[..., Any]) -> Replicas:
+    async def make(settings: Settings, role: str = "serve", plugins: tuple[Any, ...] = ()) -> Any:
+        return await aiohttp_client(create_app(settings, keys=KEYS, extra_plugins=plugins, role=role))
+
+    return make
+
+
+async def wait_for(client: Any, job_id: str, statuses: tuple[str, ...] = ("succeeded", "failed", "cancelled"), timeout: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        response = await client.get(f"/imagine/jobs/{job_id}", headers=auth())
+        assert response.status == 200, await response.text()
+        job = await response.json()
+        if job["status"] in statuses:
+            return job
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"job {job_id} still {job['status']}")
+
+
+async def events_of(client: Any, job_id: str, headers: dict[str, str] | None = None) -> list[tuple[str, str, str]]:
+    """(id, event, data) of each event of the job's stream, read to its end."""
+    response = await client.get(f"/imagine/jobs/{job_id}/events", headers={**auth(), **(headers or {})})
+    assert response.status == 200, await response.text()
+    events, current = [], {}
+    async for line in response.content:
+        text = line.decode().rstrip("\n")
+        if text.startswith("id: "):
+            current["id"] = text[4:]
+        elif text.startswith("event: "):
+            current["event"] = text[7:]
+        elif text.startswith("data: "):
+            current["data"] = text[6:]
+        elif text == "" and current:
+            events.append((current["id"], current["event"], current["data"]))
+            current = {}
+    return events
+
+
+@pytest.fixture
+async def pair(shared: Settings, replica: Replicas) -> AsyncIterator[tuple[Any, Any]]:
+    api = await replica(shared, "api")
+    gpu = await replica(shared)
+    yield api, gpu
+
+
+BODY = {"prompt": "a lighthouse", "model": "sdxl", "width": 64, "height": 64, "steps": 2, "seed": 7}
+
+
+async def test_a_job_submitted_to_one_replica_is_answered_by_both_and_runs_on_the_device(pair: tuple[Any, Any]) -> None:
+    api, gpu = pair
+    submitted = await api.post("/imagine/jobs", json={**BODY, "preview": True}, headers=auth())
+    assert submitted.status == 202
+    job_id = (await submitted.json())["id"]
+    done = await wait_for(gpu, job_id)
+    assert done["status"] == "succeeded", done
+    assert (await wait_for(api, job_id)) == done
+    assert done["result"]["seed"] == 7 and len(done["result"]["images"]) == 1
+    # The stream from either replica, to its end; resumed on the other from an event id, only what came after.
+    events = await events_of(api, job_id)
+    kinds = [kind for _, kind, _ in events]
+    assert kinds[0] == "queued" and kinds[-1] == "succeeded" and "started" in kinds
+    # Progress and its latent previews come through the same log, from the device replica.
+    progress = [json.loads(data) for _, kind, data in events if kind == "progress"]
+    assert [event["step"] for event in progress] == [1, 2]
+    assert all(event["preview"].startswith("data:image/png;base64,") for event in progress)
+    resumed = await events_of(gpu, job_id, {"Last-Event-ID": events[0][0]})
+    assert resumed == events[1:]
+
+
+async def test_a_generate_on_the_api_tier_comes_back_from_the_device_replica(pair: tuple[Any, Any]) -> None:
+    api, gpu = pair
+    through_api = await api.post("/imagine/generate", json=BODY, headers=auth())
+    assert through_api.status == 200, await through_api.text()
+    assert through_api.headers["X-Seed"] == "7"
+    direct = await gpu.post("/imagine/generate", json=BODY, headers=auth())
+    assert (pixels(await through_api.read()) == pixels(await direct.read())).all()
+    # Stored in the gallery like any other generation (by the replica whose device ran it).
+    listing = await (await gpu.get("/imagine/gallery", headers=auth())).json()
+    assert listing["total_count"] == 2
+
+
+async def test_json_answers_and_errors_cross_replicas_in_the_contract_shape(pair: tuple[Any, Any]) -> None:
+    api, _ = pair
+    answer = await api.post("/imagine/generate", json={**BODY, "response_format": "json", "num_images": 2}, headers=auth())
+    assert answer.status == 200
+    body = await answer.json()
+    assert body["seeds"] == [7, 8] and len(body["images"]) == 2 and len(body["ids"]) == 2
+    refused = await api.post("/imagine/generate", json={**BODY, "model": "nope"}, headers=auth())
+    assert refused.status == 404 and (await refused.json())["error"]["code"] == "MODEL_NOT_AVAILABLE"
+
+
+async def test_a_cancel_sent_to_the_other_replica_stops_the_running_job(shared: Settings, replica: Replicas) -> None:
+    plugin = SlowPlugin(step_seconds=0.05)
+    api = await replica(shared, "api", (SlowPlugin(),))
+    gpu = await replica(shared, plugins=(plugin,))
+    submitted = await gpu.post("/imagine/jobs", json={"prompt": "slow", "model": "slow", "steps": 400}, headers=auth())
+    job_id = (await submitted.json())["id"]
+    await wait_for(api, job_id, ("running",))
+    cancelled = await api.delete(f"/imagine/jobs/{job_id}", headers=auth())
+    assert cancelled.status == 200
+    assert (await cancelled.json())["status"] == "cancelled"
+    assert (await wait_for(gpu, job_id))["status"] == "cancelled"
+    assert plugin.generator.finished_runs == ["interrupted"]
+    assert plugin.generator.steps_run < 400
+
+
+async def test_an_idempotency_key_replays_on_the_other_replica_and_jobs_stay_private(pair: tuple[Any, Any]) -> None:
+    api, gpu = pair
+    headers = {**auth(), "Idempotency-Key": "order-42"}
+    first = await api.post("/imagine/jobs", json=BODY, headers=headers)
+    again = await gpu.post("/imagine/jobs", json=BODY, headers=headers)
+    assert again.status == 202 and again.headers["Idempotent-Replayed"] == "true"
+    assert await again.json() == await first.json()
+    changed = await gpu.post("/imagine/jobs", json={**BODY, "seed": 8}, headers=headers)
+    assert changed.status == 409
+    job_id = (await first.json())["id"]
+    for client in pair:
+        other = await client.get(f"/imagine/jobs/{job_id}", headers=auth("mallory"))
+        assert other.status == 404
+        assert (await client.delete(f"/imagine/jobs/{job_id}", headers=auth("mallory"))).status == 404
+    assert (await wait_for(api, job_id))["status"] == "succeeded"
+
+
+async def test_the_queue_limit_counts_the_whole_cluster(shared: Settings, replica: Replicas) -> None:
+    settings = shared.replace(queue={"max_size": 1})
+    api = await replica(settings, "api", (SlowPlugin(),))
+    gpu = await replica(settings, plugins=(SlowPlugin(step_seconds=0.05),))
+    running = await (await gpu.post("/imagine/jobs", json={"prompt": "a", "model": "slow", "steps": 200}, headers=auth())).json()
+    await wait_for(api, running["id"], ("running",))
+    waiting = await api.post("/imagine/jobs", json={"prompt": "b", "model": "slow", "steps": 5}, headers=auth())
+    assert waiting.status == 202
+    assert (await waiting.json())["position"] == 1
+    full = await gpu.post("/imagine/jobs", json={"prompt": "c", "model": "slow", "steps": 5}, headers=auth())
+    assert full.status == 503
+    assert (await full.json())["error"]["code"] == "QUEUE_FULL"
+    assert int(full.headers["Retry-After"]) >= 1
+    await api.delete(f"/imagine/jobs/{running['id']}", headers=auth())
+
+
+async def test_subjects_take_turns_on_the_shared_queue(shared: Settings, replica: Replicas) -> None:
+    plugin = SlowPlugin(step_seconds=0.02)
+    await replica(shared, plugins=(plugin,))
+    api = await replica(shared, "api", (SlowPlugin(),))
+    first = await (await api.post("/imagine/jobs", json={"prompt": "x0", "model": "slow", "steps": 30}, headers=auth("x"))).json()
+    await asyncio.sleep(0.2)  # x0 runs; x1..x4 and then y0 wait
+    for index in range(1, 5):
+        await api.post("/imagine/jobs", json={"prompt": f"x{index}", "model": "slow", "steps": 3}, headers=auth("x"))
+    await api.post("/imagine/jobs", json={"prompt": "y0", "model": "slow", "steps": 3}, headers=auth("y"))
+    deadline = time.monotonic() + 30
+    while len(plugin.generator.batches) < 6 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    order = [batch[0] for batch in plugin.generator.batches]
+    assert first["position"] == 1
+    # y's only image waits for at most the one batch running when it arrived.
+    assert order[:2] == ["x0", "y0"], order
+
+
+async def test_a_worker_that_went_quiet_has_its_job_claimed_and_run_by_another(
+    shared: Settings, replica: Replicas, raw_redis: Any
+) -> None:
+    api = await replica(shared, "api")
+    submitted = await (await api.post("/imagine/jobs", json={**BODY, "response_format": "json"}, headers=auth())).json()
+    # A worker takes the entry and is never heard of again.
+    [taken] = await SharedQueue(raw_redis, visibility_timeout_s=1.0, max_attempts=3).take("ghost", 1)
+    assert taken.job_id == submitted["id"]
+    gpu = await replica(shared)
+    done = await wait_for(api, submitted["id"])
+    assert done["status"] == "succeeded" and done["result"]["seed"] == 7
+    alone = await (await gpu.post("/imagine/generate", json={**BODY, "response_format": "json"}, headers=auth())).json()
+    assert (pixels(data_url_png(done["result"]["images"][0])) == pixels(data_url_png(alone["images"][0]))).all()
+
+
+async def test_a_job_whose_every_attempt_stopped_its_worker_fails_instead_of_looping(
+    shared: Settings, replica: Replicas, raw_redis: Any
+) -> None:
+    api = await replica(shared.replace(queue={"max_attempts": 2}), "api")
+    client = raw_redis
+    ghost = SharedQueue(client, visibility_timeout_s=1.0, max_attempts=2)
+    submitted = await (await api.post("/imagine/jobs", json=BODY, headers=auth())).json()
+    [entry] = await ghost.take("ghost-1", 1)
+    await asyncio.sleep(1.1)
+    # A second worker claims it and dies too: two attempts.
+    assert await client.xclaim(entry.stream, "workers", "ghost-2", 1000, [entry.id])
+    failed = await wait_for(api, submitted["id"], timeout=20)
+    assert failed["status"] == "failed"
+    assert failed["error"]["error"]["details"] == {"attempts": 2}
+    assert "2 times" in failed["error"]["detail"]
+
+
+async def test_without_redis_generation_answers_503_with_retry_after(base_settings: Settings, replica: Replicas) -> None:
+    settings = base_settings.replace(queue={"storage": f"redis://127.0.0.1:{free_port()}/0"})
+    client = await replica(settings, "api")
+    for path in ("/imagine/generate", "/imagine/jobs"):
+        response = await client.post(path, json=BODY, headers=auth())
+        assert response.status == 503, await response.text()
+        assert (await response.json())["error"]["code"] == "SERVICE_UNAVAILABLE"
+        assert response.headers["Retry-After"] == "2"
+    assert (await client.get("/imagine/jobs/job_x", headers=auth())).status == 503
+
+
+def test_the_api_and_worker_roles_need_the_shared_queue(base_settings: Settings, tmp_path: Path) -> None:
+    with pytest.raises(Exception, match="queue.storage"):
+        create_app(base_settings, keys=KEYS, role="api")
