@@ -187,6 +187,9 @@ class BatchSettings:
     # How long the device may wait for more compatible requests; 0 batches only
     # what is already queued, so a lone request never waits.
     max_wait_ms: float = 0.0
+    # Cap each batch at the size its shape (model, size, steps) has measured fastest, up to max_size
+    # (imagine.engine.batch_sizing); false: always fill up to max_size.
+    adaptive: bool = True
 
     def __post_init__(self) -> None:
         if self.max_size < 1:
@@ -256,6 +259,8 @@ class ModelsSettings:
     # Memory the loaded models may hold together, in GB; 0 means no limit.
     # Past it, the least recently used models are unloaded.
     memory_budget_gb: float = 0.0
+    # "a1111": prompts take AUTOMATIC1111's (word:1.3) weights and <lora:name:weight> tags; "plain": read literally.
+    prompt_syntax: str = "a1111"
     # One table per model, [models.<name>], as written: the plugin that owns
     # the model parses it (`table`).
     options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -267,6 +272,8 @@ class ModelsSettings:
             raise SettingsError("models.dtype must be auto, float16, bfloat16 or float32")
         if self.memory_budget_gb < 0:
             raise SettingsError("models.memory_budget_gb must be 0 (no limit) or positive")
+        if self.prompt_syntax not in ("a1111", "plain"):
+            raise SettingsError('models.prompt_syntax must be "a1111" or "plain"')
 
     def model_options(self, name: str) -> Mapping[str, Any]:
         """The `[models.<name>]` table as written (empty when there is none)."""
@@ -338,6 +345,108 @@ class GallerySettings:
         return bool(self.database)
 
 
+
+@dataclass(frozen=True)
+class WebhookSettings:
+    # Host patterns a webhook_url may name: "hooks.example.com", "*.example.com" (any subdomain), "*"
+    # (any public host). Empty: webhooks are off. Only a pattern without "*" (an exact host name or
+    # address) lets its host resolve to a loopback, link-local or private address.
+    allowed_hosts: tuple[str, ...] = ()
+    # The signing secret, Standard Webhooks style ("whsec_" + base64): prefer IMAGINE_WEBHOOKS_SECRET
+    # or secret_file to writing it here.
+    secret: str = ""
+    secret_file: str = ""
+    # Attempts per delivery; the n-th retry waits backoff_s * 2^(n-1), at most max_backoff_s.
+    max_attempts: int = 8
+    backoff_s: float = 5.0
+    max_backoff_s: float = 3600.0
+    # One attempt (connect, send, read the answer) may take this long.
+    timeout_s: float = 10.0
+    # At most this much of a receiver's answer is read.
+    max_response_bytes: int = 65536
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_attempts <= 100:
+            raise SettingsError("webhooks.max_attempts must be between 1 and 100")
+        if not 0 < self.backoff_s <= self.max_backoff_s <= 86400:
+            raise SettingsError("webhooks.backoff_s must be more than 0 and at most webhooks.max_backoff_s (at most 86400)")
+        if not 0 < self.timeout_s <= 300:
+            raise SettingsError("webhooks.timeout_s must be more than 0 and at most 300")
+        if not 0 <= self.max_response_bytes <= 16 * 1024 * 1024:
+            raise SettingsError("webhooks.max_response_bytes must be between 0 and 16777216")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.allowed_hosts)
+
+
+@dataclass(frozen=True)
+class QuotaSettings:
+    # Images each subject may generate per UTC day and per UTC month; 0 = no limit. A token's
+    # `quota` claim overrides these for that token.
+    images_per_day: int = 0
+    images_per_month: int = 0
+    # Per-model limits on top: { sdxl = { images_per_day = 50, images_per_month = 1000 } }.
+    models: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.images_per_day < 0 or self.images_per_month < 0:
+            raise SettingsError("quotas.images_per_day and quotas.images_per_month must be 0 (no limit) or more")
+        for model, limits in self.models.items():
+            unknown = set(limits) - {"images_per_day", "images_per_month"}
+            if unknown:
+                raise SettingsError(f"unknown setting quotas.models.{model}.{sorted(unknown)[0]}")
+            for name, value in limits.items():
+                if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                    raise SettingsError(f"quotas.models.{model}.{name} must be a whole number, 0 (no limit) or more")
+
+DEFAULT_CHAT_SYSTEM_PROMPT = (
+    "You are the assistant of an image-generation service. Answer briefly and helpfully; when asked for an "
+    "image prompt, write one vivid, concrete prompt. A user can type '#generate <prompt>' to create an image."
+)
+
+
+@dataclass(frozen=True)
+class AssistantSettings:
+    # The Ollama server the assistant talks to, e.g. "http://127.0.0.1:11434"; empty = no assistant
+    # (its routes answer 503 saying so). A bearer token for an Ollama behind a proxy comes from
+    # OLLAMA_API_KEY, else the file named by api_key_file.
+    ollama_url: str = ""
+    api_key_file: str = ""
+    chat_model: str = "llama3.2"
+    vision_model: str = "llava"
+    connect_timeout_s: float = 5.0
+    # The longest one answer (or one pause between streamed tokens) may take.
+    timeout_s: float = 120.0
+    # Messages of a session kept and sent back to the model (the oldest go first).
+    max_history_messages: int = 20
+    # Sessions each subject keeps; the least recently used go first.
+    max_sessions: int = 100
+    system_prompt: str = DEFAULT_CHAT_SYSTEM_PROMPT
+    # The model '#generate' uses; empty = models.default.
+    generate_model: str = ""
+    # How long /status and /health trust the last look at the server's models.
+    status_ttl_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.ollama_url and urllib.parse.urlsplit(self.ollama_url).scheme not in ("http", "https"):
+            raise SettingsError("assistant.ollama_url must be an http:// or https:// URL, e.g. 'http://127.0.0.1:11434'")
+        if not self.chat_model or not self.vision_model:
+            raise SettingsError("assistant.chat_model and assistant.vision_model must name Ollama models")
+        if not 0 < self.connect_timeout_s <= 300 or not 0 < self.timeout_s <= 3600:
+            raise SettingsError("assistant.connect_timeout_s (up to 300) and assistant.timeout_s (up to 3600) must be more than 0")
+        if not 1 <= self.max_history_messages <= 1000:
+            raise SettingsError("assistant.max_history_messages must be between 1 and 1000")
+        if not 1 <= self.max_sessions <= 100_000:
+            raise SettingsError("assistant.max_sessions must be between 1 and 100000")
+        if not 0 < self.status_ttl_s <= 3600:
+            raise SettingsError("assistant.status_ttl_s must be more than 0 and at most 3600")
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.ollama_url)
+
+
 @dataclass(frozen=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
@@ -350,6 +459,9 @@ class Settings:
     models: ModelsSettings = field(default_factory=ModelsSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
     gallery: GallerySettings = field(default_factory=GallerySettings)
+    assistant: AssistantSettings = field(default_factory=AssistantSettings)
+    webhooks: WebhookSettings = field(default_factory=WebhookSettings)
+    quotas: QuotaSettings = field(default_factory=QuotaSettings)
     # The sections plugins claim (`register_settings`), by name, each its plugin's dataclass.
     plugins: Mapping[str, Any] = field(default_factory=dict)
 

@@ -5,14 +5,21 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import time
 from dataclasses import dataclass
 
 import pytest
+from PIL import Image
 
+from imagine.engine.batch_sizing import EXPLORE_EVERY, BatchSizer
 from imagine.engine.batching import FairBatcher
 from imagine.http.app_keys import executor_key
+from imagine.plugin.generators import GenerationRequest
+from imagine.plugin.hookspecs import hookimpl
 from tests.conftest import assert_same_image, auth, data_url_png, pixels
-from tests.slow_plugin import SlowPlugin
+from tests.slow_plugin import SlowGenerator, SlowPlugin
+from tests.test_executor import Device, started_executors
+from tests.weightless import WeightlessGenerator
 
 URL = "/imagine/generate"
 
@@ -137,3 +144,77 @@ async def batch_metric(client) -> dict[str, float]:
             if line.startswith(f"imagine_batch_jobs_{part} "):
                 values[part] = float(line.split()[1])
     return values
+
+
+# ---- batch sizes learnt by measurement ------------------------------------------
+
+
+def _request(size: int = 64) -> GenerationRequest:
+    return GenerationRequest(
+        prompt="p", negative_prompt="", model="m", width=size, height=size, steps=2, guidance=0.0,
+        num_images=1, seed=1, scheduler="euler",
+    )
+
+
+def _learn(sizer: BatchSizer, images_per_second: dict[int, float], decisions: int) -> list[int]:
+    """Let the sizer decide `decisions` batches of one shape whose calls run at the given rates."""
+    chosen = []
+    for _ in range(decisions):
+        size = sizer.limit(_request())
+        chosen.append(size)
+        sizer.observe(_request(), size, size / images_per_second[size])
+    return chosen
+
+
+def test_the_learnt_size_is_the_fastest_measured_and_others_are_tried_now_and_then() -> None:
+    sizer = BatchSizer(8)
+    # The figures the issue measured on this CPU at 256²: four a call beats eight.
+    chosen = _learn(sizer, {8: 12.0, 4: 16.2, 2: 11.0, 1: 6.0}, 100)
+    assert chosen[:4] == [8, 4, 2, 1]  # each size once, largest first
+    assert sizer.best(_request()) == 4
+    settled = chosen[4:]
+    assert settled.count(4) >= len(settled) * (1 - 2 / EXPLORE_EVERY)
+    assert set(settled) == {8, 4, 2, 1}, "every size is measured again from time to time"
+    # Another shape learns on its own.
+    assert sizer.best(_request(512)) is None and sizer.limit(_request(512)) == 8
+
+
+def test_batching_never_wins_when_one_at_a_time_is_faster() -> None:
+    sizer = BatchSizer(4)
+    # 512² on this CPU: a batch of four runs slower per image than one.
+    _learn(sizer, {4: 2.79, 2: 3.1, 1: 3.40}, 30)
+    assert sizer.best(_request()) == 1
+    # One decision in EXPLORE_EVERY measures another size again; every other one runs alone.
+    later = _learn(sizer, {4: 2.79, 2: 3.1, 1: 3.40}, EXPLORE_EVERY)
+    assert later.count(1) == EXPLORE_EVERY - 1
+
+
+class Crowded(WeightlessGenerator):
+    """Each call costs more per image the more images it holds, as large images do on a CPU."""
+
+    name = "crowded"
+    card = SlowGenerator.card
+
+    def generate(self, requests, on_step):  # type: ignore[no-untyped-def]
+        time.sleep(0.01 * len(requests) ** 2)
+        return [[Image.new("RGB", (r.width, r.height)) for _ in r.seeds] for r in requests]
+
+
+class CrowdedPlugin:
+    @hookimpl
+    def register_generators(self, register, settings):  # type: ignore[no-untyped-def]
+        register(Crowded())
+
+
+async def test_the_executor_stops_batching_a_shape_that_runs_slower_batched() -> None:
+    async with started_executors() as start:
+        device = start(Device(CrowdedPlugin(), capacity=64, batch=4, adaptive=True))
+        for _round in range(4):
+            async with device.held():
+                items = [device.submit(f"p{n}", model="crowded") for n in range(8)]
+            for item in items:
+                await device.result(item)
+        # After one try of each size, the rest ran one at a time (but for one exploring call at most).
+        learnt = device.telemetry.sizes[4:]
+        assert device.executor.batch_sizer.best(items[0].request) == 1
+        assert sum(size > 1 for size in learnt) <= 1, device.telemetry.sizes

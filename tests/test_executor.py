@@ -52,7 +52,9 @@ class BatchSizes(NoTelemetry):
 class ExecutorUnderTest:
     """A device executor on the CPU over `registry`, counting the items of each pipeline call."""
 
-    def __init__(self, registry: ModelRegistry, *, capacity: int, batch: int, preview_every: int = 5) -> None:
+    def __init__(
+        self, registry: ModelRegistry, *, capacity: int, batch: int, preview_every: int = 5, adaptive: bool = False
+    ) -> None:
         self.registry = registry
         self.telemetry = BatchSizes()
         self.executor = DeviceExecutor(
@@ -61,6 +63,7 @@ class ExecutorUnderTest:
             device_preference="cpu",
             preview_every=preview_every,
             batch_max_images=batch,
+            adaptive_batches=adaptive,
             telemetry=self.telemetry,
         )
 
@@ -85,13 +88,15 @@ async def started_executors() -> AsyncIterator[Callable[[E], E]]:
 class Device(ExecutorUnderTest):
     """An executor over the test plugins' generators, with what a test needs to drive it."""
 
-    def __init__(self, *plugins: Any, capacity: int, batch: int) -> None:
+    def __init__(self, *plugins: Any, capacity: int, batch: int, adaptive: bool = False) -> None:
         manager = pluggy.PluginManager(hookspecs.PROJECT)
         manager.add_hookspecs(hookspecs)
         for plugin in plugins:
             manager.register(plugin)
         generators = collect_generators(manager, Settings())
-        super().__init__(ModelRegistry(generators, default=next(iter(generators))), capacity=capacity, batch=batch)
+        super().__init__(
+            ModelRegistry(generators, default=next(iter(generators))), capacity=capacity, batch=batch, adaptive=adaptive
+        )
 
     def submit(self, prompt: str, *, model: str = "slow", steps: int = 2, timeout_s: float = LIMIT_S) -> WorkItem:
         request = GenerationRequest(

@@ -321,90 +321,110 @@ class DeviceWork:
 
 @dataclass
 class PairedRounds:
-    """Images/s of a bare loop and of the service, measured in alternation."""
+    """Images/s of bare loops (one per batch size) and of the service, measured in alternation."""
 
-    bare: list[float] = field(default_factory=list)
+    bare: dict[int, list[float]] = field(default_factory=dict)  # batch size -> one rate per round
     served: list[float] = field(default_factory=list)
     jobs_per_call: float = 0.0
     # The share of the service's wall time its device spent in pipeline calls.
     device_busy: float = 0.0
+    # The batch size the service settled on for the benched shape (None: fixed batches).
+    learnt_size: int | None = None
+
+    def best_bare(self, round_index: int) -> tuple[int, float]:
+        """The bare loop that made the most images/s in that round: (batch size, rate)."""
+        return max(((size, rates[round_index]) for size, rates in self.bare.items()), key=lambda pair: pair[1])
 
     @property
     def ratios(self) -> list[float]:
-        return [served / bare for served, bare in zip(self.served, self.bare, strict=True)]
+        return [served / self.best_bare(index)[1] for index, served in enumerate(self.served)]
 
 
 async def paired_rounds(
-    settings: Settings, keys: JwtKeys, token: str, arguments: argparse.Namespace, bare_batch: int
+    settings: Settings, keys: JwtKeys, token: str, arguments: argparse.Namespace, bare_batches: Sequence[int]
 ) -> PairedRounds:
-    """Round after round: the bare loop at `bare_batch` images a call, then N closed-loop clients."""
+    """Round after round: a bare loop at each of `bare_batches` images a call, then N closed-loop clients."""
     size, steps, images = arguments.size, arguments.steps, arguments.requests
     body = _body(arguments.model, size, steps)
-    result = PairedRounds()
+    result = PairedRounds(bare={batch: [] for batch in bare_batches})
     async with running_service(settings, keys) as service:
         pipeline = await service.on_device(lambda: BarePipeline(service, arguments.model))
-        await service.on_device(lambda: pipeline.call(size, steps, range(bare_batch)))  # warm up
+        for batch in bare_batches:  # warm up every shape of call
+            await service.on_device(lambda batch=batch: pipeline.call(size, steps, range(batch)))
         await drive(service.url, token, body, concurrency=1, requests=1, duration=None)
         before, serving_s = DeviceWork.of(service, arguments.model), 0.0
         for _ in range(arguments.rounds):
-            calls = max(1, images // bare_batch)
-            seconds = [
-                await service.on_device(partial(pipeline.call, size, steps, range(n * bare_batch, (n + 1) * bare_batch)))
-                for n in range(calls)
-            ]
-            result.bare.append(calls * bare_batch / sum(seconds))
+            for batch in bare_batches:
+                calls = max(1, images // batch)
+                seconds = [
+                    await service.on_device(partial(pipeline.call, size, steps, range(n * batch, (n + 1) * batch)))
+                    for n in range(calls)
+                ]
+                result.bare[batch].append(calls * batch / sum(seconds))
             outcome = await drive(service.url, token, body, concurrency=arguments.concurrency, requests=images, duration=None)
             result.served.append(outcome.images / outcome.elapsed)
             serving_s += outcome.elapsed
         after = DeviceWork.of(service, arguments.model)
+        from imagine.http.app_keys import executor_key
+
+        sizer = service.app[executor_key].batch_sizer
+        if sizer is not None:
+            learnt = sizer.learnt()
+            result.learnt_size = next(
+                (best for shape, best in learnt.items() if (shape.width, shape.height, shape.steps) == (size, size, steps)),
+                None,
+            )
     result.jobs_per_call = (after.jobs - before.jobs) / max(1.0, after.calls - before.calls)
     result.device_busy = (after.generating_s - before.generating_s) / serving_s
     return result
 
 
 async def batching(settings: Settings, keys: JwtKeys, token: str, arguments: argparse.Namespace) -> None:
-    """Images/s of the service with batching off and on, each against the bare loop it should match.
+    """Images/s of the service with batch sizes learnt by measurement, against the best of bare loops of 1, 2, 4
+    and 8 images a call (up to --concurrency) in the same rounds.
 
-    Batching off is paired with a bare batch-1 loop, batching on with a bare
-    batch-N loop. Their rounds alternate, so a slow spell of a shared machine
-    hits both sides of a round alike: the median of the rounds' ratios is the
-    figure to read.
+    The rounds alternate the bare loops and the service, so a slow spell of a shared
+    machine hits every side of a round alike: each round's ratio is the service over
+    that round's best bare loop, and their mean and median are the figures to read.
     """
     concurrency = arguments.concurrency
-    runs = [
-        ("service, batching off", {"max_size": 1}, 1),
-        (
-            f"service, batching on (max {concurrency}, wait {arguments.max_wait_ms:g} ms)",
-            {"max_size": concurrency, "max_wait_ms": arguments.max_wait_ms},
-            concurrency,
-        ),
-    ]
-    measured = [
-        (name, bare_batch, await paired_rounds(settings.replace(batch=batch), keys, token, arguments, bare_batch))
-        for name, batch, bare_batch in runs
-    ]
-    single = statistics.median(measured[0][2].bare)
-    rows = []
-    for name, bare_batch, rounds in measured:
-        bare_rate, served_rate = statistics.median(rounds.bare), statistics.median(rounds.served)
-        rows.append(Row(f"bare loop, batch {bare_batch}", {"images/s": f"{bare_rate:.2f}", "vs batch-1 loop": f"{bare_rate / single:.2f}"}))
-        rows.append(
-            Row(
-                name,
-                {
-                    "images/s": f"{served_rate:.2f}",
-                    "vs batch-1 loop": f"{served_rate / single:.2f}",
-                    "jobs per call": f"{rounds.jobs_per_call:.1f}",
-                    "device busy": f"{rounds.device_busy:.3f}",
-                    "vs its bare loop": f"{statistics.median(rounds.ratios):.3f}",
-                    "rounds' ratios": " ".join(f"{ratio:.2f}" for ratio in rounds.ratios),
-                },
-            )
+    sizes = [batch for batch in (1, 2, 4, 8) if batch <= concurrency] or [1]
+    batch_settings = {"max_size": max(sizes), "max_wait_ms": arguments.max_wait_ms, "adaptive": True}
+    rounds = await paired_rounds(settings.replace(batch=batch_settings), keys, token, arguments, sizes)
+    best_overall = max(statistics.median(rates) for rates in rounds.bare.values())
+    winners = Counter(rounds.best_bare(index)[0] for index in range(len(rounds.served)))
+    rows = [
+        Row(
+            f"bare loop, batch {batch}",
+            {
+                "images/s": f"{statistics.median(rates):.2f}",
+                "vs best bare": f"{statistics.median(rates) / best_overall:.2f}",
+                "rounds won": str(winners.get(batch, 0)),
+            },
         )
-    columns = ("images/s", "vs batch-1 loop", "jobs per call", "device busy", "vs its bare loop", "rounds' ratios")
+        for batch, rates in rounds.bare.items()
+    ]
+    rows.append(
+        Row(
+            f"service, learnt batch sizes (max {max(sizes)}, wait {arguments.max_wait_ms:g} ms)",
+            {
+                "images/s": f"{statistics.median(rounds.served):.2f}",
+                "vs best bare": f"{statistics.median(rounds.served) / best_overall:.2f}",
+                "learnt size": "-" if rounds.learnt_size is None else str(rounds.learnt_size),
+                "jobs per call": f"{rounds.jobs_per_call:.1f}",
+                "device busy": f"{rounds.device_busy:.3f}",
+                "vs round's best (mean)": f"{statistics.mean(rounds.ratios):.3f}",
+                "rounds' ratios": " ".join(f"{ratio:.2f}" for ratio in rounds.ratios),
+            },
+        )
+    )
+    columns = (
+        "images/s", "vs best bare", "rounds won", "learnt size", "jobs per call", "device busy",
+        "vs round's best (mean)", "rounds' ratios",
+    )
     print_table(
         f"batching: {arguments.model} {arguments.size}x{arguments.size}, {arguments.steps} steps, concurrency {concurrency}, "
-        f"{arguments.requests} images a round, median of {arguments.rounds} rounds",
+        f"{arguments.requests} images a round, {arguments.rounds} rounds",
         [Row(row.name, {column: row.values.get(column, "") for column in columns}) for row in rows],
     )
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import collections
 import itertools
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from typing import Protocol, TypeVar
 
 
@@ -36,14 +36,18 @@ class FairBatcher:
         """Owners never served first, then the one served longest ago (queue order breaks ties)."""
         return sorted(dict.fromkeys(owners), key=lambda owner: self._last_served.get(owner, -1))
 
-    def take(self, queue: collections.deque[J], max_images: int) -> list[J]:
-        """Remove and return the next batch from `queue` (never empty when the queue is not)."""
+    def take(self, queue: collections.deque[J], max_images: int | Callable[[J], int]) -> list[J]:
+        """Remove and return the next batch from `queue` (never empty when the queue is not).
+
+        `max_images` bounds the batch's images, or says the bound for a batch headed by a given job.
+        """
         if not queue:
             return []
         head_owner = self._turn_order(job.owner for job in queue)[0]
         head = next(job for job in queue if job.owner == head_owner)
+        limit = max_images(head) if callable(max_images) else max_images
         batch = [head]
-        batch.extend(self.compatible(queue, head.batch_key, max_images - head.images, head=head))
+        batch.extend(self.compatible(queue, head.batch_key, limit - head.images, head=head))
         for job in batch:
             queue.remove(job)
         self.mark_served(batch)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from imagine.engine import device
+from imagine.engine.batch_sizing import BatchSizer
 from imagine.engine.queue import QueueFull, WorkQueue
 from imagine.engine.registry import ModelRegistry
 from imagine.engine.telemetry import NO_TELEMETRY, Telemetry
@@ -78,6 +79,7 @@ class DeviceExecutor:
         preview_every: int = 5,
         batch_max_images: int = 1,
         batch_max_wait_ms: float = 0.0,
+        adaptive_batches: bool = False,
         telemetry: Telemetry = NO_TELEMETRY,
     ) -> None:
         self._registry = registry
@@ -85,6 +87,8 @@ class DeviceExecutor:
         self._telemetry = telemetry
         self._preview_every = preview_every
         self._batch_max_images = batch_max_images
+        # With adaptive_batches, each batch's size is capped at what its shape has measured fastest.
+        self.batch_sizer = BatchSizer(batch_max_images) if adaptive_batches else None
         self._batch_max_wait_s = batch_max_wait_ms / 1000
         self._device_preference = device_preference
         self._preload = tuple(preload)
@@ -316,7 +320,8 @@ class DeviceExecutor:
             if control is not None:
                 self._run_control(control)  # submissions go on meanwhile
                 continue
-            batch = self._queue.take(self._batch_max_images, self._batch_max_wait_s)
+            limit = self._batch_max_images if self.batch_sizer is None else self._learnt_limit
+            batch = self._queue.take(limit, self._batch_max_wait_s)
             if batch is None:
                 return None
             live = []
@@ -334,6 +339,10 @@ class DeviceExecutor:
             self.running = live
             self._on_loop(self._announce_positions)
             return live
+
+    def _learnt_limit(self, head: WorkItem) -> int:
+        assert self.batch_sizer is not None
+        return self.batch_sizer.limit(head.request)
 
     def _run_control(self, control: ControlTask) -> None:
         result: Any = None
@@ -426,8 +435,12 @@ class DeviceExecutor:
         started = time.perf_counter()
         images = generator.generate([item.request for item in batch], on_step)
         generation_time = time.perf_counter() - started
-        self._telemetry.generated(generator.name, generation_time, sum(len(item_images) for item_images in images))
+        made = sum(len(item_images) for item_images in images)
+        self._telemetry.generated(generator.name, generation_time, made)
         self._telemetry.batched(len(batch))
+        if self.batch_sizer is not None and all(item.state is WorkState.RUNNING for item in batch):
+            # A run whose members all stayed measures the size it ran at.
+            self.batch_sizer.observe(batch[0].request, made, generation_time)
         vram_used = device.generation_memory_gb(self.device)
         runtime = generator.runtime_info()
         return [

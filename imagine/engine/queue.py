@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
+from collections.abc import Callable
 from typing import Generic, Protocol, TypeVar
 
 from imagine.engine.batching import Batchable, FairBatcher
@@ -57,8 +58,9 @@ class WorkQueue(Protocol[W]):
         """Remove `item` if it is still waiting; False when it already left."""
         ...
 
-    def take(self, max_images: int, max_wait_s: float) -> list[W] | None:
-        """Block until work waits, then remove and return the next batch of up to `max_images` images.
+    def take(self, max_images: int | Callable[[W], int], max_wait_s: float) -> list[W] | None:
+        """Block until work waits, then remove and return the next batch of up to `max_images` images
+        (or as many as `max_images(head)` allows for the batch's first item).
 
         The batch waits up to `max_wait_s` for compatible company while it has room.
         Returns [] when `wake` was called (the device thread has other work) and
@@ -123,7 +125,7 @@ class MemoryQueue(Generic[W]):
                 return False
             return True
 
-    def take(self, max_images: int, max_wait_s: float) -> list[W] | None:
+    def take(self, max_images: int | Callable[[W], int], max_wait_s: float) -> list[W] | None:
         with self._condition:
             while not self._items and not self._woken and not self._closed:
                 self._condition.wait()
@@ -132,8 +134,15 @@ class MemoryQueue(Generic[W]):
             if self._woken:
                 self._woken = False
                 return []
-            batch = self._batcher.take(self._items, max_images)
-            self._wait_for_company(batch, max_images, max_wait_s)
+            chosen: list[int] = []
+
+            def limit(head: W) -> int:
+                # Asked once per batch: a learnt limit is a decision, not a lookup.
+                chosen.append(max_images(head) if callable(max_images) else max_images)
+                return chosen[0]
+
+            batch = self._batcher.take(self._items, limit)
+            self._wait_for_company(batch, chosen[0], max_wait_s)
             return batch
 
     def _wait_for_company(self, batch: list[W], max_images: int, max_wait_s: float) -> None:

@@ -259,6 +259,7 @@ def create_app(
         preview_every=settings.jobs.preview_every,
         batch_max_images=settings.batch.max_size,
         batch_max_wait_ms=settings.batch.max_wait_ms,
+        adaptive_batches=settings.batch.adaptive,
         telemetry=telemetry,
     )
     telemetry.watch_queue(lambda: app[executor_key].depth, settings.queue.max_size)
