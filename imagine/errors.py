@@ -52,3 +52,17 @@ def model_not_available(name: str, available: Sequence[str], reason: str | None 
         details["reason"] = reason
         return ApiError(503, "MODEL_NOT_AVAILABLE", f"Model '{name}' not available: {reason}", details=details)
     return ApiError(404, "MODEL_NOT_AVAILABLE", f"Model '{name}' not available", details=details)
+
+
+def renamed_fields(error: ApiError, names: Mapping[str, str]) -> ApiError:
+    """A validation error with our field names replaced by the ones a compatible API's client sent (`names`)."""
+    errors = error.details.get("errors")
+    if error.code != "VALIDATION_ERROR" or not errors:
+        return error
+    renamed = []
+    for entry in errors:
+        loc = list(entry["loc"])
+        if len(loc) > 1 and loc[0] == "body" and loc[1] in names:
+            loc[1] = names[loc[1]]
+        renamed.append({**entry, "loc": loc})
+    return validation_error(renamed)

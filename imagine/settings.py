@@ -247,6 +247,9 @@ class OutputSettings:
             raise SettingsError("output.encode_workers and output.png_threads must be at least 1")
 
 
+COMPILE_MODES = ("off", "default", "max-autotune", "reduce-overhead", "trace")
+
+
 @dataclass(frozen=True)
 class ModelsSettings:
     default: str = "sdxl"
@@ -261,6 +264,16 @@ class ModelsSettings:
     memory_budget_gb: float = 0.0
     # "a1111": prompts take AUTOMATIC1111's (word:1.3) weights and <lora:name:weight> tags; "plain": read literally.
     prompt_syntax: str = "a1111"
+    # Speed-ups the pipelines apply when they load (see the README's GPU switches).
+    # "sdpa": torch's fused scaled-dot-product attention; "eager": diffusers' plain attention.
+    attention: str = "sdpa"
+    # UNet and VAE in channels-last memory format (faster convolutions on most GPUs).
+    channels_last: bool = False
+    # TensorFloat-32 matrix products and convolutions (CUDA, Ampere or newer).
+    tf32: bool = False
+    # torch.compile of the UNet and the VAE decoder, at load time: "off", "default", "max-autotune",
+    # "reduce-overhead" (CUDA graphs, CUDA only), or "trace" (graph capture without code generation).
+    compile: str = "off"
     # One table per model, [models.<name>], as written: the plugin that owns
     # the model parses it (`table`).
     options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -274,6 +287,12 @@ class ModelsSettings:
             raise SettingsError("models.memory_budget_gb must be 0 (no limit) or positive")
         if self.prompt_syntax not in ("a1111", "plain"):
             raise SettingsError('models.prompt_syntax must be "a1111" or "plain"')
+        if self.attention not in ("sdpa", "eager"):
+            raise SettingsError('models.attention must be "sdpa" or "eager"')
+        if self.compile not in COMPILE_MODES:
+            raise SettingsError(f"models.compile must be one of {', '.join(COMPILE_MODES)}")
+        if self.device == "cpu" and (self.tf32 or self.compile == "reduce-overhead"):
+            raise SettingsError("models.tf32 and models.compile = \"reduce-overhead\" (CUDA graphs) need a CUDA device")
 
     def model_options(self, name: str) -> Mapping[str, Any]:
         """The `[models.<name>]` table as written (empty when there is none)."""

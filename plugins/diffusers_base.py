@@ -22,19 +22,11 @@ from imagine.plugin.generators import (
     StepProgress,
 )
 from imagine.settings import ModelsSettings
+from imagine_plugins import prompt_weights, schedulers, speed_ups
 from imagine_plugins.components import POOL
 
 if TYPE_CHECKING:
     from PIL import Image
-
-# Our scheduler names -> diffusers classes, all built from the model's own scheduler config.
-SCHEDULER_CLASSES = {
-    "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler",
-    "dpmpp_2m": "DPMSolverMultistepScheduler",
-    "ddim": "DDIMScheduler",
-    "pndm": "PNDMScheduler",
-}
 
 # Fixed linear maps from the 4 latent channels to RGB (rows: channels), fitted by
 # the community for live previews: a preview costs one tiny matmul, no VAE call.
@@ -86,6 +78,10 @@ class DiffusersTable(CardTable):
     # on the base UNet (LoRA adapters, Lightning's step checkpoints) does not
     # reach this one: masked requests run without them, and nothing is refused.
     inpaint_source: str = ""
+    # A local folder or hub id of a standalone VAE to use instead of the pipeline's, e.g.
+    # madebyollin/sdxl-vae-fp16-fix, which decodes in float16 where SDXL's own VAE must be
+    # upcast to float32 (diffusers does that upcast by itself when no such VAE is given).
+    vae_source: str = ""
 
 
 def module_bytes(module: Any) -> int:
@@ -140,12 +136,17 @@ class DiffusersGenerator(LocalGenerator):
         if not self.card.base_model:
             self.card = dataclasses.replace(self.card, base_model=source)
         self._device_preference = models.device
+        self._prompt_syntax = models.prompt_syntax
         self._dtype_preference = models.dtype
+        self._models = models
+        # What speed_ups.apply did at the last load (attention, compile time...).
+        self.speed_ups: dict[str, Any] = {}
         self.device = "cpu"
         self.dtype = "float32"
         self.pipe: Any = None
-        # Tables of other shapes (Lightning's) have no dedicated inpainting weights.
+        # Tables of other shapes (Lightning's) have no dedicated inpainting weights or VAE.
         self.inpaint_source = table.inpaint_source if isinstance(table, DiffusersTable) else ""
+        self.vae_source = table.vae_source if isinstance(table, DiffusersTable) else ""
         # The UNet loaded from `inpaint_source`, while the inpainting pipeline holds it.
         self._inpaint_unet: Any = None
         # Image-to-image and inpainting pipelines around the same components, by "has a mask"; built on first use.
@@ -173,15 +174,28 @@ class DiffusersGenerator(LocalGenerator):
         shared = POOL.find(self.source, self.shared_components, self.device, self.dtype)
         pipeline_class = getattr(diffusers, self.pipeline_class)
         try:
+            if self.vae_source:
+                shared = {**shared, "vae": diffusers.AutoencoderKL.from_pretrained(self.vae_source, dtype=torch_dtype)}
             # Components passed in are used as they are; diffusers loads only the others.
             pipe = pipeline_class.from_pretrained(
                 self.source, dtype=torch_dtype, **shared, **self.load_arguments(torch_dtype)
             )
             self.pipe = self.prepare(pipe.to(self.device))
+            self.speed_ups = speed_ups.apply(self.pipe, self._models, self.device, self._warm_up)
         except BaseException:
             self.unload()  # whatever a half-done load allocated goes back now
             raise
         POOL.add(self.source, self.pipe, self.shared_components, self.device, self.dtype)
+
+    def _warm_up(self) -> None:
+        """One small generation at the default size, so what compiles does so now, not in a request."""
+        defaults, limits = self.card.defaults, self.card.limits
+        request = GenerationRequest(
+            prompt="warm-up", negative_prompt="", model=self.name, width=defaults.width, height=defaults.height,
+            steps=limits.step_choices[0] if limits.step_choices else limits.min_steps, guidance=defaults.guidance,
+            num_images=1, seed=0, scheduler=defaults.scheduler,
+        )
+        self.generate([request], lambda progress: False)
 
     def load_arguments(self, torch_dtype: Any) -> dict[str, Any]:
         """Extra `from_pretrained` arguments: replacement components or loading options."""
@@ -219,7 +233,7 @@ class DiffusersGenerator(LocalGenerator):
         self._footprint = None
 
     def runtime_info(self) -> dict[str, Any]:
-        return {"device": self.device, "dtype": self.dtype} if self.loaded else {}
+        return {"device": self.device, "dtype": self.dtype, "speed_ups": self.speed_ups} if self.loaded else {}
 
     def latent_preview(self, latents: Any) -> Image.Image:
         import torch
@@ -234,10 +248,7 @@ class DiffusersGenerator(LocalGenerator):
 
     def scheduler(self, name: str) -> Any:
         if name not in self._schedulers:
-            import diffusers
-
-            scheduler_class = getattr(diffusers, SCHEDULER_CLASSES[name])
-            self._schedulers[name] = scheduler_class.from_config(self.scheduler_config(name))
+            self._schedulers[name] = schedulers.build(name, self.scheduler_config(name))
         return self._schedulers[name]
 
     def scheduler_config(self, name: str) -> Mapping[str, Any]:
@@ -330,11 +341,10 @@ class DiffusersGenerator(LocalGenerator):
 
         self.ready_for(requests)
         pipeline = self.pipeline_for(first.image)
+        schedulers.seed_noise(pipeline.scheduler, [seed for request in requests for seed in request.seeds])
         with torch.inference_mode():
             result = pipeline(
-                prompt=prompts,
-                # None lets SDXL use its zeroed "empty" negative embedding, as it was trained.
-                negative_prompt=negatives if any(negatives) else None,
+                **prompt_weights.prompt_arguments(pipeline, prompts, negatives, self._prompt_syntax),
                 guidance_scale=first.guidance,
                 generator=generators,
                 callback_on_step_end=step_end,

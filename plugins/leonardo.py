@@ -68,6 +68,10 @@ CARD = ModelCard(
     limits=ModelLimits(min_size=256, max_size=1536, min_steps=10, max_steps=60, schedulers=("leonardo",)),
     vram_required="none (cloud)",
     aliases=("leonardo-api",),
+    prompt_guide=(
+        "Leonardo.ai's models follow natural language well: two or three descriptive sentences naming the subject, "
+        "composition, style, lighting and mood (under 80 words); its preset styles set the overall look."
+    ),
 )
 
 NO_KEY_MESSAGE = (

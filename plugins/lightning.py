@@ -45,6 +45,10 @@ CARD = ModelCard(
     limits=ModelLimits(min_size=512, max_size=1024, max_steps=8, schedulers=("euler",)),
     vram_required="8-10 GB (float16); about 5 GB when sdxl is loaded too (shared text encoders and VAE)",
     inputs=("text", "image", "mask"),
+    prompt_guide=(
+        "SDXL-Lightning runs in a few steps without guidance, so negative prompts do nothing: write one concrete "
+        "sentence or a short list of comma-separated phrases (under 50 words): subject, setting, medium, style, light."
+    ),
 )
 
 

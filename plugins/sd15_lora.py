@@ -38,6 +38,7 @@ from imagine.plugin.generators import (
 from imagine.plugin.hookspecs import hookimpl
 from imagine.settings import ModelsSettings, Settings, SettingsError
 from imagine_plugins import demo_weights
+from imagine_plugins.schedulers import COMMON
 from imagine_plugins.diffusers_base import DiffusersGenerator, DiffusersTable
 from imagine_plugins.loras import LoraFolder, is_path_like
 
@@ -55,11 +56,15 @@ DEMO_LORAS = ("pixel-art", "watercolor")
 CARD = ModelCard(
     description="Stable Diffusion 1.5 with LoRAs from the LoRA folder, chosen per request with their weights",
     defaults=ModelDefaults(steps=20, guidance=7.5, width=512, height=512, scheduler="dpmpp_2m"),
-    limits=ModelLimits(min_size=256, max_size=1024, max_steps=100, schedulers=("dpmpp_2m", "euler", "euler_a", "ddim", "pndm")),
+    limits=ModelLimits(min_size=256, max_size=1024, max_steps=100, schedulers=("dpmpp_2m", *(name for name in COMMON if name != "dpmpp_2m"), "pndm")),
     vram_required="3-4 GB (float16), plus 10-150 MB per cached LoRA",
     aliases=("stable-diffusion-1.5", "sd15"),
     takes_loras=True,
     inputs=("text", "image", "mask"),
+    prompt_guide=(
+        "Stable Diffusion 1.5 reads at most 77 tokens and likes comma-separated tags: the subject first, then "
+        "details, style, lighting and quality tags (masterpiece, best quality, highly detailed); under 60 words."
+    ),
 )
 
 

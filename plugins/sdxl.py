@@ -11,6 +11,7 @@ from imagine.plugin.generators import Generator, ModelCard, ModelDefaults, Model
 from imagine.plugin.hookspecs import hookimpl
 from imagine.settings import Settings
 from imagine_plugins import demo_weights
+from imagine_plugins.schedulers import COMMON
 from imagine_plugins.diffusers_base import DiffusersGenerator, DiffusersTable
 from imagine_plugins.full_size_sdxl import build_full_size_sdxl
 
@@ -24,11 +25,16 @@ DEMO_INPAINT_FOLDER = "sdxl-inpaint"
 CARD = ModelCard(
     description="Stable Diffusion XL 1.0 base: high quality at 1024x1024, 20+ steps",
     defaults=ModelDefaults(steps=20, guidance=7.5, width=1024, height=1024, scheduler="euler"),
-    limits=ModelLimits(min_size=512, max_size=1024, max_steps=100, schedulers=("euler", "euler_a", "dpmpp_2m", "ddim")),
+    limits=ModelLimits(min_size=512, max_size=1024, max_steps=100, schedulers=COMMON),
     vram_required="8-10 GB (float16)",
     aliases=("stable-diffusion-xl",),
     inputs=("text", "image", "mask"),
     examples=(ModelExample("Lighthouse", "a lighthouse at dusk, dramatic clouds, oil painting", "blurry, low quality"),),
+    prompt_guide=(
+        "SDXL understands natural language and comma-separated phrases alike: name the subject first, then the "
+        "setting, composition, medium or art style, lighting, colour palette and mood; add a camera or lens for "
+        "photographs. About 40-75 words; no negative terms in the prompt itself."
+    ),
 )
 
 

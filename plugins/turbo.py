@@ -25,6 +25,10 @@ CARD = ModelCard(
     vram_required="8 GB (float16)",
     inputs=("text", "image", "mask"),
     examples=(ModelExample("Quick sketch", "a pencil sketch of a fox curled up asleep"),),
+    prompt_guide=(
+        "SDXL-Turbo runs in 1-4 steps without guidance, so negative prompts do nothing: write one short, concrete "
+        "sentence (under 40 words) naming the subject, the setting, the medium and the light."
+    ),
 )
 
 

@@ -19,14 +19,18 @@ import pytest
 
 from imagine.devtools.processes import LOOPBACK, RedisServer, free_port, stop, wait_for_port
 
-__all__ = ["LOOPBACK", "RedisServer", "free_port", "nginx", "program", "redis_server", "stop", "wait_for_port"]
+__all__ = ["LOOPBACK", "PACKAGES", "RedisServer", "free_port", "nginx", "program", "redis_server", "stop", "wait_for_port"]
+
+
+# The Debian package of each program the tests start, where the names differ (.ci/run installs them).
+PACKAGES = {"chromedriver": "chromium-driver", "initdb": "postgresql", "pg_ctl": "postgresql", "postgres": "postgresql"}
 
 
 def program(name: str, debian_path: str) -> str:
     """The program's path (on PATH, else `debian_path`, a glob: the newest match), or skip (fail in CI) when it is not installed."""
     found = shutil.which(name) or next(iter(sorted(glob.glob(debian_path), reverse=True)), None)
     if found is None:
-        message = f"{name} is not installed (apt-get install nginx redis-server postgresql; .ci/run does it)"
+        message = f"{name} is not installed (apt-get install {PACKAGES.get(name, name)}; .ci/run does it)"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)

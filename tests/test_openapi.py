@@ -18,9 +18,11 @@ from schemathesis.config import SchemathesisConfig
 from schemathesis.core.failures import FailureGroup
 
 from imagine.http.app import create_app
+from imagine.http.server import make_runner
 from imagine.devtools.demo_models import demo_settings
 from imagine.settings import Settings, load_settings
 from tests.conftest import KEYS, make_token
+from tests.fake_ollama import FakeOllama
 from tests.processes import LOOPBACK, free_port
 
 
@@ -102,9 +104,16 @@ def no_leonardo_key() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def live_service(tmp_path_factory: pytest.TempPathFactory, demo_folder: Path, no_leonardo_key: None) -> Iterator[str]:
     """The app on a real port, on its own loop in a thread: schemathesis calls it synchronously."""
-    app = create_app(fuzz_settings(tmp_path_factory.mktemp("fuzz-state"), demo_folder), keys=KEYS)
     loop = asyncio.new_event_loop()
-    runner = web.AppRunner(app, handler_cancellation=True)
+    # The assistant's routes answer from a fake Ollama on the same loop (without one they are all 503).
+    ollama = web.AppRunner(FakeOllama().app())
+    ollama_port = free_port()
+    loop.run_until_complete(ollama.setup())
+    loop.run_until_complete(web.TCPSite(ollama, LOOPBACK, ollama_port).start())
+    settings = fuzz_settings(tmp_path_factory.mktemp("fuzz-state"), demo_folder)
+    app = create_app(settings.replace(assistant={"ollama_url": f"http://{LOOPBACK}:{ollama_port}"}), keys=KEYS)
+    # The runner `imagine serve` uses: what aiohttp's parser refuses is answered in the contract's JSON too.
+    runner = make_runner(app)
     port = free_port()
     loop.run_until_complete(runner.setup())
     loop.run_until_complete(web.TCPSite(runner, LOOPBACK, port).start())
@@ -114,6 +123,7 @@ def live_service(tmp_path_factory: pytest.TempPathFactory, demo_folder: Path, no
         yield f"http://{LOOPBACK}:{port}"
     finally:
         asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=60)
+        asyncio.run_coroutine_threadsafe(ollama.cleanup(), loop).result(timeout=60)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=30)
         loop.close()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from tests.processes import PACKAGES
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -16,7 +18,8 @@ def test_ci_installs_every_program_the_tests_run() -> None:
         started.add("curl")
     assert {"nginx", "redis-server", "curl"} <= started
     for name in started:
-        assert re.search(rf"missing\+=\({re.escape(name)}\)", script), f".ci/run does not install {name}"
+        package = PACKAGES.get(name, name)
+        assert re.search(rf"missing\+=\({re.escape(package)}\)", script), f".ci/run does not install {package}"
     # Debian's own python3 makes no virtualenv without it.
     assert "missing+=(python3-venv)" in script
 

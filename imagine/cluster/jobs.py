@@ -19,7 +19,7 @@ import math
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as redis
@@ -96,13 +96,21 @@ class ClusterJobs:
         # Cloud jobs this replica runs, by id, with their owners: the cancel channel stops them here.
         self._local: dict[str, tuple[asyncio.Task[str], str]] = {}
         self._accepting = True
+        self._pace = 0.0  # images/s of the cluster, as last read
+        self._pace_read_at = -1.0
 
     # ---- estimates ----------------------------------------------------------
 
     async def seconds_per_image(self) -> float:
-        """The cluster's measured pace (over the last minute), or this replica's before anything finished."""
-        rate = await self._queue.images_per_second()
-        return 1 / rate if rate > 0 else self._local_seconds_per_image()
+        """The cluster's measured pace (over the last minute), or this replica's before anything finished.
+
+        Read from Redis at most once a second: every submission asks, and the answer moves slowly.
+        """
+        now = time.monotonic()
+        if now - self._pace_read_at >= 1.0:
+            self._pace = await self._queue.images_per_second()
+            self._pace_read_at = now
+        return 1 / self._pace if self._pace > 0 else self._local_seconds_per_image()
 
     async def retry_after_s(self, depth: int) -> int:
         return max(1, math.ceil((depth + 1) * await self.seconds_per_image()))
@@ -120,6 +128,7 @@ class ClusterJobs:
         preview: bool = False,
         fingerprint: str = "",
         idempotency_key: str | None = None,
+        after_end: Mapping[str, str] | None = None,
     ) -> tuple[str, str]:
         """Write the job (and its entry, with `enqueue`); (job id, position), or the earlier job's id and "replay"."""
         if not self._accepting:
@@ -133,6 +142,9 @@ class ClusterJobs:
             "preview": "1" if preview else "0",
             "created_at": repr(now),
         }
+        if after_end:
+            # Its presence makes the end of the job queue it in keys.AFTER_END (scripts.FINISH, scripts.CANCEL).
+            job_fields["after_end"] = json.dumps(dict(after_end))
         entry_fields: dict[str, bytes | str] = {
             "job": job_id,
             "owner": principal.sub,
@@ -273,12 +285,13 @@ class ClusterJobs:
         *,
         store: bool,
         preview: bool,
+        after_end: Mapping[str, str] | None = None,
     ) -> tuple[dict[str, Any], bool]:
         """Create a job (or find the one this Idempotency-Key made): its acceptance, and whether it is a replay."""
         cloud = isinstance(generator, CloudGenerator)
         job_id, position = await self._enqueue(
             principal, request, store=store, visible=True, enqueue=not cloud, preview=preview,
-            fingerprint=fingerprint, idempotency_key=key,
+            fingerprint=fingerprint, idempotency_key=key, after_end=after_end,
         )
         if position == "replay":
             replayed = await self.replay(principal, key, fingerprint)
@@ -380,7 +393,10 @@ class ClusterJobs:
         if owner is None:
             owner = (await self.records.fields(job_id)).get("owner", "")
         state = await self._cancel(
-            keys=[keys.job(job_id), keys.WAITING, keys.events(job_id), keys.unfinished(owner), keys.STREAMS, keys.SUBJECTS],
+            keys=[
+                keys.job(job_id), keys.WAITING, keys.events(job_id), keys.unfinished(owner), keys.STREAMS, keys.SUBJECTS,
+                keys.AFTER_END,
+            ],
             args=[job_id, json.dumps(error.body()), self.records.ttl_s, time.time()],
         )
         return state.decode()

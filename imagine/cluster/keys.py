@@ -17,6 +17,8 @@ BELL = PREFIX + "queue:bell"  # list: one push per submission wakes one idle wor
 DONE = PREFIX + "queue:done"  # zset: "<job>:<images>" -> finish time, the last minute of throughput
 WORKERS = PREFIX + "workers"  # zset: worker name -> the last time it said it was alive
 CANCEL_CHANNEL = PREFIX + "cancel"  # pub/sub: job ids to stop wherever they run
+# zset: job id -> when what follows its end is next due (its webhook, its quota refund); see imagine.webhooks.outbox
+AFTER_END = PREFIX + "jobs:after_end"
 
 
 def _digest(text: str) -> str:

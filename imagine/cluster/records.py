@@ -102,7 +102,7 @@ class JobRecords:
         return bool(done)
 
     def _finish_keys(self, job_id: str, owner: str) -> list[str]:
-        return [keys.job(job_id), keys.events(job_id), keys.unfinished(owner), keys.DONE]
+        return [keys.job(job_id), keys.events(job_id), keys.unfinished(owner), keys.DONE, keys.AFTER_END]
 
     async def take_result(self, job_id: str) -> StoredResult:
         async with self._client.pipeline(transaction=True) as pipe:

@@ -39,7 +39,8 @@ end
 
 _FINISH_HELPER = """
 -- Record a job's end once: its state, its last event, and that it no longer counts against its subject.
-local function finish(job, events, unfinished, job_id, status, payload, event_data, ttl, now)
+-- A job submitted with `after_end` fields (a webhook, a quota charge) is queued in `after_end` at once.
+local function finish(job, events, unfinished, after_end, job_id, status, payload, event_data, ttl, now)
   local current = redis.call('HGET', job, 'status')
   if (not current) or current == 'succeeded' or current == 'failed' or current == 'cancelled' then
     return 0
@@ -54,6 +55,9 @@ local function finish(job, events, unfinished, job_id, status, payload, event_da
   redis.call('EXPIRE', job, ttl)
   redis.call('EXPIRE', events, ttl)
   redis.call('SREM', unfinished, job_id)
+  if redis.call('HEXISTS', job, 'after_end') == 1 then
+    redis.call('ZADD', after_end, 'NX', tonumber(now), job_id)
+  end
   return 1
 end
 """
@@ -168,12 +172,12 @@ return 1
 """
 )
 
-# KEYS: job, events, unfinished, done
+# KEYS: job, events, unfinished, done, after_end
 # ARGV: job id, status, payload, event data, ttl, now, images, error status, error Retry-After
 FINISH = (
     _FINISH_HELPER
     + """
-local done = finish(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6])
+local done = finish(KEYS[1], KEYS[2], KEYS[3], KEYS[5], ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6])
 if done == 1 and ARGV[2] ~= 'succeeded' then
   redis.call('HSET', KEYS[1], 'error_status', ARGV[8], 'error_retry_after', ARGV[9])
 end
@@ -200,7 +204,7 @@ end
 return 'run'
 """
 
-# KEYS: job, waiting, events, unfinished, streams, subjects
+# KEYS: job, waiting, events, unfinished, streams, subjects, after_end
 # ARGV: job id, error JSON, ttl, now
 # Returns the job's state after the call: "cancelled" when it was still waiting (removed now),
 # "signalled" when a worker holds it (it stops at its next step), a terminal state, or "missing".
@@ -215,7 +219,7 @@ if redis.call('ZREM', KEYS[2], ARGV[1]) == 1 then
   local stream = redis.call('HGET', KEYS[1], 'stream')
   redis.call('XDEL', stream, redis.call('HGET', KEYS[1], 'entry'))
   forget_if_empty(stream, KEYS[5], KEYS[6])
-  finish(KEYS[1], KEYS[3], KEYS[4], ARGV[1], 'cancelled', ARGV[2], ARGV[2], tonumber(ARGV[3]), ARGV[4])
+  finish(KEYS[1], KEYS[3], KEYS[4], KEYS[7], ARGV[1], 'cancelled', ARGV[2], ARGV[2], tonumber(ARGV[3]), ARGV[4])
   return 'cancelled'
 end
 redis.call('HSET', KEYS[1], 'cancel', '1')

@@ -1,7 +1,7 @@
 """How many images a batch may hold, learnt per shape: the size that has made the most images per second.
 
-A bigger pipeline call is not always faster per image: on a CPU a 512² SDXL
-batch of four runs slower per image than four calls of one, and on a GPU the
+A bigger pipeline call is not always faster per image: on a CPU a 512² batch of
+four images runs slower per image than four calls of one, and on a GPU the
 best size depends on the card, the resolution and the step count. So the
 device measures each call (images per second of device time) under the
 batch's shape, and caps the next batch of that shape at the size measured

@@ -17,7 +17,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -42,6 +42,9 @@ EVENT_ID = re.compile(r"[0-9]{1,9}")
 JobRunner = Callable[[Principal, GenerationRequest, Generator, bool, JobObserver | None], Coroutine[Any, Any, "Generated"]]
 # A finished generation as the /generate JSON a job's result holds.
 ResultJson = Callable[["Generated"], Coroutine[Any, Any, dict[str, Any]]]
+# What must follow a job's end (its webhook, its quota refund): called with the owner, the job's
+# snapshot and the `after_end` fields it was submitted with, once it has ended.
+JobEnded = Callable[[str, dict[str, Any], Mapping[str, str]], Coroutine[Any, Any, None]]
 
 
 def sse_event(event_id: str, kind: str, data: str) -> bytes:
@@ -106,6 +109,7 @@ class TrackedJob:
         self.events: list[JobEvent] = []
         # What POST /jobs answered; a replay of that request answers it again.
         self.acceptance: dict[str, Any] = {}
+        self.after_end: Mapping[str, str] = {}
         self.task: asyncio.Task[str] | None = None
         self._changed = asyncio.Event()
 
@@ -203,6 +207,7 @@ class JobStore(Protocol):
         *,
         store: bool,
         preview: bool,
+        after_end: Mapping[str, str] | None = None,
     ) -> tuple[dict[str, Any], bool]: ...
 
     async def snapshot(self, principal: Principal, job_id: str) -> dict[str, Any]: ...
@@ -225,8 +230,18 @@ def not_found() -> ApiError:
 class JobManager:
     """The jobs of one process, in memory (`queue.storage = "memory"`)."""
 
-    def __init__(self, *, ttl_s: float, max_per_subject: int, keepalive_s: float, run: JobRunner, to_json: ResultJson) -> None:
+    def __init__(
+        self,
+        *,
+        ttl_s: float,
+        max_per_subject: int,
+        keepalive_s: float,
+        run: JobRunner,
+        to_json: ResultJson,
+        on_end: JobEnded | None = None,
+    ) -> None:
         self._ttl_s = ttl_s
+        self._on_end = on_end
         self._max_per_subject = max_per_subject
         self._keepalive_s = keepalive_s
         self._run_here = run
@@ -280,9 +295,11 @@ class JobManager:
         *,
         store: bool,
         preview: bool,
+        after_end: Mapping[str, str] | None = None,
     ) -> tuple[dict[str, Any], bool]:
         """Create the job and queue its work at once (so a full queue is refused now): its acceptance, and
-        whether it is a replay of an earlier submit with this Idempotency-Key."""
+        whether it is a replay of an earlier submit with this Idempotency-Key. `after_end` is handed to
+        `on_end` once the job has ended."""
         if not self._accepting:
             raise shutting_down_error()
         earlier = self._replayed(principal, key, fingerprint)
@@ -290,6 +307,7 @@ class JobManager:
             return earlier.acceptance, True
         self._make_room(principal.sub)
         job = TrackedJob(principal.sub, request.steps, preview, fingerprint)
+        job.after_end = dict(after_end or {})
         work = self._run_here(principal, request, generator, store, job)
         job.acceptance = {"id": job.id, "status": "queued", "position": job.position, "eta_seconds": job.eta_s}
         self._jobs[job.id] = job
@@ -315,6 +333,11 @@ class JobManager:
         except Exception:
             log.exception("job %s failed", job.id)
             job.finish("failed", error=error_body("INTERNAL_ERROR", "Generation failed"))
+        if job.after_end and self._on_end is not None:
+            try:
+                await self._on_end(job.owner, job.snapshot(), job.after_end)
+            except Exception:
+                log.exception("what follows the end of job %s failed", job.id)
         return job.status
 
     def _get(self, principal: Principal, job_id: str) -> TrackedJob:

@@ -22,7 +22,9 @@ from imagine.storage.factory import build_gallery
 from imagine.engine import generation
 from imagine.engine.generation import Generated
 from imagine.engine.jobs import JobManager
+from imagine.assistant.service import started_assistant
 from imagine.http.app_keys import (
+    assistant_key,
     client_session_key,
     cluster_key,
     cloud_keys_key,
@@ -44,6 +46,8 @@ from imagine.http.app_keys import (
 )
 from imagine.engine.memory import GIB
 from imagine.http.metrics import Metrics
+from imagine.http.job_followups import followups_context, followups_key
+from imagine.http.quota_gate import QuotaJobs, quota_headers_middleware, quotas_key
 from imagine.http.middlewares import (
     add_response_headers,
     auth_middleware,
@@ -63,8 +67,10 @@ from imagine.settings import Settings, SettingsError
 from imagine.http.shutdown import install as install_shutdown
 from imagine.security.url_signing import UrlSigner, load_url_secret
 from imagine.engine.telemetry import Telemetry
+from imagine.http.views import sdapi
 from imagine.http.views import (
     api_keys,
+    assistant,
     generate_batch,
     docs,
     gallery,
@@ -75,6 +81,8 @@ from imagine.http.views import (
     models,
     openai_images,
     system,
+    ui,
+    usage,
 )
 
 # "serve": HTTP and a device; "api": HTTP only; "worker": a device, with /livez and /metrics.
@@ -147,9 +155,12 @@ def _jobs(device: bool) -> Callable[[web.Application], AsyncIterator[None]]:
 
         if not settings.queue.shared:
             jobs = settings.jobs
-            app[jobs_key] = manager = JobManager(
-                ttl_s=jobs.ttl_s, max_per_subject=jobs.max_per_subject, keepalive_s=jobs.keepalive_s, run=run_here, to_json=to_json
+            manager = JobManager(
+                ttl_s=jobs.ttl_s, max_per_subject=jobs.max_per_subject, keepalive_s=jobs.keepalive_s, run=run_here, to_json=to_json,
+                on_end=app[followups_key].ended,
             )
+            # Quotas are charged and refunded where the job store takes work (imagine.http.quota_gate).
+            app[jobs_key] = QuotaJobs(manager, app[quotas_key])
             yield
             await manager.close()
             return
@@ -163,7 +174,7 @@ def _jobs(device: bool) -> Callable[[web.Application], AsyncIterator[None]]:
             settings, app[executor_key], app[registry_key], device=device, run_here=run_here, finish=finish, to_json=to_json
         ) as cluster:
             app[cluster_key] = cluster
-            app[jobs_key] = cluster.jobs
+            app[jobs_key] = QuotaJobs(cluster.jobs, app[quotas_key])
             yield
 
     return run
@@ -220,6 +231,13 @@ async def _client_session(app: web.Application) -> AsyncIterator[None]:
         await session.close()
 
 
+async def _assistant(app: web.Application) -> AsyncIterator[None]:
+    """The assistant (an Ollama client, the chat sessions) when assistant.ollama_url names a server; off otherwise."""
+    async with started_assistant(app[settings_key], app[metrics_key]) as running:
+        app[assistant_key] = running
+        yield
+
+
 def create_app(
     settings: Settings,
     *,
@@ -239,7 +257,9 @@ def create_app(
         raise SettingsError(f'the {role} role needs queue.storage = "redis://...": no other process would run its work')
     device = role != "api"
     app = web.Application(
-        middlewares=[access_middleware, cors_middleware, error_middleware, ratelimit_middleware, auth_middleware],
+        middlewares=[
+            access_middleware, cors_middleware, error_middleware, ratelimit_middleware, auth_middleware, quota_headers_middleware,
+        ],
         client_max_size=settings.server.max_body_bytes,
     )
     app[settings_key] = settings
@@ -273,13 +293,22 @@ def create_app(
     app.on_response_prepare.extend([add_response_headers, add_request_id])
     app.on_startup.append(_openapi)
     # The gallery opens first and closes last: generations in flight may still store.
-    app.cleanup_ctx.extend([_gallery, _rate_limiter, _encode_pool, _device_executor(device), _client_session, _jobs(device)])
+    # followups_context (quotas, webhooks) opens before the jobs and closes after them: ending jobs still refund and notify.
+    app.cleanup_ctx.extend(
+        [_gallery, _rate_limiter, _encode_pool, _device_executor(device), _client_session, followups_context, _jobs(device)]
+    )
     # Accepted work drains before any of these closes.
     install_shutdown(app, handle_signals=handle_signals)
     base = settings.server.base_path
     if role == "worker":
         app.router.add_routes([web.get(base + "/livez", system.livez), *metrics.routes(base)])
         return app
-    for module in (system, models, generate, jobs, api_keys, generate_batch, generate_image, gallery, openai_images, metrics, docs):
+    for module in (system, models, generate, jobs, api_keys, generate_batch, generate_image, gallery, openai_images, metrics, docs, ui):
         app.router.add_routes(module.routes(base))
+    app.router.add_routes(usage.routes(base))
+    sdapi.setup(app)
+    app.router.add_routes(sdapi.routes(base))
+    # After the gallery (cleanup_ctx above): a `#generate` in a chat stores its image there.
+    app.cleanup_ctx.append(_assistant)
+    app.router.add_routes(assistant.routes(base))
     return app

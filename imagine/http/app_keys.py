@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from aiohttp import web
 
+from imagine.assistant.service import Assistant
 from imagine.security.tokens import Principal, TokenVerifier
 from imagine.security.cloud_api_keys import CloudKeys
 from imagine.engine.executor import DeviceExecutor
@@ -38,6 +39,8 @@ cloud_keys_key = web.AppKey("cloud_keys", CloudKeys)
 gallery_key = web.AppKey("gallery", Gallery)
 url_signer_key = web.AppKey("url_signer", UrlSigner)
 metrics_key = web.AppKey("metrics", Metrics)
+# The assistant (Ollama chat, sessions); off without assistant.ollama_url.
+assistant_key = web.AppKey("assistant", Assistant)
 # "serve", "api" (no device) or "worker": see imagine.http.app.Role.
 role_key = web.AppKey("role", str)
 # The shared queue's parts, with queue.storage = "redis://..." only.

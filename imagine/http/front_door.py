@@ -17,7 +17,8 @@ from typing import Any
 from aiohttp import web
 
 from imagine.http import image_inputs
-from imagine.http.app_keys import generate_body_key, registry_key
+from imagine.http.app_keys import generate_body_key, registry_key, settings_key
+from imagine.http.prompt_loras import with_prompt_loras
 from imagine.http.request_bodies import GenerateBody, parse_generate_body, resolve_request
 from imagine.plugin.generators import GenerationRequest, Generator
 from imagine.security.tokens import Principal, check_model_grant
@@ -46,6 +47,8 @@ async def admit(
     Input images are decoded and prepared on the app's CPU pool, never on the loop.
     """
     body = parse_generate_body(raw, app[generate_body_key])
+    if app[settings_key].models.prompt_syntax == "a1111":
+        body = with_prompt_loras(body)
     if check_body is not None:
         check_body(body)
     generator = app[registry_key].resolve(body.model)

@@ -97,6 +97,11 @@ async def read_inputs(app: web.Application, principal: Principal, body: Generate
     return SentInputs(init, mask)
 
 
+async def read_image(app: web.Application, principal: Principal, field: str, value: str) -> SentImage:
+    """One image a route takes besides the generation inputs (`/analyze-image`'s), read by the same rules, as RGB."""
+    return await _read(app, principal, field, value, "RGB", app[settings_key].server.max_input_pixels)
+
+
 def output_size(body: GenerateBody, image_size: tuple[int, int]) -> tuple[int, int]:
     """The request's width and height with this input: the body's, or the image's own; outpaint's sides added.
 

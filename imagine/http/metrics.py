@@ -20,6 +20,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 GENERATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 20, 30, 60, 120, 300)
 LOAD_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16)
+QUOTA_BUCKETS = (0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
 # A label value must come from a small set: anything else would grow the series without bound.
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
@@ -79,6 +80,37 @@ class Metrics:
             "imagine_cloud_credits_spent", "API credits a cloud backend reported for its generations",
             ["model"], registry=registry,
         )
+        # Subjects are never labels (one series each would grow without bound): usage is counted per model,
+        # and how close subjects run to their quotas is a histogram.
+        self._quota_images = Counter(
+            "imagine_quota_images", "Images charged to, refunded to or refused by subjects' quotas, by model",
+            ["model", "outcome"], registry=registry,
+        )
+        self._quota_used = Histogram(
+            "imagine_quota_used_ratio", "After each charge, the share of the subject's tightest quota used",
+            buckets=QUOTA_BUCKETS, registry=registry,
+        )
+        self._webhook_attempts = Counter(
+            "imagine_webhook_attempts", "Webhook delivery attempts by outcome", ["outcome"], registry=registry
+        )
+        self._webhook_seconds = Histogram(
+            "imagine_webhook_attempt_seconds", "Time of one webhook attempt", buckets=LATENCY_BUCKETS, registry=registry
+        )
+        self._webhook_deliveries = Counter(
+            "imagine_webhook_deliveries", "Webhook deliveries ended, delivered or given up", ["outcome"], registry=registry
+        )
+        self._assistant_requests = Counter(
+            "imagine_assistant_requests", "Assistant requests (chat, chat_stream, generate, analyze, enhance) by outcome: "
+            "ok or the error code", ["route", "outcome"], registry=registry,
+        )
+        self._assistant_tokens = Counter(
+            "imagine_assistant_tokens", "Tokens the Ollama models read (prompt) and wrote (completion)", ["kind"],
+            registry=registry,
+        )
+        self._ollama_latency = Histogram(
+            "imagine_ollama_request_seconds", "Time of one call to the Ollama server (chat, chat_stream, tags) by outcome",
+            ["call", "outcome"], buckets=LATENCY_BUCKETS, registry=registry,
+        )
 
     # ---- what the app wires once --------------------------------------------
 
@@ -127,6 +159,33 @@ class Metrics:
 
     def rate_limited(self, bucket: str) -> None:
         self._limited.labels(bucket).inc()
+
+    # ---- quotas and webhooks ------------------------------------------------------
+
+    def quota_counted(self, model: str, outcome: str, images: int) -> None:
+        self._quota_images.labels(model, outcome).inc(images)
+
+    def quota_used(self, fraction: float) -> None:
+        self._quota_used.observe(fraction)
+
+    def webhook_attempted(self, outcome: str, seconds: float) -> None:
+        self._webhook_attempts.labels(outcome).inc()
+        self._webhook_seconds.observe(seconds)
+
+    def webhook_ended(self, outcome: str) -> None:
+        self._webhook_deliveries.labels(outcome).inc()
+
+    # ---- the assistant (imagine.assistant, imagine.http.views.assistant) ----------------
+
+    def assistant_request(self, route: str, outcome: str) -> None:
+        self._assistant_requests.labels(route, outcome).inc()
+
+    def assistant_tokens(self, prompt: int, completion: int) -> None:
+        self._assistant_tokens.labels("prompt").inc(prompt)
+        self._assistant_tokens.labels("completion").inc(completion)
+
+    def ollama_called(self, call: str, seconds: float, *, ok: bool) -> None:
+        self._ollama_latency.labels(call, "ok" if ok else "error").observe(seconds)
 
     # ---- exposition -------------------------------------------------------------
 

@@ -14,7 +14,14 @@ from typing import Any
 
 from aiohttp import web
 
-from imagine.security.tokens import PUBLIC_ATTRIBUTE, SCOPE_ATTRIBUTE, SIGNED_URL_ATTRIBUTE, InvalidToken
+from imagine.security.tokens import (
+    BASIC_AUTH_ATTRIBUTE,
+    PUBLIC_ATTRIBUTE,
+    SCOPE_ATTRIBUTE,
+    SIGNED_URL_ATTRIBUTE,
+    InvalidToken,
+    basic_password,
+)
 from imagine.errors import ApiError, error_body
 from imagine.http.app_keys import (
     error_code_key,
@@ -26,6 +33,7 @@ from imagine.http.app_keys import (
     verifier_key,
 )
 from imagine.http.openai_errors import is_openai_route, openai_error_body
+from imagine.http.sdapi_errors import is_sdapi_route, sdapi_error_body
 from imagine.security.ratelimit import OPERATIONAL_ATTRIBUTE, BucketDecision, client_ip, most_restrictive
 from imagine.security.url_signing import SIGNATURE_PARAMS
 
@@ -36,7 +44,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Headers a browser script may read from our responses.
 EXPOSED_HEADERS = (
     "X-Seed, X-Model, X-Generation-Time, X-Image-Id, Content-Disposition, Retry-After, Server-Timing, "
-    "RateLimit-Limit, RateLimit-Remaining, RateLimit-Reset, WWW-Authenticate, X-Request-ID"
+    "RateLimit-Limit, RateLimit-Remaining, RateLimit-Reset, Quota-Limit, Quota-Remaining, Quota-Reset, "
+    "WWW-Authenticate, X-Request-ID"
 )
 
 _HTTP_CODES = {
@@ -137,6 +146,8 @@ def _error_response(
     # OpenAI's client libraries read only their own error shape, 401 and 429 included.
     if is_openai_route(request):
         body = openai_error_body(status, body)
+    elif is_sdapi_route(request):
+        body = sdapi_error_body(body)
     return web.json_response(body, status=status, headers=headers)
 
 
@@ -207,6 +218,10 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         return await handler(request)
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
+    if scheme.lower() == "basic" and getattr(request.match_info.handler, BASIC_AUTH_ATTRIBUTE, False):
+        # A1111's --api-auth clients send credentials, not tokens: the password is the token.
+        token = basic_password(token) or ""
+        scheme = "bearer" if token else scheme
     if scheme.lower() != "bearer" or not token.strip():
         raise _unauthorized("missing bearer token" if not header else "malformed Authorization header", bool(header))
     try:

@@ -20,8 +20,14 @@ if TYPE_CHECKING:
 SAMPLER_LABELS = {
     "euler": "Euler",
     "euler_a": "Euler a",
+    "heun": "Heun",
+    "lms": "LMS",
     "ddim": "DDIM",
     "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m_karras": "DPM++ 2M Karras",
+    "dpmpp_sde": "DPM++ SDE",
+    "dpmpp_sde_karras": "DPM++ SDE Karras",
+    "unipc": "UniPC",
     "pndm": "PNDM",
     "lcm": "LCM",
 }

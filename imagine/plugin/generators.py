@@ -168,6 +168,9 @@ class ModelCard:
     # What requests may give: "text" always; "image" (image to image) and "mask" (inpainting, outpainting).
     inputs: tuple[str, ...] = ("text",)
     examples: tuple[ModelExample, ...] = ()
+    # How prompts for this model are best written: what POST /prompt/enhance tells the chat model
+    # (empty: a general guide for text-to-image prompts).
+    prompt_guide: str = ""
 
 
 class Generator(abc.ABC):

@@ -6,12 +6,13 @@ so `alg: none` and HS/RS confusion tokens fail signature checks by construction.
 
 from __future__ import annotations
 
+import base64
 import collections
 import os
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import jwt
 
 from imagine.errors import ApiError
 from imagine.security.private_files import secret_in
+from imagine.security.quotas import QuotaClaim, parse_claim
 from imagine.settings import AuthSettings
 
 SECRET_ENV = "IMAGINE_JWT_SECRET"
@@ -48,6 +50,8 @@ class Principal:
     sub: str
     scopes: frozenset[str]
     models: frozenset[str] | None = None
+    # The token's `quota` claim: limits that override `[quotas]` for this token.
+    quota: QuotaClaim | None = field(default=None, compare=False)
 
     def has_scope(self, scope: str) -> bool:
         return scope in self.scopes
@@ -210,7 +214,13 @@ def _principal(claims: Mapping[str, Any]) -> Principal:
     models = claims.get("models")
     if models is not None and not (isinstance(models, list) and all(isinstance(item, str) for item in models)):
         raise InvalidToken("'models' must be a list of model names")
-    return Principal(sub=sub, scopes=scopes, models=frozenset(models) if models is not None else None)
+    quota = None
+    if claims.get("quota") is not None:
+        try:
+            quota = parse_claim(claims["quota"])
+        except ValueError as error:
+            raise InvalidToken(str(error)) from None
+    return Principal(sub=sub, scopes=scopes, models=frozenset(models) if models is not None else None, quota=quota)
 
 
 # Route annotations read by the auth middleware. A handler without one needs a
@@ -219,6 +229,7 @@ Handler = Callable[..., Awaitable[Any]]
 PUBLIC_ATTRIBUTE = "__imagine_public__"
 SCOPE_ATTRIBUTE = "__imagine_scopes__"
 SIGNED_URL_ATTRIBUTE = "__imagine_signed_url__"
+BASIC_AUTH_ATTRIBUTE = "__imagine_basic_auth__"
 
 
 def public(handler: Handler) -> Handler:
@@ -232,6 +243,23 @@ def signed_url_allowed(handler: Handler) -> Handler:
     which must verify the signature itself (see `imagine.security.url_signing`)."""
     setattr(handler, SIGNED_URL_ATTRIBUTE, True)
     return handler
+
+
+def basic_auth_allowed(handler: Handler) -> Handler:
+    """The route also takes HTTP Basic credentials whose password is the token (any user name),
+    for clients that can send nothing else; the token is then verified like a bearer token."""
+    setattr(handler, BASIC_AUTH_ATTRIBUTE, True)
+    return handler
+
+
+def basic_password(credentials: str) -> str | None:
+    """The password of HTTP Basic `credentials` (base64 of "user:password"); None when they are malformed."""
+    try:
+        decoded = base64.b64decode(credentials.strip(), validate=True).decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        return None
+    user, colon, password = decoded.partition(":")
+    return password if colon else None
 
 
 def requires(*any_of: str) -> Callable[[Handler], Handler]:

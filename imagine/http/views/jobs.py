@@ -11,6 +11,8 @@ from imagine.errors import validation_error
 from imagine.engine.jobs import body_fingerprint
 from imagine.http.app_keys import jobs_key, principal_key, settings_key
 from imagine.http.front_door import admit
+from imagine.http.job_followups import ORIGIN_FIELD, WEBHOOK_FIELD, followups_key
+from imagine.http.urls import public_origin
 from imagine.http.generation_result import GenerationResult
 from imagine.http.openapi import (
     ERROR,
@@ -92,7 +94,9 @@ def resume_after(request: web.Request) -> str | None:
 @operation(
     "Queue a generation and answer at once",
     tags=["jobs"],
-    description="The body is /generate's, plus `preview` for latent previews in progress events. The same "
+    description="The body is /generate's, plus `preview` for latent previews in progress events and "
+    "`webhook_url` (a string: an http(s) URL whose host is in webhooks.allowed_hosts) for a signed POST "
+    "(Standard Webhooks) when the job ends. The same "
     "`Idempotency-Key` and body from the same caller return the same job (`Idempotent-Replayed: true`) with "
     "the same answer.",
     parameters=[
@@ -121,7 +125,13 @@ async def submit_job(request: web.Request) -> web.Response:
     earlier = await jobs.replay(principal, key, fingerprint)
     if earlier is not None:
         return accepted(request, earlier, replayed=True)
+    # The jobs body's own field: the generation body (admit's) does not know it.
+    webhook_url = raw.pop(WEBHOOK_FIELD, None) if isinstance(raw, dict) else None
     admitted = await admit(app, principal, raw)
+    after_end = None
+    if webhook_url is not None:
+        await app[followups_key].check_target(webhook_url, admitted.body.store)
+        after_end = {WEBHOOK_FIELD: webhook_url, ORIGIN_FIELD: public_origin(request)}
     acceptance, replayed = await jobs.submit(
         principal,
         key,
@@ -130,6 +140,7 @@ async def submit_job(request: web.Request) -> web.Response:
         admitted.generator,
         store=admitted.body.store,
         preview=admitted.body.preview,
+        after_end=after_end,
     )
     return accepted(request, acceptance, replayed=replayed)
 

@@ -81,6 +81,11 @@ LOCAL_MODEL = Component(
                 "items": obj({"name": {"type": "string"}, "weight": {"type": "number"}}),
                 "description": "Applied when a request names none",
             },
+            "speed_ups": {
+                "type": "object",
+                "description": "While loaded: the GPU switches it loaded with (models.attention, channels_last, tf32, "
+                "compile) and `compile_s`, the seconds compiling took at load",
+            },
         },
         required=[
             "name",
@@ -188,6 +193,8 @@ def local_model(app: web.Application, generator: Generator, memory: ModelMemory)
         "memory": memory.as_json(),
         **generator.listing(),
     }
+    if "speed_ups" in (runtime := generator.runtime_info()):
+        entry["speed_ups"] = runtime["speed_ups"]
     return entry
 
 

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from imagine.engine import generation
 from imagine.security.tokens import requires
-from imagine.errors import ApiError, field_error, validation_error
+from imagine.errors import ApiError, field_error, renamed_fields, validation_error
 from imagine.http.app_keys import encode_pool_key, principal_key, settings_key
 from imagine.http.front_door import Admitted, admit
 from imagine.http.image_inputs import decode
@@ -124,16 +124,7 @@ OPENAI_ERRORS: dict[Any, dict[str, Any]] = {
 
 def _in_openai_terms(error: ApiError) -> ApiError:
     """Rename our field names in a validation error to the ones the caller sent."""
-    errors = error.details.get("errors")
-    if error.code != "VALIDATION_ERROR" or not errors:
-        return error
-    renamed = []
-    for entry in errors:
-        loc = list(entry["loc"])
-        if len(loc) > 1 and loc[0] == "body" and loc[1] in _OPENAI_FIELDS:
-            loc[1] = _OPENAI_FIELDS[loc[1]]
-        renamed.append({**entry, "loc": loc})
-    return validation_error(renamed)
+    return renamed_fields(error, _OPENAI_FIELDS)
 
 
 def _generate_fields(body: ImagesGenerationBody) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import platform
 from typing import Any
@@ -13,7 +14,7 @@ from redis.exceptions import RedisError
 from imagine.engine import device
 from imagine.security.tokens import public
 from imagine.plugin.generators import Generator
-from imagine.http.app_keys import cluster_key, executor_key, gallery_key, limiter_key, registry_key, role_key
+from imagine.http.app_keys import assistant_key, cluster_key, executor_key, gallery_key, limiter_key, registry_key, role_key
 from imagine.engine.memory import gigabytes
 from imagine.engine.registry import ModelRegistry
 from imagine.http.openapi import Component, error_response, json_response, obj, operation, query_parameter
@@ -108,6 +109,16 @@ HEALTH = Component(
                     "backend": {"enum": ["embedded", "shared"]},
                     "ok": {"type": "boolean", "description": "Whether its database and object storage answer"},
                 }
+            ),
+            "assistant": obj(
+                {
+                    "configured": {"type": "boolean", "description": "Whether assistant.ollama_url names a server"},
+                    "reachable": {"type": "boolean", "description": "Whether the Ollama server answered the last look"},
+                    "chat_model": {"type": "boolean", "description": "Whether the server has assistant.chat_model"},
+                    "vision_model": {"type": "boolean", "description": "Whether the server has assistant.vision_model"},
+                    "error": STRING_OR_NULL,
+                },
+                description="Reported, never degrading: generation does not need the assistant",
             ),
             "reasons": {
                 "type": "array",
@@ -279,6 +290,7 @@ async def health(request: web.Request) -> web.Response:
         "model_status": model_status,
         "queue": queue,
         "gallery": {"backend": gallery.backend, "ok": gallery.ok},
+        "assistant": dataclasses.asdict(request.app[assistant_key].state()),
         "reasons": reasons,
     }
     return web.json_response(body, status=503 if status == "unhealthy" else 200)
@@ -321,6 +333,9 @@ async def status(request: web.Request) -> web.Response:
     executor = request.app[executor_key]
     report = executor.report
     generators = registry.generators()
+    assistant = request.app[assistant_key].state()
+    # Seed 004's: whether the chat model and the vision model answer, when there is an assistant.
+    seed004 = {"ollama": assistant.chat_model, "multimodal": assistant.vision_model} if assistant.configured else {}
     return web.json_response(
         {
             "status": "running",
@@ -344,7 +359,7 @@ async def status(request: web.Request) -> web.Response:
                 for g in registry.local()
             },
             "available_generators": _generator_summaries(registry),
-            "models": {g.name: g.loaded for g in generators},
+            "models": {g.name: g.loaded for g in generators} | seed004,
             "gpu_available": report.gpu_available,
             "gpu_backend": report.gpu_backend,
             "system_info": system_info(request.app),

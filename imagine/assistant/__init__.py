@@ -1,0 +1,1 @@
+"""The assistant: chat sessions, image analysis and prompt help through an Ollama server."""

@@ -1,0 +1,136 @@
+"""Where a webhook may go: the guard that keeps callers from aiming the service at its own network.
+
+A URL must be http(s), without credentials, to a host that `webhooks.allowed_hosts`
+lists ("hooks.example.com", "*.example.com", "*"). Every address the host
+resolves to must be public (not loopback, link-local, private, shared,
+reserved or a cloud metadata address) unless the host is listed exactly,
+without a wildcard. The check runs at submission (a refusal is a 400) and
+again inside the connection of every attempt: the delivery session resolves
+through `GuardedResolver`, so a name that resolves elsewhere by then (DNS
+rebinding) is refused before any byte is sent. Redirects are never followed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import urllib.parse
+from dataclasses import dataclass
+
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import ThreadedResolver
+
+MAX_URL_LENGTH = 2048
+# Addresses of cloud instance-metadata services that are not already link-local or private.
+METADATA_ADDRESSES = frozenset(
+    ipaddress.ip_address(address) for address in ("100.100.100.200", "fd00:ec2::254", "169.254.169.254", "168.63.129.16")
+)
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class TargetRefused(ValueError):
+    """The URL may not receive webhooks; the message says why (it reaches the client in a 400)."""
+
+
+@dataclass(frozen=True)
+class Target:
+    host: str
+    port: int
+    literal: IPAddress | None
+
+
+def _normalise(host: str) -> str:
+    return host.strip().rstrip(".").lower()
+
+
+def forbidden_address(address: IPAddress) -> bool:
+    """Anything but a public unicast address: loopback, link-local, private, shared, reserved, metadata."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address in METADATA_ADDRESSES or not address.is_global or address.is_multicast
+
+
+class TargetPolicy:
+    def __init__(self, patterns: tuple[str, ...]) -> None:
+        self._patterns = tuple(_normalise(pattern) for pattern in patterns if pattern.strip())
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._patterns)
+
+    def _matches(self, host: str) -> bool:
+        for pattern in self._patterns:
+            if pattern == "*" or pattern == host:
+                return True
+            if pattern.startswith("*.") and host.endswith(pattern[1:]):
+                return True
+        return False
+
+    def explicitly_listed(self, host: str) -> bool:
+        """Listed as itself, without a wildcard: only such a host may reach private addresses."""
+        return _normalise(host) in self._patterns
+
+    def address_allowed(self, host: str, address: IPAddress) -> bool:
+        return self.explicitly_listed(host) or not forbidden_address(address)
+
+    def parse(self, url: str) -> Target:
+        """The URL's host and port, or TargetRefused for a scheme, form or host that is not allowed."""
+        if not self.enabled:
+            raise TargetRefused("webhooks are off on this service (webhooks.allowed_hosts lists no host)")
+        if len(url) > MAX_URL_LENGTH:
+            raise TargetRefused(f"must be at most {MAX_URL_LENGTH} characters")
+        try:
+            parts = urllib.parse.urlsplit(url)
+            port = parts.port
+        except ValueError:
+            raise TargetRefused("is not a valid URL") from None
+        if parts.scheme not in ("http", "https"):
+            raise TargetRefused("must be an http:// or https:// URL")
+        if parts.username is not None or parts.password is not None:
+            raise TargetRefused("must not carry credentials")
+        host = _normalise(parts.hostname or "")
+        if not host:
+            raise TargetRefused("has no host")
+        if not self._matches(host):
+            raise TargetRefused(f"host {host} is not in webhooks.allowed_hosts")
+        try:
+            literal: IPAddress | None = ipaddress.ip_address(host)
+        except ValueError:
+            literal = None
+        if literal is not None and not self.address_allowed(host, literal):
+            raise TargetRefused(f"address {literal} is not a public address")
+        return Target(host, port or (443 if parts.scheme == "https" else 80), literal)
+
+    async def check(self, url: str) -> None:
+        """`parse`, then resolve the host now: TargetRefused unless every address it has is allowed."""
+        target = self.parse(url)
+        if target.literal is not None:
+            return
+        try:
+            found = await asyncio.get_running_loop().getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
+        except OSError:
+            raise TargetRefused(f"host {target.host} does not resolve") from None
+        for *_, address in found:
+            ip = ipaddress.ip_address(address[0])
+            if not self.address_allowed(target.host, ip):
+                raise TargetRefused(f"host {target.host} resolves to {ip}, which is not a public address")
+
+
+class GuardedResolver(AbstractResolver):
+    """The system resolver, refusing a host if any address it resolves to is not allowed for it."""
+
+    def __init__(self, policy: TargetPolicy) -> None:
+        self._policy = policy
+        self._resolver = ThreadedResolver()
+
+    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+        found = await self._resolver.resolve(host, port, family)
+        for entry in found:
+            if not self._policy.address_allowed(host, ipaddress.ip_address(entry["host"])):
+                raise OSError(f"webhook host {host} resolves to {entry['host']}, which is not a public address")
+        return found
+
+    async def close(self) -> None:
+        await self._resolver.close()

@@ -1,0 +1,142 @@
+"""Image quotas: charged at admission, refused with 429 past the quota, refunded when work fails or is cancelled
+before it runs, counted in the embedded database (kept across a restart) or in Redis (shared by replicas)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+import redis as redis_sync
+
+from imagine.http.app import create_app
+from imagine.settings import Settings
+from tests.conftest import KEYS, auth
+from tests.processes import RedisServer, redis_server
+from tests.slow_plugin import SlowPlugin
+
+BODY = {"prompt": "a lighthouse", "model": "sdxl", "width": 64, "height": 64, "steps": 2, "seed": 3, "response_format": "json"}
+
+
+async def usage(client: Any, sub: str = "alice", **claims: Any) -> dict[str, Any]:
+    response = await client.get("/imagine/usage", headers=auth(sub, **claims))
+    assert response.status == 200, await response.text()
+    return await response.json()
+
+
+async def job_end(client: Any, job_id: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        job = await (await client.get(f"/imagine/jobs/{job_id}", headers=auth())).json()
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            return job
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not end")
+
+
+async def test_quota_admits_until_spent_then_429_with_headers_and_usage_matches(make_client: Any, base_settings: Settings) -> None:
+    client = await make_client(base_settings.replace(quotas={"images_per_day": 3}))
+    first = await client.post("/imagine/generate", json={**BODY, "num_images": 2}, headers=auth())
+    assert first.status == 200
+    assert (first.headers["Quota-Limit"], first.headers["Quota-Remaining"]) == ("3", "1")
+    assert 0 < int(first.headers["Quota-Reset"]) <= 86400
+    refused = await client.post("/imagine/generate", json={**BODY, "num_images": 2}, headers=auth())
+    assert refused.status == 429
+    assert (await refused.json())["error"]["code"] == "QUOTA_EXCEEDED"
+    assert 0 < int(refused.headers["Retry-After"]) <= 86400 and refused.headers["Quota-Remaining"] == "0"
+    assert (await client.post("/imagine/generate", json=BODY, headers=auth())).status == 200
+    seen = await usage(client)
+    assert seen["day"]["images"] == 3 and seen["day"]["limit"] == 3 and seen["day"]["by_model"] == {"sdxl": 3}
+    assert seen["month"]["images"] == 3 and seen["month"]["limit"] is None
+    # Another subject has its own count; only admin reads it.
+    assert (await usage(client, "bob"))["day"]["images"] == 0
+    assert (await client.get("/imagine/usage?sub=bob", headers=auth())).status == 403
+    assert (await (await client.get("/imagine/usage?sub=alice", headers=auth("root", "admin"))).json())["day"]["images"] == 3
+    text = await (await client.get("/imagine/metrics", headers=auth(scope="metrics"))).text()
+    assert 'imagine_quota_images_total{model="sdxl",outcome="charged"} 3.0' in text
+    assert 'imagine_quota_images_total{model="sdxl",outcome="refused"} 2.0' in text
+
+
+async def test_a_token_claim_and_per_model_limits_override_the_defaults(make_client: Any, base_settings: Settings) -> None:
+    client = await make_client(base_settings.replace(quotas={"images_per_day": 100, "models": {"sdxl": {"images_per_day": 1}}}))
+    assert (await client.post("/imagine/generate", json=BODY, headers=auth())).status == 200
+    assert (await client.post("/imagine/generate", json=BODY, headers=auth())).status == 429
+    generous = {"models": {"sdxl": {"images_per_day": 5}}}
+    response = await client.post("/imagine/generate", json=BODY, headers=auth(quota=generous))
+    assert response.status == 200 and response.headers["Quota-Remaining"] == "3"
+    assert (await client.get("/imagine/usage", headers=auth(quota="lots"))).status == 401
+
+
+async def test_failed_and_cancelled_before_running_jobs_are_refunded(make_client: Any, base_settings: Settings) -> None:
+    plugin = SlowPlugin(step_seconds=0.05)
+    client = await make_client(base_settings.replace(queue={"timeout_s": 0.6}, quotas={"images_per_day": 10}), plugins=(plugin,))
+    slow = {"prompt": "slow", "model": "slow", "steps": 100}
+    running = await (await client.post("/imagine/jobs", json=slow, headers=auth())).json()
+    queued = await (await client.post("/imagine/jobs", json=slow, headers=auth())).json()
+    assert (await usage(client))["day"]["images"] == 2
+    cancelled = await (await client.delete(f"/imagine/jobs/{queued['id']}", headers=auth())).json()
+    assert cancelled["status"] == "cancelled" and "started_at" not in cancelled
+    failed = await job_end(client, running["id"])
+    assert failed["status"] == "failed" and failed["error"]["error"]["code"] == "TIMEOUT"
+    await asyncio.sleep(0.2)
+    assert (await usage(client))["day"]["images"] == 0
+
+
+async def test_counts_survive_a_restart(aiohttp_client: Any, base_settings: Settings) -> None:
+    settings = base_settings.replace(quotas={"images_per_day": 2})
+    first = await aiohttp_client(create_app(settings, keys=KEYS))
+    assert (await first.post("/imagine/generate", json={**BODY, "num_images": 2}, headers=auth())).status == 200
+    await first.close()
+    second = await aiohttp_client(create_app(settings, keys=KEYS))
+    assert (await second.post("/imagine/generate", json=BODY, headers=auth())).status == 429
+    assert (await usage(second))["day"]["images"] == 2
+
+
+@pytest.fixture(scope="module")
+def redis(tmp_path_factory: pytest.TempPathFactory) -> RedisServer:
+    with redis_server(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+async def test_two_replicas_sharing_redis_never_admit_more_than_the_quota(
+    aiohttp_client: Any, base_settings: Settings, redis: RedisServer
+) -> None:
+    redis_sync.Redis.from_url(redis.url).flushall()
+    settings = base_settings.replace(
+        quotas={"images_per_day": 5}, ratelimit={"storage": redis.url}, queue={"storage": redis.url}
+    )
+    replicas = [await aiohttp_client(create_app(settings, keys=KEYS)) for _ in range(2)]
+    responses = await asyncio.gather(
+        *(replicas[index % 2].post("/imagine/jobs", json=BODY, headers=auth()) for index in range(16))
+    )
+    statuses = sorted(response.status for response in responses)
+    assert statuses == [202] * 5 + [429] * 11
+    for replica in replicas:
+        assert (await usage(replica))["day"]["images"] == 5
+    ended = [await job_end(replicas[0], (await response.json())["id"]) for response in responses if response.status == 202]
+    assert all(job["status"] == "succeeded" for job in ended)
+    assert (await usage(replicas[1]))["day"]["by_model"] == {"sdxl": 5}
+
+
+async def test_with_a_shared_queue_a_job_cancelled_before_running_is_refunded_for_every_replica(
+    aiohttp_client: Any, base_settings: Settings, redis: RedisServer
+) -> None:
+    redis_sync.Redis.from_url(redis.url).flushall()
+    settings = base_settings.replace(quotas={"images_per_day": 5}, ratelimit={"storage": redis.url}, queue={"storage": redis.url})
+    plugin = SlowPlugin(step_seconds=0.05)
+    gpu = await aiohttp_client(create_app(settings, keys=KEYS, extra_plugins=(plugin,)))
+    api = await aiohttp_client(create_app(settings, keys=KEYS, extra_plugins=(SlowPlugin(),), role="api"))
+    slow = {"prompt": "slow", "model": "slow", "steps": 40}
+    running = await (await api.post("/imagine/jobs", json=slow, headers=auth())).json()
+    queued = await (await api.post("/imagine/jobs", json=slow, headers=auth())).json()
+    await asyncio.to_thread(plugin.generator.started.wait, 10)
+    assert (await (await api.delete(f"/imagine/jobs/{queued['id']}", headers=auth())).json())["status"] == "cancelled"
+    deadline = time.monotonic() + 10
+    while (await usage(gpu))["day"]["images"] != 1:
+        assert time.monotonic() < deadline, "the cancelled job was not refunded"
+        await asyncio.sleep(0.1)
+    # Cancelled while running: the device spent the time, the image stays charged.
+    assert (await (await api.delete(f"/imagine/jobs/{running['id']}", headers=auth())).json())["status"] == "cancelled"
+    await asyncio.sleep(1.5)
+    assert (await usage(api))["day"]["images"] == 1

@@ -1,0 +1,160 @@
+"""Webhooks: signed (verified with the `standardwebhooks` package), retried with backoff, kept across a restart,
+never aimed at the service's own network. The receiver is a real aiohttp server on a loopback port."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import secrets
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis as redis_sync
+from standardwebhooks.webhooks import Webhook
+
+from imagine.http.app import create_app
+from imagine.settings import Settings
+from tests.conftest import KEYS, auth
+from tests.processes import RedisServer, redis_server
+from tests.webhook_receiver import Receiver
+
+SECRET = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+BODY = {"prompt": "a lighthouse", "model": "sdxl", "width": 64, "height": 64, "steps": 2, "seed": 5, "response_format": "json"}
+BACKOFF_S = 0.3
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    server = Receiver(fail_first=2)
+    await server.start()
+    yield server
+    await server.stop()
+
+
+def hooked(settings: Settings, hosts: tuple[str, ...] = ("127.0.0.1",), **values: Any) -> Settings:
+    return settings.replace(
+        webhooks={"allowed_hosts": hosts, "secret": SECRET, "backoff_s": BACKOFF_S, "timeout_s": 2.0, **values}
+    )
+
+
+async def submit(client: Any, url: str, **extra: Any) -> Any:
+    return await client.post("/imagine/jobs", json={**BODY, "webhook_url": url, **extra}, headers=auth())
+
+
+async def test_fails_twice_then_one_signed_delivery_with_gallery_links_and_spaced_retries(
+    make_client: Any, base_settings: Settings, receiver: Receiver
+) -> None:
+    client = await make_client(hooked(base_settings))
+    response = await submit(client, receiver.url)
+    assert response.status == 202, await response.text()
+    job_id = (await response.json())["id"]
+    await receiver.wait_for(3)
+    await asyncio.sleep(BACKOFF_S * 4)
+    assert [entry.status for entry in receiver.received] == [500, 500, 200]
+    (accepted,) = receiver.accepted
+    payload = Webhook(SECRET).verify(accepted.body, accepted.headers)
+    assert payload["type"] == "job.succeeded" and payload["data"]["id"] == job_id
+    assert payload["timestamp"].endswith("Z")
+    # The same message id on every attempt, so the receiver can drop repeats.
+    assert len({entry.headers["webhook-id"] for entry in receiver.received}) == 1
+    # Retries wait backoff_s, then twice that.
+    first, second, third = (entry.at for entry in receiver.received)
+    assert second - first >= BACKOFF_S * 0.9 and third - second >= BACKOFF_S * 1.8
+    # Images are signed gallery links, not base64, and fetch without a token.
+    result = payload["data"]["result"]
+    (link,) = result["images"]
+    assert link.startswith("http://") and f"/imagine/gallery/{result['ids'][0]}.png?" in link
+    image = await client.get("/imagine" + link.split("/imagine", 1)[1])
+    assert image.status == 200 and (await image.read()).startswith(b"\x89PNG")
+    text = await (await client.get("/imagine/metrics", headers=auth(scope="metrics"))).text()
+    assert 'imagine_webhook_attempts_total{outcome="http_error"} 2.0' in text
+    assert 'imagine_webhook_deliveries_total{outcome="delivered"} 1.0' in text
+
+
+async def test_a_pending_delivery_resumes_after_a_restart(
+    aiohttp_client: Any, base_settings: Settings, receiver: Receiver
+) -> None:
+    receiver.fail_first = 1000
+    settings = hooked(base_settings)
+    first = await aiohttp_client(create_app(settings, keys=KEYS))
+    response = await submit(first, receiver.url)
+    assert response.status == 202
+    job_id = (await response.json())["id"]
+    await receiver.wait_for(1)
+    await first.close()
+    refused = len(receiver.received)
+    receiver.fail_first = refused  # accepts from now on
+    await aiohttp_client(create_app(settings, keys=KEYS))
+    await receiver.wait_for(refused + 1)
+    (accepted,) = receiver.accepted
+    assert Webhook(SECRET).verify(accepted.body, accepted.headers)["data"]["id"] == job_id
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:9/hook",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://10.1.2.3/hook",
+        "http://localhost:9/hook",  # a name that resolves to loopback
+        "http://[::1]:9/hook",
+        "ftp://hooks.example.com/hook",
+        "http://user:secret@hooks.example.com/hook",
+    ],
+)
+async def test_forbidden_targets_are_refused_at_submission(make_client: Any, base_settings: Settings, url: str) -> None:
+    client = await make_client(hooked(base_settings, hosts=("*",)))
+    response = await submit(client, url)
+    assert response.status == 400
+    body = await response.json()
+    assert body["error"]["code"] == "VALIDATION_ERROR"
+    assert body["error"]["details"]["errors"][0]["loc"] == ["body", "webhook_url"]
+
+
+async def test_webhooks_are_off_until_hosts_are_listed_and_need_stored_images(
+    make_client: Any, base_settings: Settings, receiver: Receiver
+) -> None:
+    off = await make_client(base_settings)
+    response = await submit(off, receiver.url)
+    assert response.status == 400 and "off" in (await response.json())["detail"]
+    on = await make_client(hooked(base_settings))
+    assert (await submit(on, receiver.url, store=False)).status == 400
+    assert (await submit(on, "http://127.0.0.2/hook")).status == 400  # not listed
+    # /generate has no webhook_url field.
+    assert (await on.post("/imagine/generate", json={**BODY, "webhook_url": receiver.url}, headers=auth())).status == 400
+
+
+async def test_a_redirect_is_not_followed(make_client: Any, base_settings: Settings, receiver: Receiver) -> None:
+    receiver.redirect_to = f"http://127.0.0.1:{receiver.port}/landing"
+    client = await make_client(hooked(base_settings, max_attempts=2))
+    assert (await submit(client, receiver.url)).status == 202
+    await receiver.wait_for(2)
+    await asyncio.sleep(BACKOFF_S * 3)
+    assert len(receiver.received) == 2 and receiver.landed == 0
+    text = await (await client.get("/imagine/metrics", headers=auth(scope="metrics"))).text()
+    assert 'imagine_webhook_deliveries_total{outcome="gave_up"} 1.0' in text
+
+
+@pytest.fixture(scope="module")
+def redis(tmp_path_factory: pytest.TempPathFactory) -> RedisServer:
+    with redis_server(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+async def test_with_a_shared_queue_the_replica_that_ends_the_job_need_not_be_the_one_that_delivers(
+    aiohttp_client: Any, base_settings: Settings, receiver: Receiver, redis: RedisServer
+) -> None:
+    redis_sync.Redis.from_url(redis.url).flushall()
+    settings = hooked(base_settings).replace(queue={"storage": redis.url, "visibility_timeout_s": 1.0})
+    api = await aiohttp_client(create_app(settings, keys=KEYS, role="api"))
+    await aiohttp_client(create_app(settings, keys=KEYS))
+    response = await submit(api, receiver.url)
+    assert response.status == 202
+    await receiver.wait_for(3)
+    await asyncio.sleep(BACKOFF_S * 4)
+    assert [entry.status for entry in receiver.received] == [500, 500, 200]
+    payload = json.loads(receiver.accepted[0].body)
+    assert Webhook(SECRET).verify(receiver.accepted[0].body, receiver.accepted[0].headers) == payload
+    assert payload["data"]["id"] == (await response.json())["id"] and payload["data"]["status"] == "succeeded"
