@@ -351,7 +351,8 @@ async def paired_rounds(
         pipeline = await service.on_device(lambda: BarePipeline(service, arguments.model))
         for batch in bare_batches:  # warm up every shape of call
             await service.on_device(lambda batch=batch: pipeline.call(size, steps, range(batch)))
-        await drive(service.url, token, body, concurrency=1, requests=1, duration=None)
+        # The service warms up under the rounds' load: long enough for it to have measured its batch sizes.
+        await drive(service.url, token, body, concurrency=arguments.concurrency, requests=2 * images, duration=None)
         before, serving_s = DeviceWork.of(service, arguments.model), 0.0
         for _ in range(arguments.rounds):
             for batch in bare_batches:

@@ -5,8 +5,12 @@ four images runs slower per image than four calls of one, and on a GPU the
 best size depends on the card, the resolution and the step count. So the
 device measures each call (images per second of device time) under the
 batch's shape, and caps the next batch of that shape at the size measured
-best. Sizes never measured (the powers of two up to `batch.max_size`, and
-the maximum) are tried first, each once; after that one batch in
+best. The candidate sizes (the powers of two up to `batch.max_size`, and
+the maximum) are tried first, each `SAMPLES_TO_TRUST` times, and judged by
+the fastest of their recent measurements: timing noise on a busy machine only
+ever slows a call down (another process, a cold cache, a lazy allocation), so
+a size's best recent call is the steadiest estimate of what it can do, and a
+cold first call does not decide. After that one batch in
 `EXPLORE_EVERY` tries the size measured longest ago, so a change (a model
 loaded beside, a LoRA, a warmer GPU) is noticed. `batch.max_size` stays the
 upper bound, and a size slower than one image at a time never wins.
@@ -14,6 +18,7 @@ upper bound, and a size slower than one image at a time never wins.
 
 from __future__ import annotations
 
+import collections
 import threading
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -22,8 +27,11 @@ from imagine.plugin.generators import GenerationRequest
 
 # One batch in this many, per shape, measures a size other than the best.
 EXPLORE_EVERY = 24
-# Weight of the newest measurement in a size's moving average.
-SMOOTHING = 0.3
+# Measurements of a size before it is judged.
+SAMPLES_TO_TRUST = 3
+# How many of a size's latest measurements its rate is the best of: the same for every size, so a
+# size measured more often (the one in use) does not look faster for having had more tries.
+RECENT = SAMPLES_TO_TRUST
 
 
 class BatchShape(NamedTuple):
@@ -42,9 +50,16 @@ def shape(request: GenerationRequest) -> BatchShape:
 
 @dataclass
 class _Shape:
-    rates: dict[int, float] = field(default_factory=dict)  # batch size -> images/s (moving average)
+    # batch size -> images/s of its latest calls
+    rates: dict[int, collections.deque[float]] = field(default_factory=dict)
     measured_at: dict[int, int] = field(default_factory=dict)  # batch size -> decision number of its last measurement
     decisions: int = 0
+
+    def rate(self, size: int) -> float:
+        return max(self.rates[size])
+
+    def samples(self, size: int) -> int:
+        return len(self.rates.get(size, ()))
 
 
 class BatchSizer:
@@ -62,9 +77,10 @@ class BatchSizer:
         with self._lock:
             learnt = self._shapes.setdefault(shape(request), _Shape())
             learnt.decisions += 1
-            untried = [size for size in self._candidates if size not in learnt.rates]
+            untried = [size for size in self._candidates if learnt.samples(size) < SAMPLES_TO_TRUST]
             if untried:
-                return untried[0]
+                # The least measured first, the largest among equals.
+                return min(untried, key=learnt.samples)
             if learnt.decisions % EXPLORE_EVERY == 0:
                 return min(self._candidates, key=lambda size: learnt.measured_at.get(size, 0))
             return self._best(learnt)
@@ -75,9 +91,7 @@ class BatchSizer:
             return
         with self._lock:
             learnt = self._shapes.setdefault(shape(request), _Shape())
-            rate = images / device_s
-            before = learnt.rates.get(images)
-            learnt.rates[images] = rate if before is None else (1 - SMOOTHING) * before + SMOOTHING * rate
+            learnt.rates.setdefault(images, collections.deque(maxlen=RECENT)).append(images / device_s)
             learnt.measured_at[images] = learnt.decisions
 
     def best(self, request: GenerationRequest) -> int | None:
@@ -90,5 +104,6 @@ class BatchSizer:
             return {key: self._best(learnt) for key, learnt in self._shapes.items() if learnt.rates}
 
     def _best(self, learnt: _Shape) -> int:
-        # Ties go to the smaller size: the same throughput with less waiting.
-        return max(sorted(learnt.rates), key=lambda size: learnt.rates[size])
+        """The fastest candidate measured enough (else the fastest measured at all); ties to the smaller."""
+        trusted = [size for size in self._candidates if learnt.samples(size) >= SAMPLES_TO_TRUST]
+        return max(sorted(trusted or learnt.rates), key=learnt.rate)
