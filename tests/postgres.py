@@ -1,7 +1,7 @@
 """A real PostgreSQL server for the tests: its own cluster (initdb, pg_ctl) in a temporary folder on a loopback port.
 
-One cluster per test session, started by the first test that asks for
-`postgres` and stopped at the session's end; each test gets a database of its
+One cluster per test run, started by the first test that asks for
+`postgres` and stopped at the test run's end; each test gets a database of its
 own (`new_database`). PostgreSQL refuses to run as root, so as root (CI) the
 server runs as the `postgres` system user that Debian's package creates, in
 a folder of the system's temporary directory that user may enter.
@@ -81,7 +81,7 @@ _cluster: PostgresCluster | None = None
 
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[PostgresCluster]:
-    """The session's one cluster (test modules that import this fixture share it)."""
+    """The test run's one cluster (test modules that import this fixture share it)."""
     global _cluster
     if _cluster is None:
         _cluster = PostgresCluster()

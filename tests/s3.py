@@ -2,7 +2,7 @@
 
 S3 itself cannot run here, so a real server speaking its protocol stands in:
 the code under test talks HTTP to it exactly as to AWS or MinIO. One server
-per test session (started by the first test that asks for `s3`); each test
+per test run (started by the first test that asks for `s3`); each test
 makes a bucket of its own.
 """
 
@@ -59,7 +59,7 @@ _server: tuple[subprocess.Popen[bytes], S3Server] | None = None
 
 @pytest.fixture(scope="session")
 def s3() -> Iterator[S3Server]:
-    """The session's one server (test modules that import this fixture share it)."""
+    """The test run's one server (test modules that import this fixture share it)."""
     global _server
     if _server is None:
         port = free_port()

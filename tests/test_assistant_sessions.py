@@ -12,7 +12,7 @@ from imagine.assistant.sessions import SessionStore, StoredMessage
 from imagine.assistant.sqlite_sessions import SqliteSessions
 from imagine.storage.gallery import INDEX_FILE, GalleryStore
 from imagine.storage.records import ImageMetadata, ListQuery
-from tests.postgres import postgres  # noqa: F401 - the session's PostgreSQL, a fixture
+from tests.postgres import postgres  # noqa: F401 - the test run's PostgreSQL, a fixture
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -63,7 +63,7 @@ def served(tmp_path: Path, demo_folder: Path):
         key: value for key, value in os.environ.items() if not key.startswith("IMAGINE_")
     } | {
         "IMAGINE_SERVER_STATE_DIR": str(tmp_path / "state"),
-        # The demo models of this test session stand in for the user's cache.
+        # The demo models of this test run stand in for the user's cache.
         "IMAGINE_SERVER_CACHE_DIR": str(demo_folder.parent),
         "PYTHONUNBUFFERED": "1",
     }

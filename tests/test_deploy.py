@@ -94,7 +94,7 @@ class Replica(ServiceProcess):
             environment={
                 "IMAGINE_JWT_SECRET": SECRET.decode(),
                 "IMAGINE_SERVER_STATE_DIR": str(folder / "state"),
-                # The demo models of this test session stand in for real weights.
+                # The demo models of this test run stand in for real weights.
                 "IMAGINE_SERVER_CACHE_DIR": str(demo_folder.parent),
                 # This checkout's code, whatever the interpreter has installed.
                 "PYTHONPATH": str(ROOT),

@@ -27,8 +27,8 @@ from imagine.storage.gallery import INDEX_FILE, GalleryStore, storage_folder
 from imagine.storage.records import ImageMetadata, ListQuery, new_id
 from imagine.storage.s3_objects import bucket_and_prefix
 from tests.conftest import auth
-from tests.postgres import postgres  # noqa: F401 - the session's PostgreSQL, a fixture
-from tests.s3 import CREDENTIALS, s3  # noqa: F401 - the session's S3 server, a fixture
+from tests.postgres import postgres  # noqa: F401 - the test run's PostgreSQL, a fixture
+from tests.s3 import CREDENTIALS, s3  # noqa: F401 - the test run's S3 server, a fixture
 
 GENERATE = "/imagine/generate"
 GALLERY = "/imagine/gallery"

@@ -32,9 +32,9 @@ from imagine.storage.postgres_index import SchemaTooNew
 from imagine.storage.records import ImageMetadata, ImageRecord, ListQuery, new_id
 from imagine.storage.shared_gallery import SharedGallery
 from tests.conftest import KEYS, auth, make_token
-from tests.postgres import PostgresCluster, postgres  # noqa: F401 - the session's PostgreSQL, a fixture
+from tests.postgres import PostgresCluster, postgres  # noqa: F401 - the test run's PostgreSQL, a fixture
 from tests.processes import LOOPBACK, free_port, program
-from tests.s3 import CREDENTIALS, S3Server, s3  # noqa: F401 - the session's S3 server, a fixture
+from tests.s3 import CREDENTIALS, S3Server, s3  # noqa: F401 - the test run's S3 server, a fixture
 from tests.test_deploy import Replica, behind_nginx
 
 GALLERY = "/imagine/gallery"
