@@ -133,6 +133,7 @@ async def followups_context(app: web.Application) -> AsyncIterator[None]:
     async with contextlib.AsyncExitStack() as stack:
         store = await stack.enter_async_context(_quota_store(app))
         app[quotas_key] = quotas = Quotas(settings.quotas, store, app[metrics_key])
+        stack.push_async_callback(quotas.settle)  # before the store closes
         app[followups_key] = followups = JobFollowUps(app, quotas, policy)
         if settings.queue.shared:
             client = redis.Redis.from_url(settings.queue.storage, socket_connect_timeout=1.0)

@@ -13,9 +13,11 @@ was taken from.
 
 from __future__ import annotations
 
+import asyncio
 import calendar
 import datetime
 import json
+import logging
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -24,6 +26,8 @@ from typing import Any, Protocol
 
 from imagine.errors import ApiError
 from imagine.settings import QuotaSettings
+
+log = logging.getLogger(__name__)
 
 TOTAL = "*"  # the counter of every model together; model names never contain it alone
 # Kept past their window's end, so /usage and late refunds still find a window that just closed.
@@ -214,6 +218,8 @@ class Quotas:
         self._store = store
         self._telemetry = telemetry
         self._clock = clock
+        # The last of the counts written in the background, each after the one before.
+        self._pending: asyncio.Future[None] | None = None
 
     def applied(self, claim: QuotaClaim | None, model: str) -> Applied:
         settings = self._settings
@@ -234,6 +240,11 @@ class Quotas:
         """Count a generation of `images` images, or raise 429 QUOTA_EXCEEDED; the charge and the headers' decision."""
         at = windows(self._clock())
         applied = self.applied(claim, model)
+        if not any((applied.total.day, applied.total.month, applied.model.day, applied.model.month)):
+            # No limit to check before admitting: the count is bookkeeping (GET /usage), kept off the request's path.
+            self._count_later(sub, model, images, at, applied)
+            self._telemetry.quota_counted(model, "charged", images)
+            return Charge(sub, model, images, at.day, at.month), None
         counted, counts = await self._store.charge(sub, model, images, at, applied)
         checks = _checks(applied, counts, at, model)
         if not counted:
@@ -247,7 +258,27 @@ class Quotas:
             self._telemetry.quota_used(used / limit)
         return Charge(sub, model, images, at.day, at.month), decision
 
+    def _count_later(self, sub: str, model: str, images: int, at: Windows, applied: Applied) -> None:
+        previous = self._pending
+
+        async def count() -> None:
+            if previous is not None:
+                await previous
+            try:
+                await self._store.charge(sub, model, images, at, applied)
+            except Exception as error:
+                log.warning("could not count %d images of %s for usage: %s", images, model, error)
+
+        self._pending = asyncio.ensure_future(count())
+
+    async def settle(self) -> None:
+        """Wait for the counts still being written (before the store closes)."""
+        if self._pending is not None:
+            await self._pending
+
     async def refund(self, charge: Charge) -> None:
+        # After the counts queued before it: a refund never lands ahead of its own charge.
+        await self.settle()
         await self._store.refund(charge)
         self._telemetry.quota_counted(charge.model, "refunded", charge.images)
 
