@@ -7,6 +7,7 @@ thread only; importing this module stays cheap.
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -82,6 +83,12 @@ class DiffusersTable(CardTable):
     # madebyollin/sdxl-vae-fp16-fix, which decodes in float16 where SDXL's own VAE must be
     # upcast to float32 (diffusers does that upcast by itself when no such VAE is given).
     vae_source: str = ""
+
+
+# Loading builds modules on the meta device by patching torch.nn.Module's methods for the whole
+# process while it runs (accelerate's init_empty_weights): two device threads of one process loading
+# at once would build each other's modules empty. One load at a time, process-wide.
+LOADING = threading.Lock()
 
 
 def module_bytes(module: Any) -> int:
@@ -171,8 +178,15 @@ class DiffusersGenerator(LocalGenerator):
         self.device = device.choose_device(self._device_preference)
         self.dtype = device.choose_dtype(self._dtype_preference, self.device)
         torch_dtype = getattr(torch, self.dtype)
-        shared = POOL.find(self.source, self.shared_components, self.device, self.dtype)
         pipeline_class = getattr(diffusers, self.pipeline_class)
+        with LOADING:
+            shared = POOL.find(self.source, self.shared_components, self.device, self.dtype)
+            self._load_with(pipeline_class, torch_dtype, shared)
+            POOL.add(self.source, self.pipe, self.shared_components, self.device, self.dtype)
+
+    def _load_with(self, pipeline_class: Any, torch_dtype: Any, shared: dict[str, Any]) -> None:
+        import diffusers
+
         try:
             if self.vae_source:
                 shared = {**shared, "vae": diffusers.AutoencoderKL.from_pretrained(self.vae_source, dtype=torch_dtype)}
@@ -185,7 +199,6 @@ class DiffusersGenerator(LocalGenerator):
         except BaseException:
             self.unload()  # whatever a half-done load allocated goes back now
             raise
-        POOL.add(self.source, self.pipe, self.shared_components, self.device, self.dtype)
 
     def _warm_up(self) -> None:
         """One small generation at the default size, so what compiles does so now, not in a request."""
@@ -304,7 +317,8 @@ class DiffusersGenerator(LocalGenerator):
         import torch
         from diffusers import UNet2DConditionModel
 
-        unet = UNet2DConditionModel.from_pretrained(self.inpaint_source, subfolder="unet", dtype=getattr(torch, self.dtype))
+        with LOADING:
+            unet = UNet2DConditionModel.from_pretrained(self.inpaint_source, subfolder="unet", dtype=getattr(torch, self.dtype))
         self._inpaint_unet = unet.to(self.device).eval()
         return self._inpaint_unet
 

@@ -106,7 +106,8 @@ async def test_two_replicas_sharing_redis_never_admit_more_than_the_quota(
     settings = base_settings.replace(
         quotas={"images_per_day": 5}, ratelimit={"storage": redis.url}, queue={"storage": redis.url}
     )
-    replicas = [await aiohttp_client(create_app(settings, keys=KEYS)) for _ in range(2)]
+    # One replica with a device and an API tier: the quota is counted where requests arrive, on both.
+    replicas = [await aiohttp_client(create_app(settings, keys=KEYS, role=role)) for role in ("serve", "api")]
     responses = await asyncio.gather(
         *(replicas[index % 2].post("/imagine/jobs", json=BODY, headers=auth()) for index in range(16))
     )
