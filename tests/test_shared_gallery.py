@@ -28,7 +28,7 @@ from imagine.cli import main
 from imagine.http.app import create_app
 from imagine.settings import GallerySettings, Settings, SettingsError, load_settings
 from imagine.storage.gallery import GalleryStore, storage_folder
-from imagine.storage.postgres_index import SchemaTooNew
+from imagine.storage.postgres_database import SchemaTooNew
 from imagine.storage.records import ImageMetadata, ImageRecord, ListQuery, new_id
 from imagine.storage.shared_gallery import SharedGallery
 from tests.conftest import KEYS, auth, make_token

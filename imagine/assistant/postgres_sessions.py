@@ -2,26 +2,23 @@
 
 Its own asyncpg pool and its own tables beside the gallery's; the schema is
 created at start-up under an advisory lock of its own (replicas starting
-together create it once) and versioned in `chat_schema`. A database that
+together create it once, see `imagine.storage.postgres_database`) and
+versioned in `chat_schema`. A database that
 does not answer makes the chat routes answer 503 until it is back, as the
 gallery's routes do.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 import asyncpg
 
 from imagine.assistant.sessions import SessionStore, SessionSummary, StoredMessage, sessions_unavailable
-from imagine.errors import ApiError
+from imagine.storage.postgres_database import VersionedDatabase
 
-SCHEMA_VERSION = 1
 SCHEMA_LOCK = 0x1A6A_C4A7
-CONNECT_TIMEOUT_S = 3.0
-COMMAND_TIMEOUT_S = 10.0
 POOL_SIZE = 5
 T = TypeVar("T")
 
@@ -46,64 +43,27 @@ _SCHEMA = (
     )""",
     "CREATE INDEX IF NOT EXISTS chat_messages_by_session ON chat_messages (owner, session_id, seq)",
 )
-_UNREACHABLE = (
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.exceptions.OperatorInterventionError,
-    asyncpg.exceptions.InsufficientResourcesError,
-)
-
-
 class PostgresSessions(SessionStore):
     def __init__(self, dsn: str) -> None:
-        self._dsn = dsn
-        self._pool: asyncpg.Pool | None = None
-        self._migrated = False
+        self._database = VersionedDatabase(
+            dsn,
+            what="the chat sessions' tables",
+            schema_table="chat_schema",
+            lock=SCHEMA_LOCK,
+            migrations={1: _SCHEMA},
+            pool_size=POOL_SIZE,
+            unavailable=lambda error: sessions_unavailable(f"their database cannot be reached: {error}"),
+        )
 
     async def open(self) -> None:
-        # min_size 0: the service starts while the database is down; the schema is made on first use then.
-        self._pool = await asyncpg.create_pool(
-            self._dsn, min_size=0, max_size=POOL_SIZE, timeout=CONNECT_TIMEOUT_S, command_timeout=COMMAND_TIMEOUT_S
-        )
-        with contextlib.suppress(ApiError):
-            await self._use(lambda connection: connection.fetchval("SELECT 1"))
+        # The service starts while the database is down; the schema is made on first use then.
+        await self._database.open()
 
     async def close(self) -> None:
-        if self._pool is not None:
-            await self._pool.close()
-            self._pool = None
-
-    async def _migrate(self, connection: asyncpg.Connection) -> None:
-        async with connection.transaction():
-            await connection.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
-            await connection.execute(
-                "CREATE TABLE IF NOT EXISTS chat_schema ("
-                "only_row boolean PRIMARY KEY DEFAULT true CHECK (only_row), version integer NOT NULL)"
-            )
-            version = await connection.fetchval("SELECT version FROM chat_schema") or 0
-            if version > SCHEMA_VERSION:
-                raise RuntimeError(
-                    f"the chat sessions' tables have schema {version}, written by a newer version of imagine: upgrade this replica"
-                )
-            for statement in _SCHEMA:
-                await connection.execute(statement)
-            await connection.execute(
-                "INSERT INTO chat_schema (version) VALUES ($1) ON CONFLICT (only_row) DO UPDATE SET version = EXCLUDED.version",
-                SCHEMA_VERSION,
-            )
+        await self._database.close()
 
     async def _use(self, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
-        assert self._pool is not None, "chat sessions not open"
-        try:
-            async with self._pool.acquire(timeout=CONNECT_TIMEOUT_S) as connection:
-                if not self._migrated:
-                    await self._migrate(connection)
-                    self._migrated = True
-                return await work(connection)
-        except _UNREACHABLE as error:
-            raise sessions_unavailable(f"their database cannot be reached: {type(error).__name__}") from error
+        return await self._database.use(work)
 
     async def history(self, owner: str, session_id: str, limit: int) -> list[StoredMessage]:
         rows = await self._use(

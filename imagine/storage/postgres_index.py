@@ -1,9 +1,8 @@
 """The shared gallery's index: one PostgreSQL table every replica reads and writes, through an asyncpg pool.
 
-Schema: created and migrated at start-up inside one transaction holding an
-advisory lock, so replicas starting together migrate once; the version is
-recorded in `gallery_schema`, and a replica that finds a newer version than it
-knows refuses to start rather than write rows it does not understand.
+Schema: created and migrated at start-up (`imagine.storage.postgres_database`),
+its version recorded in `gallery_schema`; a replica that finds a newer version
+than it knows refuses to start rather than write rows it does not understand.
 
 Listing stays on indexes: each filter combination has a b-tree that ends in
 the listing order (newest first, `seq` the tie-break, as SQLite's rowid), and
@@ -27,6 +26,7 @@ import asyncpg
 
 from imagine.errors import ApiError
 from imagine.storage.interface import gallery_unavailable
+from imagine.storage.postgres_database import UNREACHABLE, VersionedDatabase
 from imagine.storage.records import COLUMNS, ImageRecord, ListQuery, record_from_values, record_values
 
 SCHEMA_VERSION = 1
@@ -35,8 +35,6 @@ TABLE = "gallery_images"
 SCHEMA_LOCK = 0x1A6A_11E1
 RETENTION_LOCK = 0x1A6A_11E2
 SWEEP_LOCK = 0x1A6A_11E3
-CONNECT_TIMEOUT_S = 3.0
-COMMAND_TIMEOUT_S = 10.0
 POOL_SIZE = 10
 
 # What each schema version adds to the one before.
@@ -77,22 +75,7 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
 _SELECT = f"SELECT {', '.join(COLUMNS)} FROM {TABLE}"
 _INSERT = f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}) VALUES ({', '.join(f'${n}' for n in range(1, len(COLUMNS) + 1))})"
 _NEWEST_FIRST = "ORDER BY created_at DESC, seq DESC"
-
-# What a database that is down, restarting or out of connections raises.
-_UNREACHABLE = (
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.exceptions.OperatorInterventionError,
-    asyncpg.exceptions.InsufficientResourcesError,
-)
 T = TypeVar("T")
-
-
-class SchemaTooNew(RuntimeError):
-    """The database was migrated by a newer version of the service."""
-
 
 class CommitUnknown(Exception):
     """The connection failed while a COMMIT was on its way: the rows may or may not exist."""
@@ -106,70 +89,27 @@ def _like_pattern(text: str) -> str:
 
 class PostgresIndex:
     def __init__(self, dsn: str) -> None:
-        self._dsn = dsn
-        self._pool: asyncpg.Pool | None = None
-        self._migrated = False
+        self._database = VersionedDatabase(
+            dsn,
+            what="the shared gallery's database",
+            schema_table="gallery_schema",
+            lock=SCHEMA_LOCK,
+            migrations=_MIGRATIONS,
+            pool_size=POOL_SIZE,
+            unavailable=lambda error: gallery_unavailable(f"its database cannot be reached: {error}"),
+        )
 
     # ---- life cycle ---------------------------------------------------------
 
     async def open(self) -> None:
         """Make the pool (no connection yet) and migrate the schema if the database answers."""
-        # min_size 0: the pool opens even while the database is down; each use connects as needed.
-        self._pool = await asyncpg.create_pool(
-            self._dsn,
-            min_size=0,
-            max_size=POOL_SIZE,
-            timeout=CONNECT_TIMEOUT_S,
-            command_timeout=COMMAND_TIMEOUT_S,
-        )
-        with contextlib.suppress(ApiError):
-            await self._ensure_schema()
+        await self._database.open()
 
     async def close(self) -> None:
-        if self._pool is not None:
-            await self._pool.close()
-            self._pool = None
-
-    async def _ensure_schema(self) -> None:
-        if self._migrated:
-            return
-        await self._run(self._migrate)
-        self._migrated = True
-
-    async def _migrate(self, connection: asyncpg.Connection) -> None:
-        async with connection.transaction():
-            await connection.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
-            await connection.execute(
-                "CREATE TABLE IF NOT EXISTS gallery_schema ("
-                "only_row boolean PRIMARY KEY DEFAULT true CHECK (only_row), version integer NOT NULL)"
-            )
-            version = await connection.fetchval("SELECT version FROM gallery_schema") or 0
-            if version > SCHEMA_VERSION:
-                raise SchemaTooNew(
-                    f"the shared gallery's database has schema {version}, written by a newer version of imagine "
-                    f"(this one knows {SCHEMA_VERSION}): upgrade this replica"
-                )
-            for added in range(version + 1, SCHEMA_VERSION + 1):
-                for statement in _MIGRATIONS[added]:
-                    await connection.execute(statement)
-            await connection.execute(
-                "INSERT INTO gallery_schema (version) VALUES ($1) "
-                "ON CONFLICT (only_row) DO UPDATE SET version = EXCLUDED.version",
-                SCHEMA_VERSION,
-            )
-
-    async def _run(self, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
-        """`work` on a pooled connection; an unreachable database becomes a 503."""
-        assert self._pool is not None, "gallery index not open"
-        try:
-            async with self._pool.acquire(timeout=CONNECT_TIMEOUT_S) as connection:
-                return await work(connection)
-        except _UNREACHABLE as error:
-            raise gallery_unavailable(f"its database cannot be reached: {type(error).__name__}") from error
+        await self._database.close()
 
     async def _use(self, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
-        await self._ensure_schema()
-        return await self._run(work)
+        return await self._database.use(work)
 
     async def ping(self) -> bool:
         try:
@@ -201,7 +141,7 @@ class PostgresIndex:
                 raise
             try:
                 await transaction.commit()
-            except _UNREACHABLE as error:
+            except UNREACHABLE as error:
                 raise CommitUnknown from error
             return added
 
@@ -303,15 +243,10 @@ class PostgresIndex:
     @contextlib.asynccontextmanager
     async def sweep_lock(self) -> AsyncIterator[bool]:
         """Whether this replica may sweep now: one sweep at a time across the cluster, the others skip."""
-        await self._ensure_schema()
-        assert self._pool is not None
-        try:
-            async with self._pool.acquire(timeout=CONNECT_TIMEOUT_S) as connection:
-                locked = await connection.fetchval("SELECT pg_try_advisory_lock($1)", SWEEP_LOCK)
-                try:
-                    yield locked
-                finally:
-                    if locked:
-                        await connection.execute("SELECT pg_advisory_unlock($1)", SWEEP_LOCK)
-        except _UNREACHABLE as error:
-            raise gallery_unavailable(f"its database cannot be reached: {type(error).__name__}") from error
+        async with self._database.connection() as connection:
+            locked = await connection.fetchval("SELECT pg_try_advisory_lock($1)", SWEEP_LOCK)
+            try:
+                yield locked
+            finally:
+                if locked:
+                    await connection.execute("SELECT pg_advisory_unlock($1)", SWEEP_LOCK)
