@@ -73,6 +73,8 @@ async def test_failed_and_cancelled_before_running_jobs_are_refunded(make_client
     client = await make_client(base_settings.replace(queue={"timeout_s": 0.6}, quotas={"images_per_day": 10}), plugins=(plugin,))
     slow = {"prompt": "slow", "model": "slow", "steps": 100}
     running = await (await client.post("/imagine/jobs", json=slow, headers=auth())).json()
+    # The second job must wait behind the first, not join its batch.
+    await asyncio.to_thread(plugin.generator.started.wait, 10)
     queued = await (await client.post("/imagine/jobs", json=slow, headers=auth())).json()
     assert (await usage(client))["day"]["images"] == 2
     cancelled = await (await client.delete(f"/imagine/jobs/{queued['id']}", headers=auth())).json()

@@ -11,6 +11,7 @@ while another's device runs it is a job too, not listed to its caller
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import socket
@@ -105,10 +106,17 @@ class JobRecords:
         return [keys.job(job_id), keys.events(job_id), keys.unfinished(owner), keys.DONE, keys.AFTER_END]
 
     async def take_result(self, job_id: str) -> StoredResult:
-        async with self._client.pipeline(transaction=True) as pipe:
-            pipe.hgetall(keys.result(job_id))
-            pipe.delete(keys.result(job_id))
-            record, _ = await pipe.execute()
+        """The images of a finished /generate, for the replica whose caller waits for them.
+
+        Read first and deleted after, not both at once: a Redis stopping may run a command and drop its
+        reply, and a read-and-delete retried then would find nothing. The record expires anyway, so a
+        delete that fails is left to that.
+        """
+        record = await self._client.hgetall(keys.result(job_id))
+        if b"meta" not in record:
+            raise ApiError(500, "INTERNAL_ERROR", "The finished images could not be found in the shared queue")
+        with contextlib.suppress(RedisError):
+            await self._client.delete(keys.result(job_id))
         meta = json.loads(record[b"meta"])
         return StoredResult(pngs=[record[f"png:{index}".encode()] for index in range(len(meta["seeds"]))], meta=meta)
 

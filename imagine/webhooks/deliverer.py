@@ -20,6 +20,7 @@ import urllib.parse
 from typing import Protocol
 
 import aiohttp
+from redis.exceptions import RedisError
 
 from imagine import __version__
 from imagine.settings import WebhookSettings
@@ -108,8 +109,10 @@ class Deliverer:
                     task = asyncio.create_task(self._attempt(delivery))
                     self._sending.add(task)
                     task.add_done_callback(self._sending.discard)
+            except RedisError as error:
+                # A shared outbox that cannot be read now (Redis restarting) is read again at the next poll.
+                log.warning("could not read the webhook outbox: %s", error)
             except Exception:
-                # An outbox that cannot be read now (Redis restarting) is read again at the next poll.
                 log.exception("could not read the webhook outbox")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self._poll_s)
