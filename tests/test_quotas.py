@@ -122,6 +122,22 @@ async def test_two_replicas_sharing_redis_never_admit_more_than_the_quota(
     assert (await usage(replicas[1]))["day"]["by_model"] == {"sdxl": 5}
 
 
+async def test_counts_without_a_limit_reach_the_other_replica_without_being_asked_for(
+    aiohttp_client: Any, base_settings: Settings, redis: RedisServer
+) -> None:
+    redis_sync.Redis.from_url(redis.url).flushall()
+    settings = base_settings.replace(ratelimit={"storage": redis.url}, queue={"storage": redis.url})
+    serving, other = [await aiohttp_client(create_app(settings, keys=KEYS, role=role)) for role in ("serve", "api")]
+    for _ in range(3):
+        assert (await serving.post("/imagine/generate", json=BODY, headers=auth())).status == 200
+    # Written together in the background, within a second or so, though nobody read them where they were counted.
+    deadline = time.monotonic() + 10
+    while (await usage(other))["day"]["images"] != 3:
+        assert time.monotonic() < deadline, "the counts never reached the shared store"
+        await asyncio.sleep(0.1)
+    assert (await usage(other))["day"]["by_model"] == {"sdxl": 3}
+
+
 async def test_with_a_shared_queue_a_job_cancelled_before_running_is_refunded_for_every_replica(
     aiohttp_client: Any, base_settings: Settings, redis: RedisServer
 ) -> None:
@@ -132,8 +148,9 @@ async def test_with_a_shared_queue_a_job_cancelled_before_running_is_refunded_fo
     api = await aiohttp_client(create_app(settings, keys=KEYS, extra_plugins=(SlowPlugin(),), role="api"))
     slow = {"prompt": "slow", "model": "slow", "steps": 40}
     running = await (await api.post("/imagine/jobs", json=slow, headers=auth())).json()
-    queued = await (await api.post("/imagine/jobs", json=slow, headers=auth())).json()
+    # The second job must wait behind the first, not join its batch.
     await asyncio.to_thread(plugin.generator.started.wait, 10)
+    queued = await (await api.post("/imagine/jobs", json=slow, headers=auth())).json()
     assert (await (await api.delete(f"/imagine/jobs/{queued['id']}", headers=auth())).json())["status"] == "cancelled"
     deadline = time.monotonic() + 10
     while (await usage(gpu))["day"]["images"] != 1:

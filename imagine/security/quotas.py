@@ -29,6 +29,10 @@ from imagine.settings import QuotaSettings
 
 log = logging.getLogger(__name__)
 
+# How long a count with no limit to check may wait to be written with the others: GET /usage and a
+# refund write them at once, and so does shutting down; only a killed process loses them.
+COUNT_EVERY_S = 1.0
+
 TOTAL = "*"  # the counter of every model together; model names never contain it alone
 # Kept past their window's end, so /usage and late refunds still find a window that just closed.
 WINDOW_GRACE_S = 2 * 86400
@@ -218,7 +222,10 @@ class Quotas:
         self._store = store
         self._telemetry = telemetry
         self._clock = clock
-        # The last of the counts written in the background, each after the one before.
+        # Counts with no limit to check, summed by (subject, model, day, month) until they are written.
+        self._unwritten: dict[tuple[str, str, str, str], tuple[int, Windows, Applied]] = {}
+        self._write_timer: asyncio.TimerHandle | None = None
+        # The last of the writes of those counts, each after the one before.
         self._pending: asyncio.Future[None] | None = None
 
     def applied(self, claim: QuotaClaim | None, model: str) -> Applied:
@@ -259,20 +266,34 @@ class Quotas:
         return Charge(sub, model, images, at.day, at.month), decision
 
     def _count_later(self, sub: str, model: str, images: int, at: Windows, applied: Applied) -> None:
+        """Add to the counts written together within COUNT_EVERY_S: one write a second, not one a request."""
+        key = (sub, model, at.day, at.month)
+        counted = self._unwritten.get(key)
+        self._unwritten[key] = ((counted[0] if counted else 0) + images, at, applied)
+        if self._write_timer is None:
+            self._write_timer = asyncio.get_running_loop().call_later(COUNT_EVERY_S, self._write_counts)
+
+    def _write_counts(self) -> None:
+        self._write_timer = None
+        counts, self._unwritten = self._unwritten, {}
         previous = self._pending
 
-        async def count() -> None:
+        async def write() -> None:
             if previous is not None:
                 await previous
-            try:
-                await self._store.charge(sub, model, images, at, applied)
-            except Exception as error:
-                log.warning("could not count %d images of %s for usage: %s", images, model, error)
+            for (sub, model, _, _), (images, at, applied) in counts.items():
+                try:
+                    await self._store.charge(sub, model, images, at, applied)
+                except Exception as error:
+                    log.warning("could not count %d images of %s for usage: %s", images, model, error)
 
-        self._pending = asyncio.ensure_future(count())
+        self._pending = asyncio.ensure_future(write())
 
     async def settle(self) -> None:
-        """Wait for the counts still being written (before the store closes)."""
+        """Write the counts not yet written, and wait for them (before a read, a refund, or the store closing)."""
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_counts()
         if self._pending is not None:
             await self._pending
 
@@ -284,6 +305,7 @@ class Quotas:
 
     async def usage(self, sub: str, claim: QuotaClaim | None) -> dict[str, Any]:
         """GET /usage's answer for `sub`: images this day and month, the limits, by model."""
+        await self.settle()
         at = windows(self._clock())
         day, month = await self._store.usage(sub, at)
         applied = self.applied(claim, "")
