@@ -176,9 +176,17 @@ def _server_timing(header: str) -> dict[str, float]:
 
 
 async def drive(
-    url: str, token: str, body: Callable[[int], dict[str, Any]], *, concurrency: int, requests: int | None, duration: float | None
+    url: str,
+    token: str,
+    body: Callable[[int], dict[str, Any]],
+    *,
+    concurrency: int,
+    requests: int | None,
+    duration: float | None,
+    session: aiohttp.ClientSession | None = None,
 ) -> Outcome:
-    """`concurrency` clients sending requests back to back; stops after `requests` or `duration`."""
+    """`concurrency` clients sending requests back to back; stops after `requests` or `duration`.
+    With `session`, its kept-alive connections carry them (else a session of their own, closed after)."""
     outcome = Outcome([], Counter(), 0, 0.0)
     numbers = iter(range(10**9))
     deadline = time.monotonic() + duration if duration else None
@@ -205,8 +213,11 @@ async def drive(
                     await asyncio.sleep(0.05)
 
     started = time.perf_counter()
-    async with aiohttp.ClientSession(timeout=timeout) as session:
+    if session is not None:
         await asyncio.gather(*(client(session) for _ in range(concurrency)))
+    else:
+        async with aiohttp.ClientSession(timeout=timeout) as own:
+            await asyncio.gather(*(client(own) for _ in range(concurrency)))
     outcome.elapsed = time.perf_counter() - started
     return outcome
 
@@ -232,15 +243,20 @@ async def overhead(settings: Settings, keys: JwtKeys, token: str, arguments: arg
     size, steps = arguments.size, arguments.steps
     bare: list[float] = []
     served = Outcome([], Counter(), 0, 0.0)
-    async with running_service(settings, keys) as service:
+    # One connection kept alive for every request, as an HTTP client (or nginx's upstream keepalive) keeps it:
+    # opening a TCP connection per request is the client's cost, not the service's.
+    async with running_service(settings, keys) as service, aiohttp.ClientSession() as session:
         pipeline = await service.on_device(lambda: BarePipeline(service, arguments.model))
         body = _body(arguments.model, size, steps, arguments.response, arguments.store)
         await service.on_device(lambda: pipeline.call(size, steps, [0]))
-        await drive(service.url, token, body, concurrency=1, requests=1, duration=None)  # warm up
+        await drive(service.url, token, body, concurrency=1, requests=1, duration=None, session=session)  # warm up
         for number in range(arguments.requests):
             bare_call = partial(service.on_device, partial(pipeline.call, size, steps, [number]))
             # The same seed as the bare call, so both make the same image.
-            request = partial(drive, service.url, token, lambda _, seed=number: body(seed), concurrency=1, requests=1, duration=None)
+            request = partial(
+                drive, service.url, token, lambda _, seed=number: body(seed),
+                concurrency=1, requests=1, duration=None, session=session,
+            )
             # Which goes first alternates: the second of a pair runs a few
             # milliseconds slower here, whichever it is.
             if number % 2:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import itertools
 import logging
 import math
@@ -23,7 +24,7 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from imagine.engine import device
 from imagine.engine.batch_sizing import BatchSizer
@@ -44,7 +45,12 @@ from imagine.plugin.generators import GenerationInterrupted, GenerationRequest, 
 
 log = logging.getLogger(__name__)
 
+if TYPE_CHECKING:
+    from PIL import Image
+
 T = TypeVar("T")
+# One image of a request, made with the seed given, as PNG bytes.
+PngOfImage = Callable[[GenerationRequest, "Image.Image", int], bytes]
 
 # How long stop() waits for the device thread: a step longer than this is not worth delaying the exit for.
 STOP_JOIN_S = 5.0
@@ -81,8 +87,12 @@ class DeviceExecutor:
         batch_max_wait_ms: float = 0.0,
         adaptive_batches: bool = False,
         telemetry: Telemetry = NO_TELEMETRY,
+        encoder: PngOfImage | None = None,
     ) -> None:
         self._registry = registry
+        # Encodes a finished item's images while no other work waits for the device: the hand-off to the
+        # encoding pool and back costs a lone request more than the encoding itself, on a device idle anyway.
+        self._encoder = encoder
         self._queue = queue
         self._telemetry = telemetry
         self._preview_every = preview_every
@@ -386,13 +396,22 @@ class DeviceExecutor:
                 self._settle_all(batch, WorkState.FAILED, self._failure(generator, error))
         else:
             for item, output in zip(batch, outputs, strict=True):
-                self._settle_unless_stopped(item, output)
+                self._settle_unless_stopped(item, self._encoded_if_idle(item, output))
         finally:
             self.running = []
             per_item = (time.monotonic() - started_at) / len(batch)
             self.seconds_per_item = 0.8 * self.seconds_per_item + 0.2 * per_item
             model = generator.name
             self._seconds_by_model[model] = 0.8 * self._seconds_by_model.get(model, per_item) + 0.2 * per_item
+
+    def _encoded_if_idle(self, item: WorkItem, output: GenerationOutput) -> GenerationOutput:
+        """`output` with its PNGs when no work or control task waits for the device, else as it is
+        (the encoding pool encodes it then, and the device goes on)."""
+        if self._encoder is None or len(self._queue) or self._controls or item.state is not WorkState.RUNNING:
+            return output
+        started = time.perf_counter()
+        pngs = [self._encoder(item.request, image, seed) for image, seed in zip(output.images, output.seeds, strict=True)]
+        return dataclasses.replace(output, pngs=pngs, encode_time=time.perf_counter() - started)
 
     def _settle_all(self, batch: list[WorkItem], state: WorkState, error: ApiError) -> None:
         for item in batch:

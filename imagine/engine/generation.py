@@ -29,7 +29,6 @@ from imagine.http.app_keys import (
     png_encoder_key,
     settings_key,
 )
-from imagine.http.png import parameters_text
 from imagine.engine.telemetry import Telemetry
 
 
@@ -126,12 +125,15 @@ async def _run_remote(
 
 
 async def encode_images(app: web.Application, request: GenerationRequest, output: GenerationOutput) -> list[bytes]:
-    """PNG-encode on the CPU pool, so neither the loop nor the device thread waits for deflate."""
+    """The PNGs the device thread encoded, or encoded now on the CPU pool, so neither the loop nor the
+    device thread waits for deflate."""
+    if output.pngs is not None:
+        return output.pngs
     loop = asyncio.get_running_loop()
-    encode = app[png_encoder_key].encode
+    encode = app[png_encoder_key].encode_for
     return await asyncio.gather(
         *(
-            loop.run_in_executor(app[encode_pool_key], encode, image, parameters_text(request, seed))
+            loop.run_in_executor(app[encode_pool_key], encode, request, image, seed)
             for image, seed in zip(output.images, output.seeds, strict=True)
         )
     )
@@ -182,6 +184,6 @@ async def finish(
         output,
         pngs,
         ids=ids,
-        encode_time=storing - encoding,
+        encode_time=output.encode_time if output.pngs is not None else storing - encoding,
         store_time=time.perf_counter() - storing,
     )

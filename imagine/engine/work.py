@@ -37,6 +37,9 @@ class GenerationOutput:
     queue_time: float  # seconds waiting for it
     vram_used: float  # GB at the peak of this run; 0.0 without a GPU
     runtime: dict[str, Any]  # device and dtype, as the generator reports them
+    # The PNGs, when the device thread encoded them itself (nothing else was waiting for it), and how long that took.
+    pngs: list[bytes] | None = None
+    encode_time: float = 0.0
 
 
 def cancelled_error() -> ApiError:

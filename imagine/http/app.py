@@ -281,6 +281,8 @@ def create_app(
         batch_max_wait_ms=settings.batch.max_wait_ms,
         adaptive_batches=settings.batch.adaptive,
         telemetry=telemetry,
+        # The encoder opens with the app (_encode_pool), before the device thread starts.
+        encoder=lambda request, image, seed: app[png_encoder_key].encode_for(request, image, seed),
     )
     telemetry.watch_queue(lambda: app[executor_key].depth, settings.queue.max_size)
     app[cloud_keys_key] = CloudKeys(g.key_spec for g in registry.cloud())

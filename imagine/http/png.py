@@ -147,6 +147,10 @@ class PngEncoder:
     pieces: int = 1
     helpers: Executor | None = None
 
+    def encode_for(self, request: GenerationRequest, image: Image.Image, seed: int) -> bytes:
+        """One image of `request`, made with `seed`, with the parameters that remake it."""
+        return self.encode(image, parameters_text(request, seed))
+
     def encode(self, image: Image.Image, parameters: str) -> bytes:
         if image.mode not in _COLOUR_TYPES:
             image = image.convert("RGB")
