@@ -18,6 +18,7 @@ from PIL import Image
 
 from imagine.http.app import create_app
 from tests.conftest import KEYS, assert_same_image, auth, data_url_png, make_token, pixels
+from tests.processes import RedisServer, redis_server
 
 SMALL = {"width": 64, "height": 64, "steps": 2}
 
@@ -240,3 +241,23 @@ async def test_progress_and_interrupt_of_the_callers_own_job(service) -> None:
     assert (await call(api.get_progress))["state"]["job_count"] == 0
     # The next generation runs as usual.
     assert (await call(api.txt2img, prompt="a short one", **SMALL)).image.size == (64, 64)
+
+
+@pytest.fixture(scope="module")
+def redis(tmp_path_factory: pytest.TempPathFactory) -> RedisServer:
+    with redis_server(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+async def test_a_model_chosen_on_one_replica_holds_on_the_other(aiohttp_server, base_settings, redis) -> None:
+    settings = base_settings.replace(queue={"storage": redis.url})
+    # A replica with a device and an API tier, as nginx would alternate a client's requests between them.
+    first, second = [await aiohttp_server(create_app(settings, keys=KEYS, role=role)) for role in ("serve", "api")]
+    one, other = [await a1111(f"http://{server.host}:{server.port}") for server in (first, second)]
+    await call(one.util_set_model, "sdxl-turbo")
+    assert await call(other.util_get_current_model) == "sdxl-turbo"
+    made = await call(other.txt2img, prompt="a fox", seed=5, **SMALL)
+    assert "Model: sdxl-turbo" in made.image.info["parameters"]
+    # Another caller of the same replicas still has the default model.
+    stranger = await a1111(f"http://{second.host}:{second.port}", make_token("stranger"))
+    assert await call(stranger.util_get_current_model) == "sdxl"

@@ -50,3 +50,8 @@ def unfinished(owner: str) -> str:
 
 def idempotency(owner: str, key: str) -> str:
     return f"{PREFIX}subject:{_digest(owner)}:idempotency:{_digest(key)}"
+
+
+def sdapi_model(owner: str) -> str:
+    """The model a subject's A1111 client chose (`sd_model_checkpoint`)."""
+    return f"{PREFIX}sdapi:model:{_digest(owner)}"

@@ -36,6 +36,7 @@ class Cluster:
     jobs: ClusterJobs
     queue: SharedQueue
     worker: ClusterWorker
+    client: redis.Redis  # for what else every replica must agree on (the A1111 routes' model choices)
 
 
 async def _listen_for_cancels(client: redis.Redis, targets: list[Callable[[str], None]]) -> None:
@@ -105,7 +106,7 @@ async def shared_queue(
     listener = asyncio.create_task(_listen_for_cancels(client, [worker.stop_job, jobs.stop_here]), name="imagine-cancels")
     worker.start()
     try:
-        yield Cluster(jobs=jobs, queue=queue, worker=worker)
+        yield Cluster(jobs=jobs, queue=queue, worker=worker, client=client)
     finally:
         await worker.stop()
         listener.cancel()

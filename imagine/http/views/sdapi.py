@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import collections
 import json
 import time
 from typing import Any
@@ -23,23 +22,22 @@ from imagine.engine.generation import Generated
 from imagine.engine.jobs import preview_data_url
 from imagine.errors import ApiError, validation_error
 from imagine.http import sdapi_bodies
-from imagine.http.app_keys import encode_pool_key, jobs_key, principal_key, registry_key, settings_key
+from imagine.http.app_keys import cluster_key, encode_pool_key, jobs_key, principal_key, registry_key, settings_key
 from imagine.http.front_door import Admitted, admit
 from imagine.http.openapi import json_response, obj, operation, query_parameter
 from imagine.http.png import SAMPLER_LABELS, parameters_text
 from imagine.http.request_bodies import read_json
 from imagine.http.sdapi_bodies import KARRAS, MODEL_OPTION, Img2ImgBody, Txt2ImgBody
+from imagine.http.sdapi_choices import MemoryModelChoices, ModelChoices, RedisModelChoices
 from imagine.http.sdapi_runs import Run, Runs
 from imagine.http.views.generate import GENERATION_ERRORS
 from imagine.security.tokens import Principal, basic_auth_allowed, requires
 
 PREFIX = "/sdapi/v1"
-# Subjects whose chosen model is remembered; the least recently set is forgotten first.
-MAX_SUBJECT_OPTIONS = 10_000
 
 runs_key = web.AppKey("sdapi_runs", Runs)
-# Subject -> the model its A1111 client chose (sd_model_checkpoint).
-models_key = web.AppKey("sdapi_models", collections.OrderedDict[str, str])
+# The models callers chose (sd_model_checkpoint) when no shared queue holds them for every replica.
+models_key = web.AppKey("sdapi_models", MemoryModelChoices)
 
 A1111_ERROR = obj(
     {
@@ -80,17 +78,22 @@ REFUSED_TEXT = ", ".join(sorted(sdapi_bodies.REFUSED))
 # ---- generating -----------------------------------------------------------------
 
 
-def _chosen_model(app: web.Application, principal: Principal, body: sdapi_bodies._SharedFields) -> str | None:
+def _model_choices(app: web.Application) -> ModelChoices:
+    cluster = app.get(cluster_key)
+    return RedisModelChoices(cluster.client) if cluster is not None else app[models_key]
+
+
+async def _chosen_model(app: web.Application, principal: Principal, body: sdapi_bodies._SharedFields) -> str | None:
     overridden = (body.override_settings or {}).get(MODEL_OPTION)
     if overridden is not None:
         return sdapi_bodies.model_name(overridden)
-    return app[models_key].get(principal.sub)
+    return await _model_choices(app).get(principal.sub)
 
 
 async def _admit(request: web.Request, body: sdapi_bodies._SharedFields) -> Admitted:
     app, principal = request.app, request[principal_key]
     try:
-        generator = app[registry_key].resolve(_chosen_model(app, principal, body))
+        generator = app[registry_key].resolve(await _chosen_model(app, principal, body))
         scheduler = sdapi_bodies.scheduler_for(body, generator)
         return await admit(app, principal, sdapi_bodies.generate_fields(body, generator.name, scheduler))
     except ApiError as error:
@@ -313,9 +316,9 @@ async def interrupt(request: web.Request) -> web.Response:
 # ---- models, options, samplers, LoRAs --------------------------------------------------
 
 
-def _current_model(request: web.Request) -> str:
+async def _current_model(request: web.Request) -> str:
     app = request.app
-    chosen = app[models_key].get(request[principal_key].sub)
+    chosen = await _model_choices(app).get(request[principal_key].sub)
     return app[registry_key].resolve(chosen).name
 
 
@@ -364,7 +367,7 @@ OPTIONS = obj(
 async def get_options(request: web.Request) -> web.Response:
     return web.json_response(
         {
-            MODEL_OPTION: _current_model(request),
+            MODEL_OPTION: await _current_model(request),
             "sd_checkpoint_hash": None,
             "sd_vae": "Automatic",
             "CLIP_stop_at_last_layers": 1,
@@ -403,11 +406,7 @@ async def set_options(request: web.Request) -> web.Response:
         generator = app[registry_key].resolve(sdapi_bodies.model_name(raw[MODEL_OPTION]))
         if not principal.may_use(generator.name):
             raise ApiError(403, "FORBIDDEN", f"This token may not use model '{generator.name}'")
-        chosen = app[models_key]
-        chosen[principal.sub] = generator.name
-        chosen.move_to_end(principal.sub)
-        while len(chosen) > MAX_SUBJECT_OPTIONS:
-            chosen.popitem(last=False)
+        await _model_choices(app).set(principal.sub, generator.name)
     return web.json_response(None)
 
 
@@ -421,7 +420,7 @@ SAMPLER = obj({"name": {"type": "string"}, "aliases": {"type": "array", "items":
     responses={200: json_response("The samplers", {"type": "array", "items": SAMPLER}), **A1111_ERRORS},
 )
 async def samplers(request: web.Request) -> web.Response:
-    offered = request.app[registry_key].resolve(_current_model(request)).card.limits.schedulers
+    offered = request.app[registry_key].resolve(await _current_model(request)).card.limits.schedulers
     return web.json_response(
         [{"name": SAMPLER_LABELS.get(name, name), "aliases": [name], "options": {}} for name in offered]
     )
@@ -446,7 +445,7 @@ SCHEDULE = obj(
     responses={200: json_response("The schedule types", {"type": "array", "items": SCHEDULE}), **A1111_ERRORS},
 )
 async def schedulers(request: web.Request) -> web.Response:
-    offered = request.app[registry_key].resolve(_current_model(request)).card.limits.schedulers
+    offered = request.app[registry_key].resolve(await _current_model(request)).card.limits.schedulers
     types = [{"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1, "need_inner_model": False}]
     if any(name.endswith("_" + KARRAS) for name in offered):
         types.append({"name": KARRAS, "label": "Karras", "aliases": None, "default_rho": 7.0, "need_inner_model": False})
@@ -534,4 +533,4 @@ def routes(base: str) -> list[web.RouteDef]:
 def setup(app: web.Application) -> None:
     """The per-app state these routes keep: runs in flight, the models callers chose."""
     app[runs_key] = Runs()
-    app[models_key] = collections.OrderedDict()
+    app[models_key] = MemoryModelChoices()
