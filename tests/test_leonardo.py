@@ -6,8 +6,10 @@ import asyncio
 import io
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import numpy as np
 import pytest
 from PIL import Image
@@ -20,6 +22,7 @@ from tests.conftest import KEYS, auth, pixels
 from tests.fake_leonardo import API_PREFIX, FakeLeonardo, gradient
 from tests.processes import redis_server
 from tests.slow_plugin import SlowPlugin
+from tests.test_deploy import Replica
 
 URL = "/imagine/generate"
 KEY = "8c1e1f7a-3b2d-4e59-9a61-0f5d2c7e9721"
@@ -347,3 +350,47 @@ async def test_on_a_shared_queue_cloud_generations_run_on_the_replica_that_took_
         assert state["status"] == "succeeded", state
         assert state["result"]["seed"] == 5 and len(fake.generations) == 2
         await client.close()
+
+
+async def test_a_cloud_job_whose_replica_is_killed_fails_with_a_reason_instead_of_running_for_ever(
+    aiohttp_server: Callable[..., Any],
+    aiohttp_client: Callable[..., Any],
+    fake: FakeLeonardo,
+    base_settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    demo_folder: Path,
+) -> None:
+    """A cloud job runs on the replica that took it, not from the queue: if that replica dies (kill -9), another
+    replica fails the job, with a reason, once its visibility timeout has passed."""
+    monkeypatch.setenv("LEONARDO_API_KEY", KEY)
+    fake.hold = asyncio.Event()  # the upstream generation never finishes
+    upstream = str((await aiohttp_server(fake.app())).make_url(API_PREFIX))
+    leonardo = {"base_url": upstream, "poll_interval_s": 0.05, "poll_max_interval_s": 0.1}
+    with redis_server(tmp_path / "redis") as redis:
+        config = tmp_path / "imagine.toml"
+        config.write_text(
+            f'[queue]\nstorage = "{redis.url}"\nvisibility_timeout_s = 2\n\n'
+            + "[leonardo]\n" + "".join(f"{name} = {json.dumps(value)}\n" for name, value in leonardo.items())
+        )
+        replica = Replica(tmp_path / "replica", config, demo_folder, command=("serve", "--no-device"), environment={"LEONARDO_API_KEY": KEY})
+        try:
+            await asyncio.to_thread(replica.wait_ready)
+            async with aiohttp.ClientSession() as session:
+                body = {"prompt": "a lighthouse", "model": "leonardo", "seed": 5}
+                async with session.post(f"http://127.0.0.1:{replica.port}/imagine/jobs", json=body, headers=auth()) as answer:
+                    assert answer.status == 202, await answer.text()
+                    job_id = (await answer.json())["id"]
+            await wait_until(lambda: bool(fake.generations), timeout=30)
+            replica.kill()
+        finally:
+            replica.stop()
+        settings = base_settings.replace(queue={"storage": redis.url, "visibility_timeout_s": 2}, leonardo=leonardo)
+        other = await aiohttp_client(create_app(settings, keys=KEYS, role="api"))
+        async with asyncio.timeout(30):
+            while (state := await (await other.get(f"/imagine/jobs/{job_id}", headers=auth())).json())["status"] == "running":
+                await asyncio.sleep(0.1)
+        assert state["status"] == "failed", state
+        error = state["error"]["error"]
+        assert error["code"] == "SERVICE_UNAVAILABLE" and "replica running this cloud generation stopped" in error["message"]
+        await other.close()

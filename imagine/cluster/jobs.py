@@ -77,6 +77,7 @@ class ClusterJobs:
         timeout_s: float,
         max_per_subject: int,
         keepalive_s: float,
+        visibility_timeout_s: float,
         local_seconds_per_image: Callable[[], float],
         run_here: JobRunner,
         to_json: ResultJson,
@@ -88,6 +89,7 @@ class ClusterJobs:
         self._timeout_s = timeout_s
         self._max_per_subject = max_per_subject
         self._keepalive_ms = int(keepalive_s * 1000)
+        self._visibility_s = visibility_timeout_s
         self._local_seconds_per_image = local_seconds_per_image
         self._run_here = run_here
         self._to_json = to_json
@@ -300,6 +302,8 @@ class ClusterJobs:
             return replayed, True
         if cloud:
             self._run_cloud(job_id, principal, request, generator, store=store, preview=preview)
+            with contextlib.suppress(RedisError):  # else the next beat of watch_cloud_jobs records it
+                await self._client.zadd(keys.CLOUD_RUNNING, {job_id: time.time()})
         with redis_errors():
             return acceptance(job_id, await self.records.fields(job_id)), False
 
@@ -324,11 +328,35 @@ class ClusterJobs:
                 error = ApiError(500, "INTERNAL_ERROR", "Generation failed")
             finally:
                 self._local.pop(job_id, None)
+                with contextlib.suppress(RedisError):
+                    await self._client.zrem(keys.CLOUD_RUNNING, job_id)
             await writer.flush()
             await self.records.fail(job_id, principal.sub, error)
             return "cancelled" if error.code == "CANCELLED" else "failed"
 
         self._local[job_id] = (asyncio.create_task(run(), name=job_id), principal.sub)
+
+    async def watch_cloud_jobs(self) -> None:
+        """Say which cloud jobs still run here, and fail those whose replica went quiet.
+
+        A cloud job runs on the replica that took it, not from the queue: if that replica dies, no other
+        can take it over without starting (and paying for) a second upstream generation. So it fails, with
+        a reason, once the replica has not vouched for it for `queue.visibility_timeout_s`.
+        """
+        while True:
+            try:
+                now = time.time()
+                if self._local:
+                    await self._client.zadd(keys.CLOUD_RUNNING, {job_id: now for job_id in self._local})
+                for raw in await self._client.zrangebyscore(keys.CLOUD_RUNNING, "-inf", now - self._visibility_s):
+                    job_id = raw.decode()
+                    owner = (await self.records.fields(job_id)).get("owner")
+                    if owner is not None and await self.records.fail(job_id, owner, replica_stopped_error()):
+                        log.warning("cloud job %s failed: the replica running it stopped", job_id)
+                    await self._client.zrem(keys.CLOUD_RUNNING, job_id)
+            except RedisError as error:
+                log.debug("could not watch the cloud jobs: %s", error)
+            await asyncio.sleep(max(0.2, self._visibility_s / 4))
 
     def stop_here(self, job_id: str) -> None:
         """A cancel for `job_id` arrived on the channel: stop it if this replica runs it as a cloud job."""
@@ -456,6 +484,15 @@ class ClusterJobs:
         if running:
             await asyncio.wait([task for _, task, _ in running])
         return len(running)
+
+
+def replica_stopped_error() -> ApiError:
+    return ApiError(
+        503,
+        "SERVICE_UNAVAILABLE",
+        "The replica running this cloud generation stopped before it finished; submit it again",
+        headers={"Retry-After": "1"},
+    )
 
 
 def acceptance(job_id: str, fields: dict[str, str]) -> dict[str, Any]:

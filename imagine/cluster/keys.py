@@ -19,6 +19,8 @@ WORKERS = PREFIX + "workers"  # zset: worker name -> the last time it said it wa
 CANCEL_CHANNEL = PREFIX + "cancel"  # pub/sub: job ids to stop wherever they run
 # zset: job id -> when what follows its end is next due (its webhook, its quota refund); see imagine.webhooks.outbox
 AFTER_END = PREFIX + "jobs:after_end"
+# zset: cloud job id -> when the replica running it last said so; see ClusterJobs.watch_cloud_jobs
+CLOUD_RUNNING = PREFIX + "jobs:cloud_running"
 
 
 def _digest(text: str) -> str:

@@ -88,6 +88,7 @@ async def shared_queue(
         timeout_s=settings.queue.timeout_s,
         max_per_subject=settings.jobs.max_per_subject,
         keepalive_s=settings.jobs.keepalive_s,
+        visibility_timeout_s=settings.queue.visibility_timeout_s,
         local_seconds_per_image=lambda: executor.seconds_per_item,
         run_here=run_here,
         to_json=to_json,
@@ -104,12 +105,14 @@ async def shared_queue(
         to_json=to_json,
     )
     listener = asyncio.create_task(_listen_for_cancels(client, [worker.stop_job, jobs.stop_here]), name="imagine-cancels")
+    watcher = asyncio.create_task(jobs.watch_cloud_jobs(), name="imagine-cloud-jobs")
     worker.start()
     try:
         yield Cluster(jobs=jobs, queue=queue, worker=worker, client=client)
     finally:
         await worker.stop()
-        listener.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await listener
+        for task in (listener, watcher):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await client.aclose()
