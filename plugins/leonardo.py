@@ -3,7 +3,7 @@
 One job: POST /generations, poll GET /generations/{id} with backoff until it is
 COMPLETE or FAILED, download the JPEGs from Leonardo's CDN and hand back
 images that imagine encodes as PNG like any other generator's. The job's
-deadline is the caller's (`imagine.engine.generation` cancels us); the API key is read at
+deadline is the caller's (`imagine.http.generation` cancels us); the API key is read at
 every job, sent only to Leonardo's API (never to the CDN), and scrubbed from
 anything Leonardo says back.
 """

@@ -20,7 +20,7 @@ import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import redis.asyncio as redis
 from redis.exceptions import RedisError
@@ -29,13 +29,10 @@ from imagine.cluster import keys, scripts, wire
 from imagine.cluster.queue import SharedQueue
 from imagine.cluster.records import TERMINAL, EventWriter, JobRecords
 from imagine.engine.jobs import JobRunner, ResultJson, idempotency_conflict, not_found, sse_event, too_many_jobs
-from imagine.engine.work import GenerationOutput, cancelled_error, shutting_down_error, timeout_error
+from imagine.engine.work import Generated, GenerationOutput, cancelled_error, shutting_down_error, timeout_error
 from imagine.errors import ApiError, validation_error
 from imagine.plugin.generators import CloudGenerator, GenerationRequest, Generator
 from imagine.security.tokens import Principal
-
-if TYPE_CHECKING:
-    from imagine.engine.generation import Generated
 
 log = logging.getLogger(__name__)
 
@@ -206,8 +203,6 @@ class ClusterJobs:
     async def _wait_for(
         self, job_id: str, principal: Principal, request: GenerationRequest, generator: Generator, deadline: float
     ) -> Generated:
-        from imagine.engine.generation import Generated
-
         try:
             await self._await_end(job_id, deadline)
         except asyncio.CancelledError:

@@ -38,7 +38,7 @@ from imagine.plugin.generators import GenerationRequest, LocalGenerator
 from imagine.security.tokens import Principal
 
 if TYPE_CHECKING:
-    from imagine.engine.generation import Generated
+    from imagine.engine.work import Generated
 
 log = logging.getLogger(__name__)
 

@@ -23,13 +23,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from imagine.security.tokens import Principal
 from imagine.errors import ApiError, error_body, validation_error
-from imagine.engine.work import JobObserver, shutting_down_error
+from imagine.engine.work import Generated, JobObserver, shutting_down_error
 from imagine.plugin.generators import GenerationRequest, Generator
 
 if TYPE_CHECKING:
     from PIL import Image
-
-    from imagine.engine.generation import Generated
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +36,7 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 EVENT_ID = re.compile(r"[0-9]{1,9}")
 
 # Queues a job's generation on this replica now (so a full queue is refused at once) and returns
-# what finishes it: (principal, request, generator, store, observer). See imagine.engine.generation.
+# what finishes it: (principal, request, generator, store, observer). See imagine.http.generation.
 JobRunner = Callable[[Principal, GenerationRequest, Generator, bool, JobObserver | None], Coroutine[Any, Any, "Generated"]]
 # A finished generation as the /generate JSON a job's result holds.
 ResultJson = Callable[["Generated"], Coroutine[Any, Any, dict[str, Any]]]

@@ -42,6 +42,28 @@ class GenerationOutput:
     encode_time: float = 0.0
 
 
+@dataclass(frozen=True)
+class Generated:
+    """A finished generation: its request and generator, the device's output, its PNGs and where they were kept."""
+
+    request: GenerationRequest
+    generator: Generator
+    output: GenerationOutput
+    pngs: list[bytes]
+    ids: list[str]  # gallery ids; empty when not stored
+    encode_time: float = 0.0
+    store_time: float = 0.0
+
+    def timings(self) -> dict[str, float]:
+        """Seconds spent in each stage after validation."""
+        return {
+            "queue": self.output.queue_time,
+            "device": self.output.generation_time,
+            "encode": self.encode_time,
+            "store": self.store_time,
+        }
+
+
 def cancelled_error() -> ApiError:
     return ApiError(499, "CANCELLED", "The generation was cancelled")
 

@@ -19,8 +19,8 @@ from imagine.security.cloud_api_keys import CloudKeys, started_cloud_generators
 from imagine.engine.executor import DeviceExecutor
 from imagine.engine.queue import MemoryQueue
 from imagine.storage.factory import build_gallery
-from imagine.engine import generation
-from imagine.engine.generation import Generated
+from imagine.http import generation
+from imagine.engine.work import Generated
 from imagine.engine.jobs import JobManager
 from imagine.assistant.service import started_assistant
 from imagine.http.app_keys import (

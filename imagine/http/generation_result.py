@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, Field
 
-from imagine.engine.generation import Generated
+from imagine.engine.work import Generated
 
 
 class AppliedLora(BaseModel):

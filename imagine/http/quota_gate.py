@@ -34,7 +34,7 @@ from imagine.security.quotas import Charge, QuotaDecision, Quotas
 from imagine.security.tokens import Principal
 
 if TYPE_CHECKING:
-    from imagine.engine.generation import Generated
+    from imagine.engine.work import Generated
     from imagine.engine.jobs import JobStore
 
 log = logging.getLogger(__name__)

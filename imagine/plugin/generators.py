@@ -247,7 +247,7 @@ class CloudGenerator(Generator):
 
     The app starts it with its shared client session and a lookup of its API key
     (`start`), and closes it on shutdown (`imagine.security.cloud_api_keys`);
-    `imagine.engine.generation` awaits `generate_remote` under the job's deadline.
+    `imagine.http.generation` awaits `generate_remote` under the job's deadline.
     """
 
     #: Where its API key comes from (POST /api-key service name, environment variable, key file).

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 from imagine.assistant.ollama import Reply
 from imagine.assistant.service import Assistant
 from imagine.assistant.sessions import StoredMessage
-from imagine.engine import generation
+from imagine.http import generation
 from imagine.errors import ApiError
 from imagine.http import image_inputs
 from imagine.http.app_keys import assistant_key, encode_pool_key, metrics_key, principal_key, registry_key, settings_key

@@ -8,7 +8,7 @@ import time
 
 from aiohttp import web
 
-from imagine.engine import generation
+from imagine.http import generation
 from imagine.security.tokens import requires
 from imagine.errors import field_error, validation_error
 from imagine.http.app_keys import encode_pool_key, principal_key, queue_wait_key
@@ -17,7 +17,7 @@ from imagine.http.generation_result import GenerationResult
 from imagine.http.negotiation import ResponseFormat, choose_format
 from imagine.http.openapi import content_response, error_response, operation
 from imagine.http.request_bodies import GENERATE_BODY, GenerateBody, read_json
-from imagine.engine.generation import server_timing
+from imagine.http.generation import server_timing
 
 # What every generating route can fail with, beside the validation and auth errors.
 GENERATION_ERRORS = {

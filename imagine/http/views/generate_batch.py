@@ -15,7 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
-from imagine.engine import generation
+from imagine.http import generation
 from imagine.security.tokens import Principal, requires
 from imagine.errors import ApiError, error_body, validation_error
 from imagine.http.app_keys import encode_pool_key, principal_key

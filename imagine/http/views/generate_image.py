@@ -8,7 +8,7 @@ import base64
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from imagine.engine import generation
+from imagine.http import generation
 from imagine.security.tokens import requires
 from imagine.http.app_keys import principal_key
 from imagine.http.front_door import admit

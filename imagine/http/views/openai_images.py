@@ -18,7 +18,7 @@ from aiohttp import BodyPartReader, web
 from PIL import ImageOps
 from pydantic import BaseModel, ConfigDict, Field
 
-from imagine.engine import generation
+from imagine.http import generation
 from imagine.security.tokens import requires
 from imagine.errors import ApiError, field_error, renamed_fields, validation_error
 from imagine.http.app_keys import encode_pool_key, principal_key, settings_key

@@ -17,8 +17,8 @@ from typing import Any
 
 from aiohttp import web
 
-from imagine.engine import generation
-from imagine.engine.generation import Generated
+from imagine.http import generation
+from imagine.engine.work import Generated
 from imagine.engine.jobs import preview_data_url
 from imagine.errors import ApiError, validation_error
 from imagine.http import sdapi_bodies

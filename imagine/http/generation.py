@@ -11,13 +11,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Coroutine, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
 from imagine.security.tokens import Principal
-from imagine.engine.work import GenerationOutput, JobObserver, timeout_error
+from imagine.engine.work import Generated, GenerationOutput, JobObserver, timeout_error
 from imagine.storage.gallery import ImageMetadata
 from imagine.plugin.generators import CloudGenerator, GenerationRequest, Generator
 from imagine.http.app_keys import (
@@ -30,26 +29,6 @@ from imagine.http.app_keys import (
     settings_key,
 )
 from imagine.engine.telemetry import Telemetry
-
-
-@dataclass(frozen=True)
-class Generated:
-    request: GenerationRequest
-    generator: Generator
-    output: GenerationOutput
-    pngs: list[bytes]
-    ids: list[str]  # gallery ids; empty when not stored
-    encode_time: float = 0.0
-    store_time: float = 0.0
-
-    def timings(self) -> dict[str, float]:
-        """Seconds spent in each stage after validation."""
-        return {
-            "queue": self.output.queue_time,
-            "device": self.output.generation_time,
-            "encode": self.encode_time,
-            "store": self.store_time,
-        }
 
 
 def server_timing(timings: Mapping[str, float]) -> str:
