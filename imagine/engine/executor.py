@@ -410,7 +410,12 @@ class DeviceExecutor:
         if self._encoder is None or len(self._queue) or self._controls or item.state is not WorkState.RUNNING:
             return output
         started = time.perf_counter()
-        pngs = [self._encoder(item.request, image, seed) for image, seed in zip(output.images, output.seeds, strict=True)]
+        try:
+            pngs = [self._encoder(item.request, image, seed) for image, seed in zip(output.images, output.seeds, strict=True)]
+        except Exception:
+            # Not this thread's to fail: the pool encodes it again, and a failure there is the request's.
+            log.exception("encoding on the device thread failed")
+            return output
         return dataclasses.replace(output, pngs=pngs, encode_time=time.perf_counter() - started)
 
     def _settle_all(self, batch: list[WorkItem], state: WorkState, error: ApiError) -> None:
