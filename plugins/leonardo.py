@@ -189,6 +189,7 @@ class LeonardoGenerator(CloudGenerator):
         self._session: aiohttp.ClientSession | None = None
         self._api_key: Callable[[], str | None] = lambda: None
         self._rejected_key: str | None = None  # fingerprint of the last key Leonardo refused
+        self._deleting: set[asyncio.Task[None]] = set()  # generations given up, being deleted upstream
 
     # ---- lifecycle and state ------------------------------------------------
 
@@ -197,6 +198,8 @@ class LeonardoGenerator(CloudGenerator):
         self._api_key = api_key
 
     async def close(self) -> None:
+        if self._deleting:
+            await asyncio.gather(*self._deleting, return_exceptions=True)
         self._session = None
 
     @property
@@ -270,7 +273,12 @@ class LeonardoGenerator(CloudGenerator):
         async with self._slots:  # Leonardo's own limit on generations in flight
             queue_time = time.perf_counter() - waiting_since
             generation_id, credits = await self._create(self._payload(request), key)
-            generation = await self._wait_for(generation_id, key)
+            try:
+                generation = await self._wait_for(generation_id, key)
+            except asyncio.CancelledError:
+                # Cancelled, or past its deadline: nobody will fetch it, so it leaves the account's library too.
+                self._delete_soon(generation_id, key)
+                raise
         urls = [
             image["url"]
             for image in generation.get("generated_images") or []
@@ -307,6 +315,20 @@ class LeonardoGenerator(CloudGenerator):
         credits = float(cost) if isinstance(cost, (int, float)) and not isinstance(cost, bool) and cost >= 0 else 0.0
         log.info("leonardo generation %s queued (%s API credits)", generation_id, cost if cost is not None else "?")
         return generation_id, credits
+
+    def _delete_soon(self, generation_id: str, key: str) -> None:
+        """DELETE the generation in a task of its own: the caller's task is being cancelled."""
+
+        async def delete() -> None:
+            reply = await self._send("DELETE", f"/generations/{generation_id}", key)
+            if reply.status == 200:
+                log.info("leonardo generation %s deleted: its job was cancelled", generation_id)
+            else:
+                log.warning("leonardo generation %s could not be deleted (%s)", generation_id, reply.failure or reply.status)
+
+        task = asyncio.create_task(delete())
+        self._deleting.add(task)
+        task.add_done_callback(self._deleting.discard)
 
     async def _wait_for(self, generation_id: str, key: str) -> Mapping[str, Any]:
         """Poll with backoff; a few failed polls in a row are forgiven, the deadline is the caller's."""

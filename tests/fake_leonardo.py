@@ -1,4 +1,4 @@
-"""A fake Leonardo.ai: REST API v1 (POST /generations, GET /generations/{id}) and its image CDN.
+"""A fake Leonardo.ai: REST API v1 (POST /generations, GET and DELETE /generations/{id}) and its image CDN.
 
 It speaks the documented shapes: `{"sdGenerationJob": {"generationId",
 "apiCreditCost"}}`, `{"generations_by_pk": {"status", "generated_images": [{"url"}], "seed"}}`,
@@ -62,6 +62,7 @@ class FakeLeonardo:
     posts: list[dict[str, Any]] = field(default_factory=list)
     post_attempts: int = 0
     generations: dict[str, Generation] = field(default_factory=dict)
+    deleted: list[str] = field(default_factory=list)  # generation ids, in the order DELETE removed them
     cdn_request_headers: list[dict[str, str]] = field(default_factory=list)
     max_in_flight: int = 0
     _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
@@ -70,6 +71,7 @@ class FakeLeonardo:
         app = web.Application()
         app.router.add_post(API_PREFIX + "/generations", self._create)
         app.router.add_get(API_PREFIX + "/generations/{id}", self._get)
+        app.router.add_delete(API_PREFIX + "/generations/{id}", self._delete)
         app.router.add_get("/cdn/{id}/{index}.jpg", self._cdn)
         return app
 
@@ -109,6 +111,17 @@ class FakeLeonardo:
         self.generations[generation_id] = Generation(body, seed=body.get("seed", 123456789))
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         return web.json_response({"sdGenerationJob": {"generationId": generation_id, "apiCreditCost": 8}})
+
+    async def _delete(self, request: web.Request) -> web.Response:
+        if (refusal := self._refused(request)) is not None:
+            return refusal
+        generation_id = request.match_info["id"]
+        generation = self.generations.get(generation_id)
+        if generation is None:
+            return web.json_response({"delete_generations_by_pk": None})
+        generation.status = "DELETED"  # no longer in flight, nor in the account's library
+        self.deleted.append(generation_id)
+        return web.json_response({"delete_generations_by_pk": {"id": generation_id}})
 
     async def _get(self, request: web.Request) -> web.Response:
         if (refusal := self._refused(request)) is not None:

@@ -221,14 +221,30 @@ async def test_429_past_the_retries_is_a_503_with_retry_after(make_client, leona
     assert fake.post_attempts == 2
 
 
-async def test_a_slow_upstream_hits_the_job_deadline(make_client, leonardo_settings, fake, monkeypatch) -> None:
+async def test_a_slow_upstream_hits_the_job_deadline_and_its_generation_is_deleted(
+    make_client, leonardo_settings, fake, monkeypatch
+) -> None:
     monkeypatch.setenv("LEONARDO_API_KEY", KEY)
     client = await make_client(leonardo_settings.replace(queue={"timeout_s": 0.3}))
     fake.hold = asyncio.Event()  # never released: PENDING forever
     response = await client.post(URL, json={"prompt": "a fox", "model": "leonardo"}, headers=auth())
     assert response.status == 504
     assert (await response.json())["error"]["code"] == "TIMEOUT"
-    assert all(generation.status == "PENDING" for generation in fake.generations.values())
+    # Nobody will fetch it: it leaves the account's library too.
+    await wait_until(lambda: fake.deleted == list(fake.generations))
+    assert len(fake.deleted) == 1
+
+
+async def test_a_cancelled_job_deletes_its_generation_upstream(make_client, leonardo_settings, fake, monkeypatch) -> None:
+    monkeypatch.setenv("LEONARDO_API_KEY", KEY)
+    client = await make_client(leonardo_settings)
+    fake.hold = asyncio.Event()
+    job = await (await client.post("/imagine/jobs", json={"prompt": "a fox", "model": "leonardo"}, headers=auth())).json()
+    await wait_until(lambda: any(generation.polls for generation in fake.generations.values()))
+    cancelled = await (await client.delete(f"/imagine/jobs/{job['id']}", headers=auth())).json()
+    assert cancelled["status"] == "cancelled"
+    await wait_until(lambda: fake.deleted == list(fake.generations))
+    assert [generation.status for generation in fake.generations.values()] == ["DELETED"]
 
 
 async def test_a_local_generation_completes_while_a_leonardo_call_is_pending(
