@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,7 +10,6 @@ from typing import Any
 import hypothesis
 import pytest
 import schemathesis
-from aiohttp import web
 from schemathesis import GenerationMode
 from schemathesis.config import SchemathesisConfig
 from schemathesis.core.failures import FailureGroup
@@ -23,7 +20,7 @@ from imagine.devtools.demo_models import demo_settings
 from imagine.settings import Settings, load_settings
 from tests.conftest import KEYS, make_token
 from tests.fake_ollama import FakeOllama
-from tests.processes import LOOPBACK, free_port
+from tests.served import serving
 
 
 async def test_every_registered_route_is_documented(client) -> None:
@@ -103,30 +100,16 @@ def no_leonardo_key() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def live_service(tmp_path_factory: pytest.TempPathFactory, demo_folder: Path, no_leonardo_key: None) -> Iterator[str]:
-    """The app on a real port, on its own loop in a thread: schemathesis calls it synchronously."""
-    loop = asyncio.new_event_loop()
-    # The assistant's routes answer from a fake Ollama on the same loop (without one they are all 503).
-    ollama = web.AppRunner(FakeOllama().app())
-    ollama_port = free_port()
-    loop.run_until_complete(ollama.setup())
-    loop.run_until_complete(web.TCPSite(ollama, LOOPBACK, ollama_port).start())
+    """The app on a real port, on its own loop in a thread: schemathesis calls it synchronously.
+
+    Served by the runner `imagine serve` uses: what aiohttp's parser refuses is answered in the contract's JSON too.
+    The assistant's routes answer from a fake Ollama (without one they are all 503).
+    """
     settings = fuzz_settings(tmp_path_factory.mktemp("fuzz-state"), demo_folder)
-    app = create_app(settings.replace(assistant={"ollama_url": f"http://{LOOPBACK}:{ollama_port}"}), keys=KEYS)
-    # The runner `imagine serve` uses: what aiohttp's parser refuses is answered in the contract's JSON too.
-    runner = make_runner(app)
-    port = free_port()
-    loop.run_until_complete(runner.setup())
-    loop.run_until_complete(web.TCPSite(runner, LOOPBACK, port).start())
-    thread = threading.Thread(target=loop.run_forever, name="fuzzed-service", daemon=True)
-    thread.start()
-    try:
-        yield f"http://{LOOPBACK}:{port}"
-    finally:
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=60)
-        asyncio.run_coroutine_threadsafe(ollama.cleanup(), loop).result(timeout=60)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=30)
-        loop.close()
+    with serving(FakeOllama().app()) as ollama:
+        app = create_app(settings.replace(assistant={"ollama_url": ollama}), keys=KEYS)
+        with serving(app, make_runner) as origin:
+            yield origin
 
 
 @pytest.fixture(scope="module")

@@ -31,9 +31,10 @@ from imagine.devtools.demo_models import demo_settings
 from imagine.http.app import create_app
 from imagine.http.views.ui import FOLDER
 from imagine.settings import Settings, load_settings
-from tests.browser import chromium, console_errors, serving
+from tests.browser import chromium, console_errors
 from tests.conftest import KEYS, make_token, pixels
 from tests.fake_ollama import FakeOllama
+from tests.served import serving
 from tests.slow_plugin import SlowPlugin
 
 ROOT = Path(__file__).resolve().parent.parent
