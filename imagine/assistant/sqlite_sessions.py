@@ -7,7 +7,7 @@ writes; a busy timeout lets their writes take turns) and never touches the
 gallery's table or its `user_version`; its own schema version is a row of
 `chat_schema`.
 
-Threads: as in the gallery store, one dedicated thread owns the connection.
+Threads: one dedicated thread owns the connection (`imagine.storage.sqlite_thread`).
 """
 
 from __future__ import annotations
@@ -15,15 +15,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from imagine.assistant.sessions import SessionStore, SessionSummary, StoredMessage
+from imagine.storage.sqlite_thread import SqliteThread
 
 SCHEMA_VERSION = 1
-T = TypeVar("T")
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS chat_schema (only_row INTEGER PRIMARY KEY CHECK (only_row = 1), version INTEGER NOT NULL)",
@@ -68,134 +67,109 @@ def _message(row: tuple[Any, ...]) -> StoredMessage:
 
 class SqliteSessions(SessionStore):
     def __init__(self, path: Path) -> None:
-        self._path = path
-        self._thread: ThreadPoolExecutor | None = None
-        self._connection: sqlite3.Connection | None = None
+        # Durable: the conversations are what callers wrote, and the gallery's connection shares the file.
+        self._database = SqliteThread(path, _SCHEMA, "imagine-chat-db", durable=True, prepare=_check_version)
 
     async def open(self) -> None:
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imagine-chat-db")
-        await self._db(self._connect)
+        # Connected now, so a file of a newer version refuses the start rather than the first chat.
+        await self._database.call(lambda sql: None)
 
     async def close(self) -> None:
-        if self._thread is None:
-            return
-        await self._db(self._disconnect)
-        self._thread.shutdown(wait=True)
-        self._thread = None
-
-    def _connect(self) -> None:
-        # Owner-only when created here: the conversations are other people's words.
-        self._path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        connection = sqlite3.connect(self._path, isolation_level=None)
-        try:
-            connection.execute("PRAGMA journal_mode = WAL")
-            connection.execute("PRAGMA synchronous = FULL")
-            connection.execute("PRAGMA busy_timeout = 5000")
-            with _transaction(connection):
-                for statement in _SCHEMA:
-                    connection.execute(statement)
-                row = connection.execute("SELECT version FROM chat_schema").fetchone()
-                if row is not None and row[0] > SCHEMA_VERSION:
-                    raise RuntimeError(f"the chat sessions were written by a newer version (schema {row[0]})")
-                connection.execute("INSERT OR REPLACE INTO chat_schema (only_row, version) VALUES (1, ?)", (SCHEMA_VERSION,))
-        except BaseException:
-            connection.close()
-            raise
-        self._connection = connection
-
-    def _disconnect(self) -> None:
-        if self._connection is not None:
-            self._connection.close()
-            self._connection = None
-
-    async def _db(self, function: Callable[..., T], *args: Any) -> T:
-        assert self._thread is not None, "chat sessions not open"
-        return await asyncio.get_running_loop().run_in_executor(self._thread, function, *args)
-
-    @property
-    def _sql(self) -> sqlite3.Connection:
-        assert self._connection is not None
-        return self._connection
+        await self._database.close()
 
     async def history(self, owner: str, session_id: str, limit: int) -> list[StoredMessage]:
-        return await self._db(self._history, owner, session_id, limit)
-
-    def _history(self, owner: str, session_id: str, limit: int) -> list[StoredMessage]:
-        rows = self._sql.execute(
-            "SELECT role, content, created_at, image_id FROM chat_messages WHERE owner = ? AND session_id = ? "
-            "ORDER BY seq DESC LIMIT ?",
-            (owner, session_id, limit),
-        ).fetchall()
-        return [_message(row) for row in reversed(rows)]
+        return await self._database.call(lambda sql: _history(sql, owner, session_id, limit))
 
     async def append(
         self, owner: str, session_id: str, messages: Sequence[StoredMessage], *, keep: int, max_sessions: int
     ) -> None:
         # Shielded: a client that goes away mid-write must not leave half an exchange.
-        await asyncio.shield(self._db(self._append, owner, session_id, messages, keep, max_sessions))
-
-    def _append(self, owner: str, session_id: str, messages: Sequence[StoredMessage], keep: int, max_sessions: int) -> None:
-        now = messages[-1].created_at
-        with _transaction(self._sql):
-            self._sql.execute(
-                "INSERT INTO chat_sessions (owner, session_id, created_at, updated_at) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (owner, session_id) DO UPDATE SET updated_at = excluded.updated_at",
-                (owner, session_id, messages[0].created_at, now),
-            )
-            self._sql.executemany(
-                "INSERT INTO chat_messages (owner, session_id, role, content, created_at, image_id) VALUES (?, ?, ?, ?, ?, ?)",
-                [(owner, session_id, m.role, m.content, m.created_at, m.image_id) for m in messages],
-            )
-            self._sql.execute(
-                "DELETE FROM chat_messages WHERE owner = ? AND session_id = ? AND seq <= ("
-                "SELECT seq FROM chat_messages WHERE owner = ? AND session_id = ? ORDER BY seq DESC LIMIT 1 OFFSET ?)",
-                (owner, session_id, owner, session_id, keep),
-            )
-            stale = self._sql.execute(
-                "SELECT session_id FROM chat_sessions WHERE owner = ? ORDER BY updated_at DESC LIMIT -1 OFFSET ?",
-                (owner, max_sessions),
-            ).fetchall()
-            for (old,) in stale:
-                self._delete(owner, old)
+        await asyncio.shield(self._database.call(lambda sql: _append(sql, owner, session_id, messages, keep, max_sessions)))
 
     async def sessions(self, owner: str) -> list[SessionSummary]:
-        return await self._db(self._sessions, owner)
-
-    def _sessions(self, owner: str) -> list[SessionSummary]:
-        rows = self._sql.execute(
-            "SELECT s.session_id, s.created_at, s.updated_at, "
-            "(SELECT COUNT(*) FROM chat_messages m WHERE m.owner = s.owner AND m.session_id = s.session_id) "
-            "FROM chat_sessions s WHERE s.owner = ? ORDER BY s.updated_at DESC",
-            (owner,),
-        ).fetchall()
-        return [SessionSummary(*row) for row in rows]
+        return await self._database.call(lambda sql: _sessions(sql, owner))
 
     async def messages(self, owner: str, session_id: str) -> list[StoredMessage] | None:
-        return await self._db(self._messages, owner, session_id)
-
-    def _messages(self, owner: str, session_id: str) -> list[StoredMessage] | None:
-        # One read transaction: the session and its messages from the same moment.
-        self._sql.execute("BEGIN DEFERRED")
-        try:
-            known = self._sql.execute(
-                "SELECT 1 FROM chat_sessions WHERE owner = ? AND session_id = ?", (owner, session_id)
-            ).fetchone()
-            rows = self._sql.execute(
-                "SELECT role, content, created_at, image_id FROM chat_messages WHERE owner = ? AND session_id = ? ORDER BY seq",
-                (owner, session_id),
-            ).fetchall()
-        finally:
-            self._sql.execute("COMMIT")
-        return [_message(row) for row in rows] if known else None
+        return await self._database.call(lambda sql: _messages(sql, owner, session_id))
 
     async def delete(self, owner: str, session_id: str) -> bool:
-        return await asyncio.shield(self._db(self._delete_session, owner, session_id))
+        return await asyncio.shield(self._database.call(lambda sql: _delete_session(sql, owner, session_id)))
 
-    def _delete_session(self, owner: str, session_id: str) -> bool:
-        with _transaction(self._sql):
-            return self._delete(owner, session_id)
 
-    def _delete(self, owner: str, session_id: str) -> bool:
-        self._sql.execute("DELETE FROM chat_messages WHERE owner = ? AND session_id = ?", (owner, session_id))
-        cursor = self._sql.execute("DELETE FROM chat_sessions WHERE owner = ? AND session_id = ?", (owner, session_id))
-        return cursor.rowcount > 0
+def _check_version(sql: sqlite3.Connection) -> None:
+    with _transaction(sql):
+        row = sql.execute("SELECT version FROM chat_schema").fetchone()
+        if row is not None and row[0] > SCHEMA_VERSION:
+            raise RuntimeError(f"the chat sessions were written by a newer version (schema {row[0]})")
+        sql.execute("INSERT OR REPLACE INTO chat_schema (only_row, version) VALUES (1, ?)", (SCHEMA_VERSION,))
+
+
+def _history(sql: sqlite3.Connection, owner: str, session_id: str, limit: int) -> list[StoredMessage]:
+    rows = sql.execute(
+        "SELECT role, content, created_at, image_id FROM chat_messages WHERE owner = ? AND session_id = ? "
+        "ORDER BY seq DESC LIMIT ?",
+        (owner, session_id, limit),
+    ).fetchall()
+    return [_message(row) for row in reversed(rows)]
+
+
+def _append(
+    sql: sqlite3.Connection, owner: str, session_id: str, messages: Sequence[StoredMessage], keep: int, max_sessions: int
+) -> None:
+    now = messages[-1].created_at
+    with _transaction(sql):
+        sql.execute(
+            "INSERT INTO chat_sessions (owner, session_id, created_at, updated_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (owner, session_id) DO UPDATE SET updated_at = excluded.updated_at",
+            (owner, session_id, messages[0].created_at, now),
+        )
+        sql.executemany(
+            "INSERT INTO chat_messages (owner, session_id, role, content, created_at, image_id) VALUES (?, ?, ?, ?, ?, ?)",
+            [(owner, session_id, m.role, m.content, m.created_at, m.image_id) for m in messages],
+        )
+        sql.execute(
+            "DELETE FROM chat_messages WHERE owner = ? AND session_id = ? AND seq <= ("
+            "SELECT seq FROM chat_messages WHERE owner = ? AND session_id = ? ORDER BY seq DESC LIMIT 1 OFFSET ?)",
+            (owner, session_id, owner, session_id, keep),
+        )
+        stale = sql.execute(
+            "SELECT session_id FROM chat_sessions WHERE owner = ? ORDER BY updated_at DESC LIMIT -1 OFFSET ?",
+            (owner, max_sessions),
+        ).fetchall()
+        for (old,) in stale:
+            _delete(sql, owner, old)
+
+
+def _sessions(sql: sqlite3.Connection, owner: str) -> list[SessionSummary]:
+    rows = sql.execute(
+        "SELECT s.session_id, s.created_at, s.updated_at, "
+        "(SELECT COUNT(*) FROM chat_messages m WHERE m.owner = s.owner AND m.session_id = s.session_id) "
+        "FROM chat_sessions s WHERE s.owner = ? ORDER BY s.updated_at DESC",
+        (owner,),
+    ).fetchall()
+    return [SessionSummary(*row) for row in rows]
+
+
+def _messages(sql: sqlite3.Connection, owner: str, session_id: str) -> list[StoredMessage] | None:
+    # One read transaction: the session and its messages from the same moment.
+    sql.execute("BEGIN DEFERRED")
+    try:
+        known = sql.execute("SELECT 1 FROM chat_sessions WHERE owner = ? AND session_id = ?", (owner, session_id)).fetchone()
+        rows = sql.execute(
+            "SELECT role, content, created_at, image_id FROM chat_messages WHERE owner = ? AND session_id = ? ORDER BY seq",
+            (owner, session_id),
+        ).fetchall()
+    finally:
+        sql.execute("COMMIT")
+    return [_message(row) for row in rows] if known else None
+
+
+def _delete_session(sql: sqlite3.Connection, owner: str, session_id: str) -> bool:
+    with _transaction(sql):
+        return _delete(sql, owner, session_id)
+
+
+def _delete(sql: sqlite3.Connection, owner: str, session_id: str) -> bool:
+    sql.execute("DELETE FROM chat_messages WHERE owner = ? AND session_id = ?", (owner, session_id))
+    cursor = sql.execute("DELETE FROM chat_sessions WHERE owner = ? AND session_id = ?", (owner, session_id))
+    return cursor.rowcount > 0
