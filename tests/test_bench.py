@@ -32,12 +32,17 @@ def table_rows(output: str, title: str) -> list[list[str]]:
 def test_overhead_compares_the_bare_call_with_the_service(bench_environment, capsys) -> None:
     assert main(["bench", "--mode", "overhead", "--model", "sdxl-turbo", "--size", "64", "--steps", "1", "--requests", "3"]) == 0
     output = capsys.readouterr().out
-    bare, served = table_rows(output, "overhead:")
+    bare, floor, served = table_rows(output, "overhead:")
     assert bare[0] == "bare pipe()" and bare[3] == "1.000"
-    assert served[0] == "service (HTTP)" and float(served[3]) > 0
-    assert served[4].endswith(" ms") and float(served[5]) > 0  # the paired extra and its ratio
-    own = float(served[6].removesuffix(" ms"))  # latency minus the request's own pipeline call
-    assert 0 < own < float(served[1].removesuffix(" ms")) and float(served[7]) > 1
+    for row in floor, served:
+        assert float(row[3]) > 0
+        assert row[4].endswith(" ms") and float(row[5]) > 0  # the paired extra and its ratio
+        own = float(row[6].removesuffix(" ms"))  # latency minus the request's own pipeline call
+        assert 0 < own < float(row[1].removesuffix(" ms")) and float(row[7]) > 1
+    assert floor[0] == "aiohttp floor (PNG)" and served[0] == "service (HTTP)"
+    # What the service adds over a bare aiohttp route answering the same PNG.
+    above = float(served[8].removesuffix(" ms"))
+    assert above == pytest.approx(float(served[6].removesuffix(" ms")) - float(floor[6].removesuffix(" ms")), abs=0.1)
     parts = {row[0] for row in table_rows(output, "where a request's time goes")}
     assert parts == {"validate", "queue", "device", "encode", "store"}
 
@@ -108,6 +113,27 @@ def test_cluster_compares_the_queues_and_scales_over_replica_processes(bench_env
         assert float(row[1]) > 0 and float(row[2]) > 0
         assert re.fullmatch(r"\d+%", row[3]) and 0 <= int(row[3][:-1]) <= 100  # the second replica's share
         assert float(row[4]) > 0  # cores' worth of CPU the two replicas got
+
+
+def test_switches_adds_one_switch_a_row_and_shows_a_refused_one_with_its_reason(bench_environment, capsys) -> None:
+    arguments = ["bench", "--mode", "switches", "--model", "sdxl-turbo", "--size", "64", "--steps", "1", "--requests", "1"]
+    assert main([*arguments, "--switches", "eager,sdpa,tf32,channels_last"]) == 0
+    eager, sdpa, tf32, channels_last = table_rows(capsys.readouterr().out, "switches:")
+    # Cells left empty (compile time and peak memory, on a CPU) drop out of the split: read from the end.
+    assert eager[:2] == ["eager attention", "cpu, float32"] and eager[-3:] == ["1.00x", "0", "0.00"]
+    assert tf32[0] == "+ tf32" and "models.tf32 needs a CUDA device" in tf32[1]
+    # The refused switch is left out of the rows after it.
+    assert sdpa[0] == "sdpa attention" and channels_last[0] == "sdpa attention, channels_last"
+    for row in sdpa, channels_last:
+        assert float(row[-4]) > 0 and row[-3].endswith("x")  # images/s, and the speed-up over the first row
+        # Another kernel or memory layout, the same arithmetic: the same image, a level here and there.
+        assert int(row[-2]) <= 2 and float(row[-1]) < 0.1
+
+
+def test_an_unknown_switch_is_refused_before_any_load(bench_environment, capsys) -> None:
+    arguments = ["bench", "--mode", "switches", "--model", "sdxl-turbo", "--size", "64", "--steps", "1"]
+    assert main([*arguments, "--switches", "sdpa,warp-drive"]) == 2
+    assert "unknown switches warp-drive" in capsys.readouterr().err
 
 
 def test_a_model_named_by_its_alias_is_benched_under_its_own_name(bench_environment, capsys) -> None:

@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
 from aiohttp import web
@@ -31,6 +31,9 @@ from aiohttp import web
 from imagine.security.tokens import JwtKeys, load_jwt_keys, sign_token
 from imagine.errors import ApiError
 from imagine.settings import Settings
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 PROMPT = "a lighthouse at dusk, dramatic clouds"
 T = TypeVar("T")
@@ -96,13 +99,17 @@ class BarePipeline:
 
     def call(self, size: int, steps: int, seeds: Sequence[int]) -> float:
         """Seconds for one `pipe(...)` call making one image per seed."""
+        return self.make(size, steps, seeds)[0]
+
+    def make(self, size: int, steps: int, seeds: Sequence[int]) -> tuple[float, list[Image.Image]]:
+        """One `pipe(...)` call making one image per seed: its seconds and its images."""
         import torch
 
         started = time.perf_counter()
         # The service sets the scheduler a request asks for on every call; so does this.
         self._pipe.scheduler = self._scheduler
         with torch.inference_mode():
-            self._pipe(
+            images = self._pipe(
                 prompt=[PROMPT] * len(seeds),
                 width=size,
                 height=size,
@@ -110,8 +117,8 @@ class BarePipeline:
                 guidance_scale=self._guidance,
                 generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
                 output_type="pil",
-            )
-        return time.perf_counter() - started
+            ).images
+        return time.perf_counter() - started, images
 
 
 # ---- the service, in this process ----------------------------------------
@@ -141,18 +148,51 @@ class Service:
 
 
 @contextlib.asynccontextmanager
-async def running_service(settings: Settings, keys: JwtKeys) -> AsyncIterator[Service]:
-    from imagine.http.app import create_app
-
-    app = create_app(settings, keys=keys)
+async def _on_loopback(app: web.Application) -> AsyncIterator[str]:
+    """`app` served on a free loopback port: its base URL."""
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     port = _free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     try:
-        yield Service(f"http://127.0.0.1:{port}{settings.server.base_path}", app)
+        yield f"http://127.0.0.1:{port}"
     finally:
         await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def running_service(settings: Settings, keys: JwtKeys) -> AsyncIterator[Service]:
+    from imagine.http.app import create_app
+
+    app = create_app(settings, keys=keys)
+    async with _on_loopback(app) as url:
+        yield Service(url + settings.server.base_path, app)
+
+
+@contextlib.asynccontextmanager
+async def aiohttp_floor(service: Service, pipeline: BarePipeline, size: int, steps: int) -> AsyncIterator[str]:
+    """The least an aiohttp service adds to the bare call: one route that reads the JSON body, makes the
+    image with the bare call on the service's device thread, encodes it there with the service's PNG
+    encoder and answers it. No auth, validation, queue, jobs, metrics or access log: what the service's
+    own time has above this floor's is what those cost. Its base URL."""
+    from imagine.http.app_keys import png_encoder_key
+
+    encoder = service.app[png_encoder_key]
+
+    async def generate(request: web.Request) -> web.Response:
+        seed = int((await request.json())["seed"])
+
+        def make() -> tuple[float, bytes]:
+            seconds, images = pipeline.make(size, steps, [seed])
+            return seconds, encoder.encode(images[0], PROMPT)
+
+        seconds, png = await service.on_device(make)
+        return web.Response(body=png, content_type="image/png", headers={"Server-Timing": f"device;dur={seconds * 1000:.2f}"})
+
+    app = web.Application()
+    app.router.add_post("/generate", generate)
+    async with _on_loopback(app) as url:
+        yield url
 
 
 @dataclass
@@ -238,73 +278,74 @@ def _body(model: str, size: int, steps: int, response: str = "png", store: bool 
 # ---- modes -----------------------------------------------------------------
 
 
+def _own_time(outcome: Outcome) -> float:
+    """Median of each request's latency minus its own pipeline call (Server-Timing's `device`): what the
+    server adds, measured within one request, so free of the call-to-call jitter that pairs still carry."""
+    return statistics.median(
+        latency - timing["device"] / 1000 for latency, timing in zip(outcome.latencies, outcome.server_timing, strict=True)
+    )
+
+
 async def overhead(settings: Settings, keys: JwtKeys, token: str, arguments: argparse.Namespace) -> None:
-    """Bare calls and HTTP requests are made in pairs, so drifts in machine load hit both alike."""
+    """Bare calls, requests to the aiohttp floor and requests to the service are made in threes, so drifts
+    in machine load hit all alike."""
     size, steps = arguments.size, arguments.steps
     bare: list[float] = []
-    served = Outcome([], Counter(), 0, 0.0)
+    floor, served = Outcome([], Counter(), 0, 0.0), Outcome([], Counter(), 0, 0.0)
     # One connection kept alive for every request, as an HTTP client (or nginx's upstream keepalive) keeps it:
     # opening a TCP connection per request is the client's cost, not the service's.
     async with running_service(settings, keys) as service, aiohttp.ClientSession() as session:
         pipeline = await service.on_device(lambda: BarePipeline(service, arguments.model))
         body = _body(arguments.model, size, steps, arguments.response, arguments.store)
-        await service.on_device(lambda: pipeline.call(size, steps, [0]))
-        await drive(service.url, token, body, concurrency=1, requests=1, duration=None, session=session)  # warm up
-        for number in range(arguments.requests):
-            bare_call = partial(service.on_device, partial(pipeline.call, size, steps, [number]))
-            # The same seed as the bare call, so both make the same image.
-            request = partial(
-                drive, service.url, token, lambda _, seed=number: body(seed),
-                concurrency=1, requests=1, duration=None, session=session,
-            )
-            # Which goes first alternates: the second of a pair runs a few
-            # milliseconds slower here, whichever it is.
-            if number % 2:
-                bare.append(await bare_call())
-                one = await request()
-            else:
-                one = await request()
-                bare.append(await bare_call())
-            served.latencies += one.latencies
-            served.server_timing += one.server_timing
-    bare_p50, served_p50 = statistics.median(bare), statistics.median(served.latencies)
-    # Each request ran right after its bare twin: the median of the differences
-    # is far steadier than the difference of two wide distributions' medians.
-    paired_extra = statistics.median(s - b for s, b in zip(served.latencies, bare, strict=True))
-    # A request's latency minus its own pipeline call (Server-Timing's `device`):
-    # what the service adds, measured within one request, so free of the
-    # call-to-call jitter that the pairs still carry.
-    own = statistics.median(
-        latency - timing["device"] / 1000 for latency, timing in zip(served.latencies, served.server_timing, strict=True)
-    )
+
+        async def bare_call(seed: int) -> None:
+            bare.append(await service.on_device(partial(pipeline.call, size, steps, [seed])))
+
+        async def request(url: str, outcome: Outcome, seed: int) -> None:
+            # The same seed as the bare call, so all three make the same image.
+            one = await drive(url, token, lambda _: body(seed), concurrency=1, requests=1, duration=None, session=session)
+            outcome.latencies += one.latencies
+            outcome.server_timing += one.server_timing
+
+        async with aiohttp_floor(service, pipeline, size, steps) as floor_url:
+            await service.on_device(partial(pipeline.call, size, steps, [0]))  # warm up
+            await request(service.url, Outcome([], Counter(), 0, 0.0), 0)
+            await request(floor_url, Outcome([], Counter(), 0, 0.0), 0)
+            for number in range(arguments.requests):
+                measures = [
+                    partial(bare_call, number), partial(request, service.url, served, number),
+                    partial(request, floor_url, floor, number),
+                ]
+                # Each goes first, second and third in turn: a later one runs a few milliseconds slower here,
+                # whichever it is.
+                turn = number % len(measures)
+                for measure in measures[turn:] + measures[:turn]:
+                    await measure()
+    bare_p50 = statistics.median(bare)
+
+    def measured(outcome: Outcome) -> dict[str, str]:
+        p50 = statistics.median(outcome.latencies)
+        # Each request ran beside its bare twin: the median of the differences
+        # is far steadier than the difference of two wide distributions' medians.
+        paired_extra = statistics.median(s - b for s, b in zip(outcome.latencies, bare, strict=True))
+        return {
+            "p50": milliseconds(p50),
+            "p95": milliseconds(percentile(outcome.latencies, 0.95)),
+            "ratio (p50)": f"{p50 / bare_p50:.3f}",
+            "paired extra": milliseconds(paired_extra),
+            "paired ratio": f"{(bare_p50 + paired_extra) / bare_p50:.3f}",
+            "own time": milliseconds(_own_time(outcome)),
+            "own ratio": f"{(bare_p50 + _own_time(outcome)) / bare_p50:.3f}",
+        }
+
+    bare_row = {"p50": milliseconds(bare_p50), "p95": milliseconds(percentile(bare, 0.95)), "ratio (p50)": "1.000"}
     print_table(
         f"overhead: {arguments.model} {size}x{size}, {steps} steps, {arguments.requests} sequential requests, "
         f"{arguments.response.upper()} responses{', stored' if arguments.store else ''}",
         [
-            Row(
-                "bare pipe()",
-                {
-                    "p50": milliseconds(bare_p50),
-                    "p95": milliseconds(percentile(bare, 0.95)),
-                    "ratio (p50)": "1.000",
-                    "paired extra": "",
-                    "paired ratio": "1.000",
-                    "own time": "",
-                    "own ratio": "1.000",
-                },
-            ),
-            Row(
-                "service (HTTP)",
-                {
-                    "p50": milliseconds(served_p50),
-                    "p95": milliseconds(percentile(served.latencies, 0.95)),
-                    "ratio (p50)": f"{served_p50 / bare_p50:.3f}",
-                    "paired extra": milliseconds(paired_extra),
-                    "paired ratio": f"{(bare_p50 + paired_extra) / bare_p50:.3f}",
-                    "own time": milliseconds(own),
-                    "own ratio": f"{(bare_p50 + own) / bare_p50:.3f}",
-                },
-            ),
+            Row("bare pipe()", {**bare_row, "paired extra": "", "paired ratio": "1.000", "own time": "", "own ratio": "1.000", "above floor": ""}),
+            Row("aiohttp floor (PNG)", {**measured(floor), "above floor": ""}),
+            Row("service (HTTP)", {**measured(served), "above floor": milliseconds(_own_time(served) - _own_time(floor))}),
         ],
     )
     if served.server_timing:
@@ -359,7 +400,7 @@ class PairedRounds:
 async def paired_rounds(
     settings: Settings, keys: JwtKeys, token: str, arguments: argparse.Namespace, bare_batches: Sequence[int]
 ) -> PairedRounds:
-    """Round after round: a bare loop at each of `bare_batches` images a call, then N closed-loop clients."""
+    """Round after round: a bare loop at each of `bare_batches` images a call and N closed-loop clients, in turn."""
     size, steps, images = arguments.size, arguments.steps, arguments.requests
     body = _body(arguments.model, size, steps)
     result = PairedRounds(bare={batch: [] for batch in bare_batches})
@@ -370,17 +411,26 @@ async def paired_rounds(
         # The service warms up under the rounds' load: long enough for it to have measured its batch sizes.
         await drive(service.url, token, body, concurrency=arguments.concurrency, requests=2 * images, duration=None)
         before, serving_s = DeviceWork.of(service, arguments.model), 0.0
-        for _ in range(arguments.rounds):
-            for batch in bare_batches:
+
+        async def bare_loops(batches: Sequence[int]) -> None:
+            for batch in batches:
                 calls = max(1, images // batch)
                 seconds = [
                     await service.on_device(partial(pipeline.call, size, steps, range(n * batch, (n + 1) * batch)))
                     for n in range(calls)
                 ]
                 result.bare[batch].append(calls * batch / sum(seconds))
+
+        for round_index in range(arguments.rounds):
+            # Rounds alternate the order (bare loops then the service, then the service then the bare loops
+            # reversed), so a machine slowing down or speeding up over a run favours neither side.
+            if round_index % 2 == 0:
+                await bare_loops(bare_batches)
             outcome = await drive(service.url, token, body, concurrency=arguments.concurrency, requests=images, duration=None)
             result.served.append(outcome.images / outcome.elapsed)
             serving_s += outcome.elapsed
+            if round_index % 2 == 1:
+                await bare_loops(bare_batches[::-1])
         after = DeviceWork.of(service, arguments.model)
         from imagine.http.app_keys import executor_key
 
@@ -497,7 +547,14 @@ async def cluster(settings: Settings, keys: JwtKeys, token: str, arguments: argp
     await run_cluster(settings, arguments)
 
 
-MODES = {"overhead": overhead, "batching": batching, "load": load, "cluster": cluster}
+async def switches(settings: Settings, keys: JwtKeys, token: str, arguments: argparse.Namespace) -> None:
+    """No service: each row loads the model in a process of its own (imagine.devtools.switches_bench)."""
+    from imagine.devtools.switches_bench import switches as run_switches
+
+    await asyncio.to_thread(run_switches, settings, arguments)
+
+
+MODES = {"overhead": overhead, "batching": batching, "load": load, "cluster": cluster, "switches": switches}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -523,6 +580,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="batch.max_wait_ms of the batching-on service: closed-loop clients resubmit together, a moment apart",
     )
     parser.add_argument("--queue-size", type=int, default=16, help="queue.max_size of the in-process service (load mode)")
+    parser.add_argument("--batch", type=int, default=1, help="images a pipeline call (switches mode)")
+    parser.add_argument(
+        "--switches",
+        help="switches mode: the steps, in order, each adding to the ones before "
+        "(float32, float16, bfloat16, eager, sdpa, channels_last, tf32, compile, max-autotune, cuda-graphs, trace; "
+        "default eager,sdpa,channels_last,tf32,compile,cuda-graphs)",
+    )
     parser.add_argument("--url", help="load mode: a running service's base URL instead of an in-process one")
     parser.add_argument("--token", help="load mode with --url: bearer token (default: signed with the local key)")
 
