@@ -74,7 +74,8 @@ def test_batching_pairs_the_service_with_the_best_bare_loop_of_each_round(bench_
     assert service[3] in ("1", "2")  # the size the service settled on
     assert 1.0 <= float(service[4]) <= 2.0
     assert 0 < float(service[5]) < 1  # the device's busy share of the wall time
-    ratios = [float(ratio) for ratio in service[7].split()]
+    assert float(service[6]) > 0  # its pipeline time per image against the bare loop's at its size
+    ratios = [float(ratio) for ratio in service[8].split()]
     assert len(ratios) == 2 and all(ratio > 0 for ratio in ratios)
 
 

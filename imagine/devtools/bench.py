@@ -385,6 +385,9 @@ class PairedRounds:
     jobs_per_call: float = 0.0
     # The share of the service's wall time its device spent in pipeline calls.
     device_busy: float = 0.0
+    # The service's pipeline seconds per image: against the bare loop's at the same batch size, what
+    # the service's other work on the same cores (HTTP, encoding) slows its pipeline calls by.
+    device_s_per_image: float = 0.0
     # The batch size the service settled on for the benched shape (None: fixed batches).
     learnt_size: int | None = None
 
@@ -443,7 +446,16 @@ async def paired_rounds(
             )
     result.jobs_per_call = (after.jobs - before.jobs) / max(1.0, after.calls - before.calls)
     result.device_busy = (after.generating_s - before.generating_s) / serving_s
+    result.device_s_per_image = (after.generating_s - before.generating_s) / max(1.0, after.jobs - before.jobs)
     return result
+
+
+def _call_time_vs_bare(rounds: PairedRounds) -> str:
+    """The service's pipeline time per image over the best bare loop's: with the device's busy share,
+    this splits what the service loses into calls slower than bare ones and time between calls."""
+    if not rounds.device_s_per_image:
+        return "-"
+    return f"{rounds.device_s_per_image * max(statistics.median(rates) for rates in rounds.bare.values()):.3f}"
 
 
 async def batching(settings: Settings, keys: JwtKeys, token: str, arguments: argparse.Namespace) -> None:
@@ -480,13 +492,14 @@ async def batching(settings: Settings, keys: JwtKeys, token: str, arguments: arg
                 "learnt size": "-" if rounds.learnt_size is None else str(rounds.learnt_size),
                 "jobs per call": f"{rounds.jobs_per_call:.1f}",
                 "device busy": f"{rounds.device_busy:.3f}",
+                "call time vs bare": _call_time_vs_bare(rounds),
                 "vs round's best (mean)": f"{statistics.mean(rounds.ratios):.3f}",
                 "rounds' ratios": " ".join(f"{ratio:.2f}" for ratio in rounds.ratios),
             },
         )
     )
     columns = (
-        "images/s", "vs best bare", "rounds won", "learnt size", "jobs per call", "device busy",
+        "images/s", "vs best bare", "rounds won", "learnt size", "jobs per call", "device busy", "call time vs bare",
         "vs round's best (mean)", "rounds' ratios",
     )
     print_table(
