@@ -58,6 +58,17 @@ async def test_quota_admits_until_spent_then_429_with_headers_and_usage_matches(
     assert 'imagine_quota_images_total{model="sdxl",outcome="refused"} 2.0' in text
 
 
+async def test_a1111_generations_are_charged_as_every_other_route(make_client: Any, base_settings: Settings) -> None:
+    client = await make_client(base_settings.replace(quotas={"images_per_day": 1}))
+    body = {"prompt": "a lighthouse", "width": 64, "height": 64, "steps": 2, "seed": 3}
+    made = await client.post("/imagine/sdapi/v1/txt2img", json=body, headers=auth())
+    assert made.status == 200 and made.headers["Quota-Remaining"] == "0"
+    refused = await client.post("/imagine/sdapi/v1/txt2img", json=body, headers=auth())
+    assert refused.status == 429 and "Retry-After" in refused.headers
+    assert (await refused.json())["error"] == "QUOTA_EXCEEDED"  # in A1111's error shape
+    assert (await usage(client))["day"]["by_model"] == {"sdxl": 1}
+
+
 async def test_a_token_claim_and_per_model_limits_override_the_defaults(make_client: Any, base_settings: Settings) -> None:
     client = await make_client(base_settings.replace(quotas={"images_per_day": 100, "models": {"sdxl": {"images_per_day": 1}}}))
     assert (await client.post("/imagine/generate", json=BODY, headers=auth())).status == 200

@@ -208,16 +208,13 @@ async def test_fields_that_would_change_the_image_are_refused_by_name(service) -
     assert status == 404 and body["error"] == "MODEL_NOT_AVAILABLE"
 
 
-async def test_progress_and_interrupt_of_the_callers_own_job(service) -> None:
-    api = await a1111(service)
-    await call(api.util_set_model, "sd15-lora")
-    bystander = await a1111(service, make_token("bob"))
-    assert (await call(api.get_progress))["state"]["sampling_steps"] == 0
+async def interrupted_once_a_preview_came(api: webuiapi.WebUIApi, bystander: webuiapi.WebUIApi) -> tuple[list[dict[str, Any]], Any]:
+    """A long txt2img, polled as a client's progress bar does and interrupted once a preview has come:
+    the progress seen with steps, and the call's result. The bystander, another caller, sees none of it."""
     seen: list[dict[str, Any]] = []
     interrupted = threading.Event()
 
     def watch() -> None:
-        """Poll as a client's progress bar does; interrupt once a preview has come."""
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not interrupted.is_set():
             progress = api.get_progress()
@@ -238,6 +235,15 @@ async def test_progress_and_interrupt_of_the_callers_own_job(service) -> None:
     assert preview.size == (16, 16)  # the latents' size, 1/8 of the image
     assert 0 < seen[-1]["progress"] < 1 and seen[-1]["state"]["sampling_steps"] == 100
     assert result.images == [] and result.info["interrupted"] is True
+    return seen, result
+
+
+async def test_progress_and_interrupt_of_the_callers_own_job(service) -> None:
+    api = await a1111(service)
+    await call(api.util_set_model, "sd15-lora")
+    bystander = await a1111(service, make_token("bob"))
+    assert (await call(api.get_progress))["state"]["sampling_steps"] == 0
+    await interrupted_once_a_preview_came(api, bystander)
     assert (await call(api.get_progress))["state"]["job_count"] == 0
     # The next generation runs as usual.
     assert (await call(api.txt2img, prompt="a short one", **SMALL)).image.size == (64, 64)
@@ -261,3 +267,17 @@ async def test_a_model_chosen_on_one_replica_holds_on_the_other(aiohttp_server, 
     # Another caller of the same replicas still has the default model.
     stranger = await a1111(f"http://{second.host}:{second.port}", make_token("stranger"))
     assert await call(stranger.util_get_current_model) == "sdxl"
+
+
+async def test_progress_and_interrupt_reach_a_caller_whose_job_runs_on_another_replica(aiohttp_server, base_settings, redis) -> None:
+    settings = base_settings.replace(queue={"storage": redis.url}, jobs={"preview_every": 1})
+    # The caller's replica has no device: the other one runs the job and writes its steps to the shared queue.
+    device, api_tier = [await aiohttp_server(create_app(settings, keys=KEYS, role=role)) for role in ("serve", "api")]
+    api = await a1111(f"http://{api_tier.host}:{api_tier.port}", make_token("carol"))
+    await call(api.util_set_model, "sd15-lora")
+    bystander = await a1111(f"http://{api_tier.host}:{api_tier.port}", make_token("bob"))
+    seen, _ = await interrupted_once_a_preview_came(api, bystander)
+    assert [progress["state"]["sampling_step"] for progress in seen] == sorted(progress["state"]["sampling_step"] for progress in seen)
+    assert (await call(api.get_progress))["state"]["job_count"] == 0
+    # The interrupt stopped the job on the device: the next one runs at once.
+    assert (await call(api.txt2img, prompt="a short one", **SMALL)).image.size == (64, 64)

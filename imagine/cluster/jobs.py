@@ -28,8 +28,16 @@ from redis.exceptions import RedisError
 from imagine.cluster import keys, scripts, wire
 from imagine.cluster.queue import SharedQueue
 from imagine.cluster.records import TERMINAL, EventWriter, JobRecords
-from imagine.engine.jobs import JobRunner, ResultJson, idempotency_conflict, not_found, sse_event, too_many_jobs
-from imagine.engine.work import Generated, GenerationOutput, cancelled_error, shutting_down_error, timeout_error
+from imagine.engine.jobs import (
+    JobRunner,
+    ResultJson,
+    idempotency_conflict,
+    not_found,
+    preview_from_data_url,
+    sse_event,
+    too_many_jobs,
+)
+from imagine.engine.work import Generated, GenerationOutput, JobObserver, cancelled_error, shutting_down_error, timeout_error
 from imagine.errors import ApiError, validation_error
 from imagine.plugin.generators import CloudGenerator, GenerationRequest, Generator
 from imagine.security.tokens import Principal
@@ -125,11 +133,13 @@ class ClusterJobs:
         visible: bool,
         enqueue: bool,
         preview: bool = False,
+        observed: bool = False,
         fingerprint: str = "",
         idempotency_key: str | None = None,
         after_end: Mapping[str, str] | None = None,
     ) -> tuple[str, str]:
-        """Write the job (and its entry, with `enqueue`); (job id, position), or the earlier job's id and "replay"."""
+        """Write the job (and its entry, with `enqueue`); (job id, position), or the earlier job's id and "replay".
+        A job not `visible` to its owner's listings still has its steps written to its events when `observed`."""
         if not self._accepting:
             raise shutting_down_error()
         job_id = "job_" + secrets.token_urlsafe(16)
@@ -139,6 +149,7 @@ class ClusterJobs:
             "fingerprint": fingerprint,
             "total": str(request.steps),
             "preview": "1" if preview else "0",
+            "observed": "1" if observed else "0",
             "created_at": repr(now),
         }
         if after_end:
@@ -154,6 +165,7 @@ class ClusterJobs:
             "deadline": repr(now + self._timeout_s),
             "store": "1" if store else "0",
             "visible": "1" if visible else "0",
+            "observed": "1" if observed else "0",
             "preview": "1" if preview else "0",
             **wire.request_fields(request),
         }
@@ -189,22 +201,40 @@ class ClusterJobs:
         return job_id, value
 
     async def submit_generation(
-        self, principal: Principal, request: GenerationRequest, generator: Generator, *, store: bool
+        self,
+        principal: Principal,
+        request: GenerationRequest,
+        generator: Generator,
+        *,
+        store: bool,
+        observer: JobObserver | None = None,
     ) -> Coroutine[Any, Any, Generated]:
-        """Queue a local generation for whichever device is free; the coroutine returned waits for its images.
+        """Queue a local generation for whichever device is free; the coroutine returned waits for its images,
+        telling `observer` of its start, steps and previews from whichever device runs it.
         A cloud generation needs no device: it runs here."""
         if isinstance(generator, CloudGenerator):
             if not self._accepting:
                 raise shutting_down_error()
-            return self._run_here(principal, request, generator, store, None)
-        job_id, _ = await self._enqueue(principal, request, store=store, visible=False, enqueue=True)
-        return self._wait_for(job_id, principal, request, generator, time.time() + self._timeout_s)
+            return self._run_here(principal, request, generator, store, observer)
+        job_id, position = await self._enqueue(
+            principal, request, store=store, visible=False, enqueue=True,
+            observed=observer is not None, preview=observer is not None and observer.wants_preview,
+        )
+        if observer is not None:
+            observer.queued(int(position), 0.0)
+        return self._wait_for(job_id, principal, request, generator, time.time() + self._timeout_s, observer)
 
     async def _wait_for(
-        self, job_id: str, principal: Principal, request: GenerationRequest, generator: Generator, deadline: float
+        self,
+        job_id: str,
+        principal: Principal,
+        request: GenerationRequest,
+        generator: Generator,
+        deadline: float,
+        observer: JobObserver | None,
     ) -> Generated:
         try:
-            await self._await_end(job_id, deadline)
+            await self._await_end(job_id, deadline, observer)
         except asyncio.CancelledError:
             # The caller is gone: nobody wants the images any more.
             asyncio.ensure_future(self._cancel_quietly(principal, job_id))
@@ -224,8 +254,9 @@ class ClusterJobs:
             encode_time=meta["encode_time"], store_time=meta["store_time"],
         )
 
-    async def _await_end(self, job_id: str, deadline: float) -> None:
-        """Wait for the job's last event; raise what it failed with. Rides out a Redis restart until the deadline."""
+    async def _await_end(self, job_id: str, deadline: float, observer: JobObserver | None = None) -> None:
+        """Wait for the job's last event, telling `observer` of the others; raise what it failed with.
+        Rides out a Redis restart until the deadline."""
         last = "0-0"
         while True:
             remaining = deadline - time.time()
@@ -247,6 +278,8 @@ class ClusterJobs:
                         raise cancelled_error()
                     if kind == "failed":
                         raise await self._retrying(lambda: self.records.error_of(job_id), deadline)
+                    if observer is not None:
+                        _tell(observer, kind, fields)
 
     async def _retrying(self, read: Callable[[], Coroutine[Any, Any, Any]], deadline: float) -> Any:
         while True:
@@ -488,6 +521,17 @@ def replica_stopped_error() -> ApiError:
         "The replica running this cloud generation stopped before it finished; submit it again",
         headers={"Retry-After": "1"},
     )
+
+
+def _tell(observer: JobObserver, kind: str, fields: Mapping[bytes, bytes]) -> None:
+    """A waited-for generation's event, from the device that runs it, to the observer on this replica."""
+    if kind == "started":
+        observer.started()
+    elif kind == "progress":
+        progress = json.loads(fields[b"data"])
+        # A latent-sized picture: cheap enough to decode on the loop.
+        preview = preview_from_data_url(progress["preview"]) if "preview" in progress else None
+        observer.progress(progress["step"], progress["total"], preview)
 
 
 def acceptance(job_id: str, fields: dict[str, str]) -> dict[str, Any]:

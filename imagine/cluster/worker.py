@@ -233,7 +233,8 @@ class ClusterWorker:
             await self._settle(entry, timeout_error(entry.deadline - entry.submitted_at))
             return None
         observer = None
-        if entry.text("visible") == "1":
+        # A listed job's steps go to its events, and so do those of a generation whose caller follows them.
+        if entry.text("visible") == "1" or entry.fields.get("observed") == b"1":
             observer = EventWriter(
                 self._records, entry.job_id, wants_preview=entry.text("preview") == "1",
                 total_steps=request.steps, announce_start=False,

@@ -86,6 +86,15 @@ def preview_data_url(image: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def preview_from_data_url(data_url: str) -> Image.Image:
+    """The picture `preview_data_url` wrote, for a replica showing a preview another replica's device made."""
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(base64.b64decode(data_url.partition(",")[2])))
+    image.load()
+    return image
+
+
 class TrackedJob:
     """One job's state and event log; also the executor's observer for it."""
 
@@ -190,7 +199,13 @@ class JobStore(Protocol):
     """What the routes use of jobs: `JobManager` in one process, `imagine.cluster.jobs.ClusterJobs` across replicas."""
 
     async def submit_generation(
-        self, principal: Principal, request: GenerationRequest, generator: Generator, *, store: bool
+        self,
+        principal: Principal,
+        request: GenerationRequest,
+        generator: Generator,
+        *,
+        store: bool,
+        observer: JobObserver | None = None,
     ) -> Coroutine[Any, Any, Generated]: ...
 
     async def replay(self, principal: Principal, key: str | None, fingerprint: str) -> dict[str, Any] | None: ...
@@ -315,10 +330,17 @@ class JobManager:
         return job.acceptance, False
 
     async def submit_generation(
-        self, principal: Principal, request: GenerationRequest, generator: Generator, *, store: bool
+        self,
+        principal: Principal,
+        request: GenerationRequest,
+        generator: Generator,
+        *,
+        store: bool,
+        observer: JobObserver | None = None,
     ) -> Coroutine[Any, Any, Generated]:
-        """A generation someone waits for (/generate): queued on this process's device now."""
-        return self._run_here(principal, request, generator, store, None)
+        """A generation someone waits for (/generate): queued on this process's device now; `observer`
+        hears its queue position, steps and previews."""
+        return self._run_here(principal, request, generator, store, observer)
 
     async def _run(self, job: TrackedJob, work: Coroutine[Any, Any, Generated]) -> str:
         """Finish the job; its final status."""

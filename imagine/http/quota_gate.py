@@ -34,7 +34,7 @@ from imagine.security.quotas import Charge, QuotaDecision, Quotas
 from imagine.security.tokens import Principal
 
 if TYPE_CHECKING:
-    from imagine.engine.work import Generated
+    from imagine.engine.work import Generated, JobObserver
     from imagine.engine.jobs import JobStore
 
 log = logging.getLogger(__name__)
@@ -106,11 +106,17 @@ class QuotaJobs:
         task.add_done_callback(self._refunds.discard)
 
     async def submit_generation(
-        self, principal: Principal, request: GenerationRequest, generator: Generator, *, store: bool
+        self,
+        principal: Principal,
+        request: GenerationRequest,
+        generator: Generator,
+        *,
+        store: bool,
+        observer: JobObserver | None = None,
     ) -> Coroutine[Any, Any, Generated]:
         charge = await self._charge(principal, request)
         try:
-            work = await self._inner.submit_generation(principal, request, generator, store=store)
+            work = await self._inner.submit_generation(principal, request, generator, store=store, observer=observer)
         except BaseException:
             self.refund_soon(charge)
             raise

@@ -6,9 +6,10 @@ executor's observer for it (queue position, steps, the latest latent preview)
 and the task that awaits its images, which `interrupt` cancels (the device
 stops it at its next step, as when a client hangs up).
 
-Runs live in this process. With a shared queue the generation may run on
-another replica's device: its caller's replica still holds the run, so
-interrupt works, but steps and previews are not reported back.
+Runs live in the caller's replica. With a shared queue the generation may
+run on another replica's device: the start, steps and previews it writes to
+the job's events there reach the run here, and an interrupt cancels the job
+through the queue, which stops it at its next step.
 """
 
 from __future__ import annotations

@@ -17,7 +17,6 @@ from typing import Any
 
 from aiohttp import web
 
-from imagine.http import generation
 from imagine.engine.work import Generated
 from imagine.engine.jobs import preview_data_url
 from imagine.errors import ApiError, validation_error
@@ -105,13 +104,9 @@ async def _run(request: web.Request, admitted: Admitted) -> Generated | None:
     app, principal = request.app, request[principal_key]
     wanted = admitted.request
     run = Run(principal.sub, wanted.steps, wanted.num_images)
-    if app[settings_key].queue.shared:
-        # On whichever device is free; steps are not reported back here, so the run counts as running
-        # (interruptible) from the start.
-        work = await app[jobs_key].submit_generation(principal, wanted, admitted.generator, store=True)
-        run.started()
-    else:
-        work = generation.submit_here(app, principal, wanted, admitted.generator, True, run)
+    # Through the job store, as every generating route: quotas are charged there, and with a shared
+    # queue the device that runs it, on whichever replica, reports its steps and previews back here.
+    work = await app[jobs_key].submit_generation(principal, wanted, admitted.generator, store=True, observer=run)
     run.task = asyncio.ensure_future(work)
     runs = app[runs_key]
     runs.add(run)
