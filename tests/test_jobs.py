@@ -257,6 +257,28 @@ async def test_full_queue_and_per_subject_bound(make_client, base_settings) -> N
     assert statuses == [202, 202, 202, 429]
 
 
+async def test_a_refused_job_forgets_none_of_the_callers_finished_ones(make_client, base_settings) -> None:
+    plugin = SlowPlugin(step_seconds=0.02)
+    settings = base_settings.replace(queue={"max_size": 1}, jobs={"max_per_subject": 2})
+    client = await make_client(settings, plugins=(plugin,))
+    finished = [(await submit(client, {"prompt": "a", "model": "slow", "steps": 1}))[1]["id"] for _ in range(2)]
+    for job_id in finished:
+
+        async def succeeded(job_id: str = job_id) -> bool:
+            return (await job_status(client, job_id))["status"] == "succeeded"
+
+        await wait_for(succeeded)
+    # Bob's jobs hold the device and the queue's one place.
+    await submit(client, {"prompt": "b", "model": "slow", "steps": 200}, sub="bob")
+    await asyncio.to_thread(plugin.generator.started.wait, 10)
+    await submit(client, {"prompt": "b", "model": "slow", "steps": 200}, sub="bob")
+    full, refused = await submit(client, {"prompt": "a", "model": "slow", "steps": 1})
+    assert full.status == 503 and refused["error"]["code"] == "QUEUE_FULL"
+    # Room is made by forgetting the oldest finished job only for a job that is accepted.
+    for job_id in finished:
+        assert (await job_status(client, job_id))["status"] == "succeeded"
+
+
 async def test_batched_jobs_each_preview_their_own_image(make_client, base_settings) -> None:
     plugin = SlowPlugin(step_seconds=0.05)
     client = await make_client(base_settings.replace(jobs={"preview_every": 2}), plugins=(plugin,))

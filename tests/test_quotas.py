@@ -69,6 +69,20 @@ async def test_a1111_generations_are_charged_as_every_other_route(make_client: A
     assert (await usage(client))["day"]["by_model"] == {"sdxl": 1}
 
 
+async def test_an_a1111_interrupt_of_a_running_generation_stays_charged(make_client: Any, base_settings: Settings) -> None:
+    plugin = SlowPlugin(step_seconds=0.05)
+    client = await make_client(base_settings.replace(quotas={"images_per_day": 10}), plugins=(plugin,))
+    body = {"prompt": "a long one", "steps": 200, "width": 64, "height": 64, "override_settings": {"sd_model_checkpoint": "slow"}}
+    running = asyncio.create_task(client.post("/imagine/sdapi/v1/txt2img", json=body, headers=auth()))
+    await asyncio.to_thread(plugin.generator.started.wait, 10)
+    assert (await client.post("/imagine/sdapi/v1/interrupt", headers=auth())).status == 200
+    response = await running
+    assert response.status == 200 and (await response.json())["images"] == []
+    # As a job cancelled while running: the device's time was spent.
+    await asyncio.sleep(0.2)  # a refund would have been written by now
+    assert (await usage(client))["day"]["images"] == 1
+
+
 async def test_a_token_claim_and_per_model_limits_override_the_defaults(make_client: Any, base_settings: Settings) -> None:
     client = await make_client(base_settings.replace(quotas={"images_per_day": 100, "models": {"sdxl": {"images_per_day": 1}}}))
     assert (await client.post("/imagine/generate", json=BODY, headers=auth())).status == 200

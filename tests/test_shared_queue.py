@@ -174,6 +174,10 @@ async def test_an_idempotency_key_replays_on_the_other_replica_and_jobs_stay_pri
         assert other.status == 404
         assert (await client.delete(f"/imagine/jobs/{job_id}", headers=auth("mallory"))).status == 404
     assert (await wait_for(api, job_id))["status"] == "succeeded"
+    # An id that is not one of ours names no job, even one that would name another of the job's keys.
+    for path in (f"{job_id}:events", f"{job_id}:result", "job_"):
+        assert (await api.get(f"/imagine/jobs/{path}", headers=auth())).status == 404
+        assert (await api.get(f"/imagine/jobs/{path}/events", headers=auth())).status == 404
 
 
 async def test_the_queue_limit_counts_the_whole_cluster(shared: Settings, replica: Replicas) -> None:

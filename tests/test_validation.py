@@ -56,11 +56,20 @@ async def assert_field_error(response, field: str, fragment: str = "") -> dict:
         ({"steps": 4, "num_inference_steps": 5}, "steps", "conflicts"),
         ({"img_size": 512, "width": 256}, "width", "conflicts with img_size"),
         ({"num_images": 2}, "num_images", "response_format"),
+        # Image i uses seed + i: each must be a seed a request may send, to remake it alone.
+        ({"seed": 4294967295, "num_images": 2, "response_format": "json"}, "seed", "at most 4294967294 with 2 images"),
     ],
 )
 async def test_each_bad_field_is_named(client, change, field, fragment) -> None:
     response = await post(client, {"prompt": "a cat", **change})
     await assert_field_error(response, field, fragment)
+
+
+async def test_the_last_image_of_a_batch_may_take_the_largest_seed(client) -> None:
+    body = {"prompt": "a cat", "seed": 4294967294, "num_images": 2, "response_format": "json", "width": 64, "height": 64, "steps": 1}
+    response = await post(client, body)
+    assert response.status == 200, await response.text()
+    assert (await response.json())["seeds"] == [4294967294, 4294967295]
 
 
 async def test_missing_prompt(client) -> None:

@@ -100,6 +100,13 @@ async def test_a_pending_delivery_resumes_after_a_restart(
         "http://10.1.2.3/hook",
         "http://localhost:9/hook",  # a name that resolves to loopback
         "http://[::1]:9/hook",
+        # IPv6 forms that lead to a private or metadata IPv4 address: NAT64, its local-use prefix,
+        # IPv4-compatible, 6to4.
+        "http://[64:ff9b::a9fe:a9fe]/latest/meta-data/",
+        "http://[64:ff9b::a00:1]/hook",
+        "http://[64:ff9b:1::a9fe:a9fe]/hook",
+        "http://[::a9fe:a9fe]/hook",
+        "http://[2002:a9fe:a9fe::1]/hook",
         "ftp://hooks.example.com/hook",
         "http://user:secret@hooks.example.com/hook",
     ],

@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 REDIS_RETRY_AFTER_S = 2
 # Stream ids as Redis makes them: milliseconds, then a sequence number.
 EVENT_ID = re.compile(r"[0-9]{1,15}-[0-9]{1,9}")
+# What `_enqueue` makes ("job_" and 16 random bytes in URL-safe base64): anything else names no job, and
+# must not reach Redis as part of a key (`job_x:events` would name another key of a job).
+JOB_ID = re.compile(r"job_[A-Za-z0-9_-]{22}")
 # How long DELETE waits for the worker running a job to stop it, before answering its state then.
 CANCEL_WAIT_S = 10.0
 
@@ -402,6 +405,8 @@ class ClusterJobs:
 
     async def _owned(self, principal: Principal, job_id: str) -> dict[str, str]:
         """Another subject's job, or a /generate's, is indistinguishable from a missing one."""
+        if not JOB_ID.fullmatch(job_id):
+            raise not_found()
         with redis_errors():
             fields = await self.records.fields(job_id)
         if not fields or fields.get("owner") != principal.sub or fields.get("visible") != "1":

@@ -131,6 +131,8 @@ def switches(settings: Settings, arguments: argparse.Namespace) -> None:
     unknown = [step for step in steps if step not in STEPS]
     if unknown:
         raise ValueError(f"unknown switches {', '.join(unknown)}; known: {', '.join(STEPS)}")
+    if arguments.batch < 1 or arguments.requests < 1:
+        raise ValueError("--batch and --requests must be at least 1")
     switched: dict[str, Any] = {}
     reference: SwitchRun | None = None
     rows = []

@@ -272,14 +272,16 @@ class JobManager:
         del self._jobs[job.id]
         self._idempotency = {key: job_id for key, job_id in self._idempotency.items() if job_id != job.id}
 
-    def _make_room(self, owner: str) -> None:
-        """Keep each subject under its bound by forgetting its oldest finished jobs."""
+    def _room_for_one(self, owner: str) -> list[TrackedJob]:
+        """The subject's oldest finished jobs to forget so that one more fits its bound; 429 if even
+        forgetting every finished one would not make room. Forgotten only once the new job is queued:
+        a refused submission takes nothing away."""
         owned = sorted((job for job in self._jobs.values() if job.owner == owner), key=lambda job: job.created_at)
         excess = len(owned) - self._max_per_subject + 1
-        for job in [job for job in owned if job.finished][: max(0, excess)]:
-            self._forget(job)
-        if sum(job.owner == owner for job in self._jobs.values()) >= self._max_per_subject:
+        finished = [job for job in owned if job.finished]
+        if excess > len(finished):
             raise too_many_jobs(self._max_per_subject)
+        return finished[: max(0, excess)]
 
     async def replay(self, principal: Principal, key: str | None, fingerprint: str) -> dict[str, Any] | None:
         """What an earlier POST /jobs with this Idempotency-Key answered; 409 if the body changed."""
@@ -318,10 +320,12 @@ class JobManager:
         earlier = self._replayed(principal, key, fingerprint)
         if earlier is not None:
             return earlier.acceptance, True
-        self._make_room(principal.sub)
+        to_forget = self._room_for_one(principal.sub)
         job = TrackedJob(principal.sub, request.steps, preview, fingerprint)
         job.after_end = dict(after_end or {})
         work = self._run_here(principal, request, generator, store, job)
+        for old in to_forget:
+            self._forget(old)
         job.acceptance = {"id": job.id, "status": "queued", "position": job.position, "eta_seconds": job.eta_s}
         self._jobs[job.id] = job
         if key is not None:

@@ -53,6 +53,7 @@ from imagine.http.middlewares import (
     auth_middleware,
     cors_middleware,
     error_middleware,
+    nul_middleware,
     ratelimit_middleware,
 )
 from imagine.engine.registry import ModelRegistry
@@ -258,7 +259,8 @@ def create_app(
     device = role != "api"
     app = web.Application(
         middlewares=[
-            access_middleware, cors_middleware, error_middleware, ratelimit_middleware, auth_middleware, quota_headers_middleware,
+            access_middleware, cors_middleware, error_middleware, nul_middleware, ratelimit_middleware, auth_middleware,
+            quota_headers_middleware,
         ],
         client_max_size=settings.server.max_body_bytes,
     )

@@ -22,7 +22,7 @@ from imagine.security.tokens import (
     InvalidToken,
     basic_password,
 )
-from imagine.errors import ApiError, error_body
+from imagine.errors import ApiError, error_body, validation_error
 from imagine.http.app_keys import (
     error_code_key,
     limiter_key,
@@ -33,6 +33,7 @@ from imagine.http.app_keys import (
     verifier_key,
 )
 from imagine.http.openai_errors import is_openai_route, openai_error_body
+from imagine.http.request_bodies import NUL_MESSAGE
 from imagine.http.sdapi_errors import is_sdapi_route, sdapi_error_body
 from imagine.security.ratelimit import OPERATIONAL_ATTRIBUTE, BucketDecision, client_ip, most_restrictive
 from imagine.security.url_signing import SIGNATURE_PARAMS
@@ -149,6 +150,18 @@ def _error_response(
     elif is_sdapi_route(request):
         body = sdapi_error_body(body)
     return web.json_response(body, status=status, headers=headers)
+
+
+@web.middleware
+async def nul_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """No NUL in a path or query (%00): no id, name or filter of ours holds one, and text stores refuse it."""
+    if "%00" in request.raw_path:
+        if "\x00" in request.path:
+            raise validation_error([{"loc": ["path"], "msg": NUL_MESSAGE}])
+        for name, value in request.query.items():
+            if "\x00" in name or "\x00" in value:
+                raise validation_error([{"loc": ["query", name.replace("\x00", "")], "msg": NUL_MESSAGE}])
+    return await handler(request)
 
 
 def _is_public(request: web.Request) -> bool:

@@ -24,7 +24,7 @@ import asyncio
 import contextvars
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from aiohttp import web
 
@@ -79,6 +79,14 @@ async def quota_headers_middleware(
     return response
 
 
+@runtime_checkable
+class StoppedOnPurpose(Protocol):
+    """An observer whose caller can stop its generation while it runs (A1111's interrupt)."""
+
+    @property
+    def stopped_while_running(self) -> bool: ...
+
+
 class QuotaJobs:
     """A job store (`imagine.engine.jobs.JobStore`) that charges quotas; everything else is the store's own."""
 
@@ -120,11 +128,19 @@ class QuotaJobs:
         except BaseException:
             self.refund_soon(charge)
             raise
-        return self._refunded_unless_delivered(work, charge)
+        return self._refunded_unless_delivered(work, charge, observer)
 
-    async def _refunded_unless_delivered(self, work: Coroutine[Any, Any, Generated], charge: Charge) -> Generated:
+    async def _refunded_unless_delivered(
+        self, work: Coroutine[Any, Any, Generated], charge: Charge, observer: JobObserver | None = None
+    ) -> Generated:
         try:
             return await work
+        except asyncio.CancelledError:
+            # A client gone is refunded; a caller who stopped a running generation on purpose is not,
+            # as a job cancelled while running stays charged.
+            if not (isinstance(observer, StoppedOnPurpose) and observer.stopped_while_running):
+                self.refund_soon(charge)
+            raise
         except BaseException:
             self.refund_soon(charge)
             raise

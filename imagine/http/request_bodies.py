@@ -14,6 +14,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Annotated, Any, Literal, TypeVar
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -37,6 +39,8 @@ from imagine.http.app_keys import generate_body_key, settings_key
 from imagine.http.openapi import FromApp
 
 MAX_SEED = 4_294_967_295
+# Text stores (PostgreSQL) and PNG text chunks cannot hold NUL, and no prompt, name or filter needs one.
+NUL_MESSAGE = "must not contain the NUL character"
 Prompt = Annotated[str, StringConstraints(min_length=1, max_length=2000)]
 Body = TypeVar("Body", bound=BaseModel)
 
@@ -242,11 +246,14 @@ async def read_json(request: web.Request) -> Any:
         raise validation_error([{"loc": ["body"], "msg": "malformed JSON: a number is too long"}]) from None
     if _depth(document) > MAX_JSON_DEPTH:
         raise _too_deep()
+    # Only the escape \u0000 decodes to NUL (JSON refuses raw control characters): look closer only then.
+    if "\\u0000" in text and (where := _nul_location(document)) is not None:
+        raise validation_error([{"loc": ["body", *where], "msg": NUL_MESSAGE}])
     return document
 
 
 async def read_body(request: web.Request) -> bytes:
-    """The whole body, or 408 if it has not arrived within `server.body_timeout_s`."""
+    """The whole body, or 408 if it has not arrived within `server.body_timeout_s`, or 400 if it cannot be read."""
     timeout_s = request.app[settings_key].server.body_timeout_s
     try:
         async with asyncio.timeout(timeout_s):
@@ -255,6 +262,17 @@ async def read_body(request: web.Request) -> bytes:
         raise ApiError(
             408, "REQUEST_TIMEOUT", f"The request body did not arrive within {timeout_s:g} seconds"
         ) from None
+    except UNREADABLE_BODY:
+        raise unreadable_body() from None
+
+
+# What aiohttp raises for a body it cannot take apart: a Content-Encoding that does not decode, a broken
+# chunked encoding, a malformed multipart part header.
+UNREADABLE_BODY = (RequestPayloadError, HttpProcessingError)
+
+
+def unreadable_body() -> ApiError:
+    return validation_error([{"loc": ["body"], "msg": "unreadable: its encoding or framing is malformed"}])
 
 
 class _DuplicateKey(ValueError):
@@ -273,6 +291,24 @@ def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
                 raise _DuplicateKey(key)
             seen.add(key)
     return document
+
+
+def _nul_location(document: Any) -> list[str | int] | None:
+    """Where a string or key holding NUL sits in a JSON document, walked without recursion; None if nowhere."""
+    pending: list[tuple[Any, list[str | int]]] = [(document, [])]
+    while pending:
+        value, where = pending.pop()
+        if isinstance(value, str):
+            if "\x00" in value:
+                return where
+        elif isinstance(value, dict):
+            for key, child in value.items():
+                if "\x00" in key:
+                    return [*where, key]
+                pending.append((child, [*where, key]))
+        elif isinstance(value, list):
+            pending.extend((child, [*where, index]) for index, child in enumerate(value))
+    return None
 
 
 def _depth(document: Any) -> int:
@@ -357,9 +393,13 @@ def resolve_request(body: GenerateBody, generator: Generator, *, size: tuple[int
     steps = body.num_inference_steps if body.num_inference_steps is not None else defaults.steps
     guidance = body.guidance_scale if body.guidance_scale is not None else defaults.guidance
     scheduler = body.scheduler or defaults.scheduler
-    seed = secrets.randbelow(MAX_SEED + 1) if body.seed in (None, -1) else body.seed
+    # Image i uses seed + i, and each must be a seed a request may send, to remake that image alone.
+    last_offset = body.num_images - 1
+    seed = secrets.randbelow(MAX_SEED + 1 - last_offset) if body.seed in (None, -1) else body.seed
 
     errors = []
+    if seed + last_offset > MAX_SEED:
+        errors.append(field_error("seed", f"must be at most {MAX_SEED - last_offset} with {body.num_images} images: image i uses seed + i"))
     for name, value in (("width", width), ("height", height)):
         if not limits.min_size <= value <= limits.max_size:
             made = "" if size is None else f", and is {value} with init_image"

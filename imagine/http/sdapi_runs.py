@@ -53,6 +53,11 @@ class Run:
             self.preview = preview
 
     @property
+    def stopped_while_running(self) -> bool:
+        """Interrupted by its caller once running: it stays charged (`imagine.http.quota_gate.StoppedOnPurpose`)."""
+        return self.interrupted
+
+    @property
     def fraction(self) -> float:
         return min(1.0, self.step / self.total_steps) if self.total_steps else 0.0
 

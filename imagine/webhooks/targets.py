@@ -29,6 +29,13 @@ METADATA_ADDRESSES = frozenset(
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
+# IPv6 ranges whose last 32 bits are an IPv4 address that a translator or tunnel reaches: NAT64's
+# well-known prefix (RFC 6052) and the deprecated IPv4-compatible form. Python counts the first as
+# global whatever IPv4 address it carries, so that address is judged instead.
+_IPV4_IN_LAST_32_BITS = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("::/96"))
+# NAT64's local-use prefix (RFC 8215): where the IPv4 address sits depends on the operator's prefix length.
+_LOCAL_NAT64 = ipaddress.ip_network("64:ff9b:1::/48")
+
 
 class TargetRefused(ValueError):
     """The URL may not receive webhooks; the message says why (it reaches the client in a 400)."""
@@ -45,10 +52,26 @@ def _normalise(host: str) -> str:
     return host.strip().rstrip(".").lower()
 
 
+def _carried_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one leads to (mapped, 6to4, NAT64, IPv4-compatible), if it carries one."""
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if any(address in network for network in _IPV4_IN_LAST_32_BITS):
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return None
+
+
 def forbidden_address(address: IPAddress) -> bool:
-    """Anything but a public unicast address: loopback, link-local, private, shared, reserved, metadata."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    """Anything but a public unicast address: loopback, link-local, private, shared, reserved, metadata,
+    and IPv6 forms that lead to one of those IPv4 addresses."""
+    if isinstance(address, ipaddress.IPv6Address):
+        if address in _LOCAL_NAT64:
+            return True
+        carried = _carried_ipv4(address)
+        if carried is not None and forbidden_address(carried):
+            return True
     return address in METADATA_ADDRESSES or not address.is_global or address.is_multicast
 
 

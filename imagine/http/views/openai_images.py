@@ -25,7 +25,7 @@ from imagine.http.app_keys import encode_pool_key, principal_key, settings_key
 from imagine.http.front_door import Admitted, admit
 from imagine.http.image_inputs import decode
 from imagine.http.openapi import Component, json_response, obj, operation
-from imagine.http.request_bodies import Prompt, parse_body, read_json
+from imagine.http.request_bodies import NUL_MESSAGE, UNREADABLE_BODY, Prompt, parse_body, read_json, unreadable_body
 from imagine.http.urls import signed_image_url
 from imagine.http.views.generate import GENERATION_ERRORS
 
@@ -204,6 +204,8 @@ async def _read_edit_form(request: web.Request) -> tuple[dict[str, Any], dict[st
         raise ApiError(408, "REQUEST_TIMEOUT", f"The request body did not arrive within {server.body_timeout_s:g} seconds") from None
     except ValueError:  # a malformed multipart body
         raise validation_error([{"loc": ["body"], "msg": "malformed multipart/form-data body"}]) from None
+    except UNREADABLE_BODY:
+        raise unreadable_body() from None
     if "image" not in files:
         raise validation_error([field_error("image", "required: the image to edit")])
     return fields, files
@@ -215,6 +217,8 @@ def _form_value(name: str, data: bytes) -> Any:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise validation_error([field_error(name, "must be UTF-8 text")]) from None
+    if "\x00" in text:
+        raise validation_error([field_error(name, NUL_MESSAGE)])
     return int(text) if name == "n" and text.isdigit() and len(text) < 5 else text
 
 
