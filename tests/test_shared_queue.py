@@ -254,7 +254,7 @@ async def test_without_redis_generation_answers_503_with_retry_after(base_settin
         assert response.status == 503, await response.text()
         assert (await response.json())["error"]["code"] == "SERVICE_UNAVAILABLE"
         assert response.headers["Retry-After"] == "2"
-    assert (await client.get("/imagine/jobs/job_x", headers=auth())).status == 503
+    assert (await client.get("/imagine/jobs/job_" + "x" * 22, headers=auth())).status == 503
 
 
 def test_the_api_and_worker_roles_need_the_shared_queue(base_settings: Settings, tmp_path: Path) -> None:
