@@ -49,6 +49,15 @@ async def test_batch_one_bad_item_fails_alone(client) -> None:
     assert gallery["total_count"] == 3
 
 
+async def test_a_nul_character_fails_only_its_own_batch_item(client) -> None:
+    items = [{"prompt": "a fox", "num_inference_steps": 1}, {"prompt": "a \u0000 fox", "num_inference_steps": 1}]
+    response = await client.post(BATCH, json=items, headers=auth())
+    assert response.status == 200
+    good, bad = (await response.json())["results"]
+    assert good["success"] is True and bad["success"] is False and bad["status"] == 400
+    assert bad["error"]["error"]["details"]["errors"] == [{"loc": ["body", "prompt"], "msg": "must not contain the NUL character"}]
+
+
 async def test_batch_array_itself_must_be_valid(client) -> None:
     for body in ({"prompt": "a fox"}, [], [{"prompt": "a fox"}] * 9):
         response = await client.post(BATCH, json=body, headers=auth())

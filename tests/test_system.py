@@ -48,6 +48,12 @@ async def test_status_follows_what_was_used(client) -> None:
     assert status["models"]["sdxl-turbo"] is True
     assert {"sdxl", "sdxl-turbo"} <= set(status["available_models"])
     assert status["system_info"]["torch_version"].startswith("2.")
+    # Unloading the current model leaves the most recently used of those still loaded as current.
+    admin = auth(scope="generate admin")
+    assert (await client.post("/imagine/models/sdxl/load", headers=admin)).status == 200
+    assert (await get_json(client, "/imagine/status"))["current_model"] == "sdxl"
+    assert (await client.post("/imagine/models/sdxl/unload", headers=admin)).status == 200
+    assert (await get_json(client, "/imagine/status"))["current_model"] == "sdxl-turbo"
     assert status["system_info"]["process_memory"] > 0
 
 

@@ -141,7 +141,10 @@ class ModelRegistry:
         if was_loaded:
             generator.unload()
         if self.current == generator.name:
-            self.current = None
+            # The most recently used of the models still loaded, as /status reports it.
+            still_loaded = [g for g in self._loaded() if g is not generator]
+            latest = max(still_loaded, key=lambda g: self.states[g.name].last_used, default=None)
+            self.current = None if latest is None else latest.name
         return was_loaded
 
     def _make_room(self, generator: LocalGenerator) -> None:

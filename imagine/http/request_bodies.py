@@ -220,9 +220,11 @@ def _message(entry: Mapping[str, Any]) -> str:
 MAX_JSON_DEPTH = 32
 
 
-async def read_json(request: web.Request) -> Any:
+async def read_json(request: web.Request, *, items: bool = False) -> Any:
     """The body as JSON, refused with 400 unless it is one plain, shallow JSON document.
 
+    With `items` the body is a list whose elements are judged one by one (a
+    batch): text holding NUL fails only its own element (`refuse_nul`).
     413 is aiohttp's (`client_max_size`); a body that stalls gets 408 after
     `server.body_timeout_s`.
     """
@@ -247,9 +249,16 @@ async def read_json(request: web.Request) -> Any:
     if _depth(document) > MAX_JSON_DEPTH:
         raise _too_deep()
     # Only the escape \u0000 decodes to NUL (JSON refuses raw control characters): look closer only then.
-    if "\\u0000" in text and (where := _nul_location(document)) is not None:
-        raise validation_error([{"loc": ["body", *where], "msg": NUL_MESSAGE}])
+    if "\\u0000" in text and not (items and isinstance(document, list)):
+        refuse_nul(document)
     return document
+
+
+def refuse_nul(document: Any) -> None:
+    """400 naming where a string or key of a JSON document holds NUL, if one does."""
+    where = _nul_location(document)
+    if where is not None:
+        raise validation_error([{"loc": ["body", *where], "msg": NUL_MESSAGE}])
 
 
 async def read_body(request: web.Request) -> bytes:

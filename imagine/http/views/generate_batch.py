@@ -22,7 +22,7 @@ from imagine.http.app_keys import encode_pool_key, principal_key
 from imagine.http.front_door import admit
 from imagine.http.generation_result import GenerationResult
 from imagine.http.openapi import ERROR, error_response, json_response, obj, operation
-from imagine.http.request_bodies import GENERATE_BODY, read_json
+from imagine.http.request_bodies import GENERATE_BODY, read_json, refuse_nul
 from imagine.http.views.generate import GENERATION_ERRORS
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,7 @@ BATCH_RESULTS = obj(
 
 async def _run_item(app: web.Application, principal: Principal, index: int, item: Any) -> dict[str, Any]:
     try:
+        refuse_nul(item)
         admitted = await admit(app, principal, item)
         generated = await generation.generate(
             app, principal, admitted.request, admitted.generator, store=admitted.body.store
@@ -89,7 +90,7 @@ async def _run_item(app: web.Application, principal: Principal, index: int, item
     },
 )
 async def generate_batch(request: web.Request) -> web.Response:
-    items = await read_json(request)
+    items = await read_json(request, items=True)
     if not isinstance(items, list) or not 1 <= len(items) <= MAX_ITEMS:
         raise validation_error([{"loc": ["body"], "msg": f"must be a JSON array of 1 to {MAX_ITEMS} /generate bodies"}])
     principal = request[principal_key]
