@@ -51,6 +51,9 @@ class FakeOllama:
     chat_error: tuple[int, str] | None = None
     # A streamed answer fails after this many tokens with an in-stream error line.
     fail_after_tokens: int | None = None
+    # A server that does not speak Ollama's protocol: this JSON answered to every chat (as the whole
+    # body, or as the line after the first streamed token).
+    garbage: Any = None
 
     # What it saw.
     chats: list[dict[str, Any]] = field(default_factory=list)
@@ -100,6 +103,8 @@ class FakeOllama:
         if self.chat_error is not None:
             status, message = self.chat_error
             return web.json_response({"error": message}, status=status)
+        if self.garbage is not None and body.get("stream") is False:
+            return web.json_response(self.garbage)
         messages = body.get("messages") or []
         images = [image for message in messages for image in message.get("images") or []]
         if images and not self._has(model, self.vision_models):
@@ -135,6 +140,10 @@ class FakeOllama:
                 return response
             part = {"model": model, "created_at": CREATED_AT, "message": {"role": "assistant", "content": piece}, "done": False}
             await response.write(json.dumps(part).encode() + b"\n")
+            if self.garbage is not None:
+                await response.write(json.dumps(self.garbage).encode() + b"\n")
+                await response.write_eof()
+                return response
             await asyncio.sleep(self.token_delay_s)
         await response.write(json.dumps({**final, "message": {"role": "assistant", "content": ""}}).encode() + b"\n")
         await response.write_eof()

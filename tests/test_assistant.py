@@ -191,6 +191,17 @@ async def test_a_model_failing_midway_ends_the_stream_with_an_error_and_keeps_no
     assert (await client.get(f"{SESSIONS}/default", headers=auth())).status == 404
 
 
+async def test_a_server_that_does_not_answer_as_ollama_does_is_a_502_even_midway(client, fake) -> None:
+    fake.garbage = [1]
+    response = await client.post(CHAT, json={"message": "Hello there"}, headers=auth())
+    assert response.status == 502 and (await response.json())["error"]["code"] == "UPSTREAM_ERROR"
+    # Streamed: the first token went out, then the stream ends with an error event, not a second answer.
+    response = await client.post(CHAT, json={"message": "Tell me a long story", "stream": True}, headers=auth())
+    found = events(await response.text())
+    assert [event for event, _ in found] == ["token", "error"]
+    assert found[-1][1]["error"]["code"] == "UPSTREAM_ERROR"
+
+
 # ---- #generate ------------------------------------------------------------------------------
 
 

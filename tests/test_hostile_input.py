@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import socket
@@ -11,6 +12,7 @@ import struct
 import aiohttp
 import pytest
 from aiohttp import web
+from PIL import Image
 
 from imagine.http.app import create_app
 from tests.conftest import KEYS, auth
@@ -258,3 +260,35 @@ async def test_a_multipart_part_without_its_headers_is_a_400(client, caplog) -> 
     assert response.status == 400
     assert (await response.json())["error"]["type"] == "invalid_request_error"
     assert_no_traceback(caplog)
+
+
+async def test_an_idempotency_key_that_is_not_utf8_is_a_400(client, caplog) -> None:
+    body = b'{"prompt": "a fox", "width": 64, "height": 64}'
+    head = (
+        f"POST /imagine/jobs HTTP/1.1\r\nHost: x\r\n{AUTH_LINE}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n"
+    ).encode()
+    status, answer = status_and_body(await raw_exchange(client, head + b"Idempotency-Key: \xff\xfe\r\n\r\n" + body))
+    assert status == 400
+    assert answer["error"]["details"]["errors"][0]["loc"] == ["header", "Idempotency-Key"]
+    assert_no_traceback(caplog)
+
+
+async def test_nan_anywhere_in_a_body_is_refused_by_name_not_echoed(client) -> None:
+    # Python reads NaN and Infinity, JSON has neither: an A1111 field it ignores would come back as invalid JSON.
+    response = await post_raw(client, "/imagine/sdapi/v1/txt2img", '{"prompt": "a cat", "width": 64, "height": 64, "foo": NaN}')
+    assert response.status == 400
+    assert (await response.json())["errors"][0]["loc"] == ["body", "foo"]
+
+
+@pytest.mark.parametrize("n", ["²", "٣"])
+async def test_a_form_count_in_other_digits_is_refused_by_name(client, n) -> None:
+    png = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(png, format="PNG")
+    form = aiohttp.FormData()
+    form.add_field("image", png.getvalue(), filename="a.png", content_type="image/png")
+    form.add_field("prompt", "a fox")
+    form.add_field("n", n)
+    response = await client.post("/imagine/v1/images/edits", data=form, headers=ADMIN)
+    assert response.status == 400
+    assert (await response.json())["error"]["param"] == "n"

@@ -276,7 +276,7 @@ async def test_a_mask_of_another_shape_is_refused(echo) -> None:
 async def test_an_input_image_too_small_or_too_large_for_the_model_is_refused(echo) -> None:
     # Without width/height the input's own size is the request's, within the model's limits.
     small = await post(echo, {"model": "echo", "init_image": b64(png((7, 64)))})
-    await assert_refused(small, "width", "is 0 with init_image")
+    await assert_refused(small, "init_image", "is 7x64: send at least 8 pixels a side")
     large = await post(echo, {"model": "echo", "init_image": b64(png((64, 64))), "outpaint": {"bottom": 456}})
     await assert_refused(large, "height", "must be between 8 and 512 for echo, and is 520 with init_image")
 
@@ -403,6 +403,19 @@ async def test_outpaint_pads_each_side(echo) -> None:
     padded = first_image(result)
     assert (padded[8:56, 16:80] == np.asarray(image)).all()
     assert (padded[8:56, :16] == padded[8:56, 16:17]).all()  # the edge, repeated outwards
+
+
+async def test_a_tiny_or_thin_input_is_refused_or_fitted_never_a_500(echo) -> None:
+    # Too small to keep anything once its sides round down to multiples of 8, whatever outpaint adds.
+    for size, outpaint in (((4, 4), {"left": 64, "right": 64, "top": 64, "bottom": 64}), ((7, 64), {"left": 32, "right": 32})):
+        body = {"prompt": "a cat", "model": "echo", "init_image": b64(png(size)), "outpaint": outpaint}
+        response = await echo.post("/imagine/generate", json=body, headers=auth())
+        assert response.status == 400
+        assert (await response.json())["error"]["details"]["errors"][0]["loc"] == ["body", "init_image"]
+    # A strip filled into a square keeps a pixel's height, and the rest repeats its edge.
+    for size in ((4000, 1), (1, 4000)):
+        body = {"model": "echo", "init_image": b64(png(size)), "width": 64, "height": 64, "resize_mode": "fill"}
+        assert first_image(await generated(echo, body)).shape == (64, 64, 3)
 
 
 def test_outpaint_masks_the_padding_white_and_the_input_black() -> None:

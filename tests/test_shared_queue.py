@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -255,6 +255,35 @@ async def test_without_redis_generation_answers_503_with_retry_after(base_settin
         assert (await response.json())["error"]["code"] == "SERVICE_UNAVAILABLE"
         assert response.headers["Retry-After"] == "2"
     assert (await client.get("/imagine/jobs/job_" + "x" * 22, headers=auth())).status == 503
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis of the test's own, to stop and start; persistent, as a shared queue's Redis runs.
+    Asked for before `replica`, so it outlives the replica's shutdown."""
+    with redis_server(tmp_path, persistent=True) as server:
+        yield server
+
+
+async def test_an_event_stream_whose_redis_goes_away_ends_without_a_second_answer(
+    own_redis: RedisServer, base_settings: Settings, replica: Replicas
+) -> None:
+    plugin = SlowPlugin(step_seconds=0.05)
+    settings = base_settings.replace(queue={"storage": own_redis.url}, jobs={"preview_every": 1})
+    client = await replica(settings, "serve", (plugin,))
+    job = await (await client.post("/imagine/jobs", json={"prompt": "a", "model": "slow", "steps": 60}, headers=auth())).json()
+    response = await client.get(f"/imagine/jobs/{job['id']}/events", headers=auth())
+    assert response.status == 200
+    body = b""
+    while b"event: progress" not in body:
+        body += await response.content.readany()
+    own_redis.stop()
+    # The stream ends (an EventSource reconnects with Last-Event-ID); no status line follows the events.
+    async with asyncio.timeout(30):
+        while chunk := await response.content.readany():
+            body += chunk
+    assert b"HTTP/1.1" not in body and b"SERVICE_UNAVAILABLE" not in body
+    own_redis.start()  # for the replica's shutdown
 
 
 def test_the_api_and_worker_roles_need_the_shared_queue(base_settings: Settings, tmp_path: Path) -> None:

@@ -187,7 +187,14 @@ class Ollama:
             return ApiError(
                 502, "UPSTREAM_ERROR", f"The Ollama server failed: {error.error}", details={"status": error.status_code, **server}
             )
-        if isinstance(error, ValueError):  # JSON or fields that are not Ollama's (pydantic's errors are ValueErrors)
+        if isinstance(error, httpx.HTTPError):  # an answer that arrived but cannot be read (a body that does not decode)
+            return ApiError(
+                502, "UPSTREAM_ERROR", f"The answer of the Ollama server at {self.url} could not be read ({type(error).__name__})",
+                details=server,
+            )
+        # JSON or fields that are not Ollama's: pydantic's errors are ValueErrors, and the library meets
+        # JSON of another shape (a list, a number) with TypeError, AttributeError or KeyError.
+        if isinstance(error, (ValueError, TypeError, AttributeError, KeyError)):
             return ApiError(502, "UPSTREAM_ERROR", f"The server at {self.url} does not answer as Ollama does", details=server)
         raise error
 

@@ -57,3 +57,5 @@ request_id_key = web.RequestKey("request_id", str)
 queue_wait_key = web.RequestKey("queue_wait", float)
 # The contract error code of an error response, for the access log and metrics.
 error_code_key = web.RequestKey("error_code", str)
+# The response whose headers went out while its handler still runs (an event stream), once they have.
+started_response_key = web.RequestKey("started_response", web.StreamResponse)

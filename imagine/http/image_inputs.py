@@ -265,6 +265,9 @@ def _canvas_size(body: GenerateBody, image_size: tuple[int, int]) -> tuple[int, 
     width = body.width or body.img_size
     height = body.height or body.img_size
     if width is None and height is None:
+        if min(image_width, image_height) < 8:
+            # Its sides round down to multiples of 8: nothing of it would be left to paint around.
+            raise _refused("init_image", f"is {image_width}x{image_height}: send at least 8 pixels a side, or width and height")
         return _down_to_8(image_width), _down_to_8(image_height)
     if width is None:
         assert height is not None
@@ -289,7 +292,9 @@ def _fit(image: Image.Image, size: tuple[int, int], resize_mode: str, explicit: 
     if resize_mode == "crop":
         return ImageOps.fit(image, size, resample)
     if resize_mode == "fill":
-        contained = ImageOps.contain(image, size, resample)
+        # As ImageOps.contain, but never thinner than a pixel: a 4000x1 strip fills 64x64 as 64x1.
+        scale = min(size[0] / image.width, size[1] / image.height)
+        contained = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), resample)
         left = (size[0] - contained.width) // 2
         top = (size[1] - contained.height) // 2
         borders = (left, top, size[0] - contained.width - left, size[1] - contained.height - top)

@@ -25,6 +25,7 @@ from imagine.security.tokens import (
 from imagine.errors import ApiError, error_body, validation_error
 from imagine.http.app_keys import (
     error_code_key,
+    started_response_key,
     limiter_key,
     principal_key,
     rate_decisions_key,
@@ -103,6 +104,7 @@ async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamR
 
 async def add_response_headers(request: web.Request, response: web.StreamResponse) -> None:
     """CORS and RateLimit-* headers, added as headers go out: streamed responses too."""
+    request[started_response_key] = response
     origin = _allowed_origin(request)
     if origin is not None:
         response.headers["Access-Control-Allow-Origin"] = origin
@@ -120,25 +122,39 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     """Every failure leaves as the contract's error JSON, and never with a stack trace."""
     try:
         return await handler(request)
-    except ApiError as error:
-        request[error_code_key] = error.code
-        return _error_response(request, error.status, error.body(), error.headers)
-    except web.HTTPException as error:
-        if error.status < 400:
-            raise
-        code = _HTTP_CODES.get(error.status, "INTERNAL_ERROR" if error.status >= 500 else "VALIDATION_ERROR")
-        request[error_code_key] = code
-        headers = {key: value for key, value in error.headers.items() if key.lower() == "allow"}
-        return _error_response(request, error.status, error_body(code, _http_message(error, request)), headers)
     except ConnectionResetError:
         # The client hung up while its answer was being written, before aiohttp
         # noticed and cancelled the handler: the same event as that
         # cancellation (499 in the access log), not a failure of ours.
         raise asyncio.CancelledError() from None
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        request[error_code_key] = "INTERNAL_ERROR"
-        return _error_response(request, 500, error_body("INTERNAL_ERROR", "Internal server error"), {})
+    except Exception as error:
+        if isinstance(error, web.HTTPException) and error.status < 400:
+            raise
+        started = request.get(started_response_key)
+        if started is not None:
+            # A stream already on its way cannot be followed by an answer of its own: it ends here (an event
+            # stream's client reconnects, with Last-Event-ID). A body of a stated length cut short is told
+            # only by closing the connection.
+            expected = isinstance(error, (ApiError, web.HTTPException))
+            log.warning("%s %s failed after its stream started: %s", request.method, request.path, error, exc_info=not expected)
+            if not started.chunked:
+                started.force_close()
+            return started
+        return _error_answer(request, error)
+
+
+def _error_answer(request: web.Request, error: Exception) -> web.Response:
+    if isinstance(error, ApiError):
+        request[error_code_key] = error.code
+        return _error_response(request, error.status, error.body(), error.headers)
+    if isinstance(error, web.HTTPException):
+        code = _HTTP_CODES.get(error.status, "INTERNAL_ERROR" if error.status >= 500 else "VALIDATION_ERROR")
+        request[error_code_key] = code
+        headers = {key: value for key, value in error.headers.items() if key.lower() == "allow"}
+        return _error_response(request, error.status, error_body(code, _http_message(error, request)), headers)
+    log.error("unhandled error on %s %s", request.method, request.path, exc_info=error)
+    request[error_code_key] = "INTERNAL_ERROR"
+    return _error_response(request, 500, error_body("INTERNAL_ERROR", "Internal server error"), {})
 
 
 def _error_response(

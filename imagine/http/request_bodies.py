@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Annotated, Any, Literal, TypeVar
 
 from aiohttp import web
@@ -236,7 +236,7 @@ async def read_json(request: web.Request, *, items: bool = False) -> Any:
     except UnicodeDecodeError:
         raise validation_error([{"loc": ["body"], "msg": "malformed JSON: not UTF-8"}]) from None
     try:
-        document = json.loads(text, object_pairs_hook=_refuse_duplicate_keys)
+        document = json.loads(text, object_pairs_hook=_refuse_duplicate_keys, parse_constant=_non_finite)
     except _DuplicateKey as duplicate:
         raise validation_error([{"loc": ["body", duplicate.key], "msg": "appears more than once"}]) from None
     except json.JSONDecodeError as error:
@@ -248,15 +248,30 @@ async def read_json(request: web.Request, *, items: bool = False) -> Any:
         raise validation_error([{"loc": ["body"], "msg": "malformed JSON: a number is too long"}]) from None
     if _depth(document) > MAX_JSON_DEPTH:
         raise _too_deep()
-    # Only the escape \u0000 decodes to NUL (JSON refuses raw control characters): look closer only then.
-    if "\\u0000" in text and not (items and isinstance(document, list)):
-        refuse_nul(document)
+    if not (items and isinstance(document, list)):
+        # Only the escape \u0000 decodes to NUL (JSON refuses raw control characters): look closer only then.
+        if "\\u0000" in text:
+            refuse_nul(document)
+        if "NaN" in text or "Infinity" in text:
+            where = _location(document, lambda value: value is NON_FINITE)
+            if where is not None:
+                raise validation_error([{"loc": ["body", *where], "msg": NON_FINITE_MESSAGE}])
     return document
+
+
+# NaN and Infinity are not JSON, though Python reads them: they parse to this, and a field holding it
+# is refused by name (in a batch, by its item's own validation).
+NON_FINITE = object()
+NON_FINITE_MESSAGE = "must be a finite number: NaN and Infinity are not JSON"
+
+
+def _non_finite(name: str) -> object:
+    return NON_FINITE
 
 
 def refuse_nul(document: Any) -> None:
     """400 naming where a string or key of a JSON document holds NUL, if one does."""
-    where = _nul_location(document)
+    where = _location(document, lambda value: isinstance(value, str) and "\x00" in value, lambda key: "\x00" in key)
     if where is not None:
         raise validation_error([{"loc": ["body", *where], "msg": NUL_MESSAGE}])
 
@@ -302,17 +317,18 @@ def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return document
 
 
-def _nul_location(document: Any) -> list[str | int] | None:
-    """Where a string or key holding NUL sits in a JSON document, walked without recursion; None if nowhere."""
+def _location(
+    document: Any, bad: Callable[[Any], bool], bad_key: Callable[[str], bool] = lambda key: False
+) -> list[str | int] | None:
+    """Where the first value (or key) found bad sits in a JSON document, walked without recursion; None if nowhere."""
     pending: list[tuple[Any, list[str | int]]] = [(document, [])]
     while pending:
         value, where = pending.pop()
-        if isinstance(value, str):
-            if "\x00" in value:
-                return where
-        elif isinstance(value, dict):
+        if bad(value):
+            return where
+        if isinstance(value, dict):
             for key, child in value.items():
-                if "\x00" in key:
+                if bad_key(key):
                     return [*where, key]
                 pending.append((child, [*where, key]))
         elif isinstance(value, list):

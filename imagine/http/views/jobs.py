@@ -117,8 +117,8 @@ async def submit_job(request: web.Request) -> web.Response:
     app = request.app
     principal = request[principal_key]
     key = request.headers.get("Idempotency-Key")
-    if key is not None and not 0 < len(key) <= MAX_IDEMPOTENCY_KEY:
-        raise validation_error([{"loc": ["header", "Idempotency-Key"], "msg": "must be 1-255 characters"}])
+    if key is not None and not (0 < len(key) <= MAX_IDEMPOTENCY_KEY and _utf8(key)):
+        raise validation_error([{"loc": ["header", "Idempotency-Key"], "msg": "must be 1-255 characters of UTF-8 text"}])
     raw = await read_json(request)
     fingerprint = body_fingerprint(raw)
     jobs = app[jobs_key]
@@ -212,3 +212,12 @@ def routes(base: str) -> list[web.RouteDef]:
         web.delete(base + "/jobs/{job_id}", cancel_job),
         web.get(base + "/jobs/{job_id}/events", job_events),
     ]
+
+
+def _utf8(header: str) -> bool:
+    """aiohttp keeps a header's bytes that are not UTF-8 as lone surrogates, which no store can keep."""
+    try:
+        header.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -219,7 +219,8 @@ def _form_value(name: str, data: bytes) -> Any:
         raise validation_error([field_error(name, "must be UTF-8 text")]) from None
     if "\x00" in text:
         raise validation_error([field_error(name, NUL_MESSAGE)])
-    return int(text) if name == "n" and text.isdigit() and len(text) < 5 else text
+    # ASCII digits only: str.isdigit() also takes "²" (which int() refuses) and "٣" (which it reads as 3).
+    return int(text) if name == "n" and text.isascii() and text.isdigit() and len(text) < 5 else text
 
 
 def _mask_png(data: bytes, max_pixels: int) -> str:
