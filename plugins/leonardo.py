@@ -92,6 +92,11 @@ class _Reply:
 
 
 @dataclass(frozen=True)
+class LeonardoTable:
+    """`[models.leonardo]`: nothing to set there (the backend's settings are `[leonardo]`), so any key is a mistake."""
+
+
+@dataclass(frozen=True)
 class LeonardoSettings:
     base_url: str = "https://cloud.leonardo.ai/api/rest/v1"
     # Generations in flight at once: Leonardo's own limit for an API key.
@@ -467,5 +472,6 @@ def register_settings(register: Callable[[str, type], None]) -> None:
 @hookimpl
 def register_generators(register: Callable[[Generator], None], settings: Settings) -> None:
     section = settings.section(SECTION, LeonardoSettings)
+    settings.models.table(NAME, LeonardoTable)  # refuses any key, naming it
     key_file = Path(section.key_file).expanduser() if section.key_file else Path(settings.server.state_dir) / KEY_FILE_NAME
     register(LeonardoGenerator(section, key_file))

@@ -410,3 +410,10 @@ async def test_a_cloud_job_whose_replica_is_killed_fails_with_a_reason_instead_o
         error = state["error"]["error"]
         assert error["code"] == "SERVICE_UNAVAILABLE" and "replica running this cloud generation stopped" in error["message"]
         await other.close()
+
+
+def test_a_key_in_its_model_table_is_refused_with_its_name(base_settings: Settings) -> None:
+    # Its settings are [leonardo]; [models.leonardo] holds nothing, so a key there is a mistake, not ignored.
+    options = {**base_settings.models.options, "leonardo": {"source": "/srv/x"}}
+    with pytest.raises(SettingsError, match="unknown setting models.leonardo.source"):
+        create_app(base_settings.replace(models={"options": options}), keys=KEYS)
