@@ -261,17 +261,20 @@ async def test_a_refused_job_forgets_none_of_the_callers_finished_ones(make_clie
     plugin = SlowPlugin(step_seconds=0.02)
     settings = base_settings.replace(queue={"max_size": 1}, jobs={"max_per_subject": 2})
     client = await make_client(settings, plugins=(plugin,))
-    finished = [(await submit(client, {"prompt": "a", "model": "slow", "steps": 1}))[1]["id"] for _ in range(2)]
-    for job_id in finished:
+    finished = []
+    for _ in range(2):  # one after the other: the queue holds one
+        job_id = (await submit(client, {"prompt": "a", "model": "slow", "steps": 1}))[1]["id"]
 
         async def succeeded(job_id: str = job_id) -> bool:
             return (await job_status(client, job_id))["status"] == "succeeded"
 
         await wait_for(succeeded)
+        finished.append(job_id)
     # Bob's jobs hold the device and the queue's one place.
-    await submit(client, {"prompt": "b", "model": "slow", "steps": 200}, sub="bob")
+    plugin.generator.started.clear()  # set by alice's jobs
+    await submit(client, {"prompt": "b", "model": "slow", "steps": 100}, sub="bob")
     await asyncio.to_thread(plugin.generator.started.wait, 10)
-    await submit(client, {"prompt": "b", "model": "slow", "steps": 200}, sub="bob")
+    await submit(client, {"prompt": "b", "model": "slow", "steps": 100}, sub="bob")
     full, refused = await submit(client, {"prompt": "a", "model": "slow", "steps": 1})
     assert full.status == 503 and refused["error"]["code"] == "QUEUE_FULL"
     # Room is made by forgetting the oldest finished job only for a job that is accepted.
