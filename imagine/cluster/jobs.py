@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import re
-import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
 from typing import Any
@@ -32,6 +31,8 @@ from imagine.engine.jobs import (
     JobRunner,
     ResultJson,
     idempotency_conflict,
+    is_job_id,
+    new_job_id,
     not_found,
     preview_from_data_url,
     sse_event,
@@ -48,9 +49,6 @@ log = logging.getLogger(__name__)
 REDIS_RETRY_AFTER_S = 2
 # Stream ids as Redis makes them: milliseconds, then a sequence number.
 EVENT_ID = re.compile(r"[0-9]{1,15}-[0-9]{1,9}")
-# What `_enqueue` makes ("job_" and 16 random bytes in URL-safe base64): anything else names no job, and
-# must not reach Redis as part of a key (`job_x:events` would name another key of a job).
-JOB_ID = re.compile(r"job_[A-Za-z0-9_-]{22}")
 # How long DELETE waits for the worker running a job to stop it, before answering its state then.
 CANCEL_WAIT_S = 10.0
 
@@ -145,7 +143,7 @@ class ClusterJobs:
         A job not `visible` to its owner's listings still has its steps written to its events when `observed`."""
         if not self._accepting:
             raise shutting_down_error()
-        job_id = "job_" + secrets.token_urlsafe(16)
+        job_id = new_job_id()
         now = time.time()
         job_fields = {
             "owner": principal.sub,
@@ -405,7 +403,9 @@ class ClusterJobs:
 
     async def _owned(self, principal: Principal, job_id: str) -> dict[str, str]:
         """Another subject's job, or a /generate's, is indistinguishable from a missing one."""
-        if not JOB_ID.fullmatch(job_id):
+        # Not of our form, it names no job, and must not reach Redis as part of a key (`job_x:events`
+        # would name another key of a job).
+        if not is_job_id(job_id):
             raise not_found()
         with redis_errors():
             fields = await self.records.fields(job_id)

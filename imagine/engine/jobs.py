@@ -95,11 +95,24 @@ def preview_from_data_url(data_url: str) -> Image.Image:
     return image
 
 
+# "job_" and 128 random bits in URL-safe base64, in one process and across replicas alike.
+_JOB_ID = re.compile(r"job_[A-Za-z0-9_-]{22}")
+
+
+def new_job_id() -> str:
+    return "job_" + secrets.token_urlsafe(16)
+
+
+def is_job_id(text: str) -> bool:
+    """Whether `text` is of the form `new_job_id` makes: anything else names no job."""
+    return _JOB_ID.fullmatch(text) is not None
+
+
 class TrackedJob:
     """One job's state and event log; also the executor's observer for it."""
 
     def __init__(self, owner: str, total_steps: int, wants_preview: bool, fingerprint: str) -> None:
-        self.id = "job_" + secrets.token_urlsafe(16)
+        self.id = new_job_id()
         self.owner = owner
         self.wants_preview = wants_preview
         self.fingerprint = fingerprint
