@@ -37,6 +37,8 @@ from imagine.settings import Settings
 if TYPE_CHECKING:
     from PIL import Image
 
+    from imagine.engine.registry import ModelRegistry
+
 PROMPT = "a lighthouse at dusk, dramatic clouds"
 T = TypeVar("T")
 
@@ -324,13 +326,13 @@ async def overhead(settings: Settings, keys: JwtKeys, token: str, arguments: arg
                 for measure in measures[turn:] + measures[:turn]:
                     await measure()
     bare_p50 = statistics.median(bare)
+    floor_own, served_own = _own_time(floor), _own_time(served)
 
-    def measured(outcome: Outcome) -> dict[str, str]:
+    def measured(outcome: Outcome, own: float) -> dict[str, str]:
         p50 = statistics.median(outcome.latencies)
         # Each request ran beside its bare twin: the median of the differences
         # is far steadier than the difference of two wide distributions' medians.
         paired_extra = statistics.median(s - b for s, b in zip(outcome.latencies, bare, strict=True))
-        own = _own_time(outcome)
         return {
             "p50": milliseconds(p50),
             "p95": milliseconds(percentile(outcome.latencies, 0.95)),
@@ -350,8 +352,8 @@ async def overhead(settings: Settings, keys: JwtKeys, token: str, arguments: arg
                 "bare pipe()",
                 {**bare_row, "paired extra": "", "paired ratio": "1.000", "own time": "", "own ratio": "1.000", "above floor": ""},
             ),
-            Row("aiohttp floor (PNG)", {**measured(floor), "above floor": ""}),
-            Row("service (HTTP)", {**measured(served), "above floor": milliseconds(_own_time(served) - _own_time(floor))}),
+            Row("aiohttp floor (PNG)", {**measured(floor, floor_own), "above floor": ""}),
+            Row("service (HTTP)", {**measured(served, served_own), "above floor": milliseconds(served_own - floor_own)}),
         ],
     )
     if served.server_timing:
@@ -610,12 +612,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token", help="load mode with --url: bearer token (default: signed with the local key)")
 
 
-def canonical_model(settings: Settings, name: str) -> str:
-    """A model's own name for a name or alias: settings and metrics know it by that name alone."""
+def plugin_registry(settings: Settings) -> ModelRegistry:
+    """The models the installed plugins register under `settings`, none of them loaded."""
     from imagine.engine.registry import ModelRegistry
     from imagine.plugin.manager import collect_generators, plugin_manager
 
-    return ModelRegistry(collect_generators(plugin_manager(), settings), settings.models.default).resolve(name).name
+    return ModelRegistry(collect_generators(plugin_manager(), settings), settings.models.default)
+
+
+def canonical_model(settings: Settings, name: str) -> str:
+    """A model's own name for a name or alias: settings and metrics know it by that name alone."""
+    return plugin_registry(settings).resolve(name).name
 
 
 def run(settings: Settings, arguments: argparse.Namespace) -> int:

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from imagine.devtools.bench import PROMPT, Row, print_table
+from imagine.devtools.bench import PROMPT, Row, plugin_registry, print_table
 from imagine.settings import Settings
 
 # Each step's `[models]` settings, added to those of the steps before it.
@@ -63,12 +63,10 @@ class SwitchRun:
 def measure(settings: Settings, model: str, size: int, steps: int, batch: int, calls: int) -> SwitchRun:
     """In a child process: load `model` with `settings`' switches, then time `calls` calls of `batch` images."""
     from imagine.engine import device
-    from imagine.engine.registry import ModelRegistry
     from imagine.errors import ApiError
     from imagine.plugin.generators import GenerationRequest, LocalGenerator
-    from imagine.plugin.manager import collect_generators, plugin_manager
 
-    registry = ModelRegistry(collect_generators(plugin_manager(), settings), settings.models.default)
+    registry = plugin_registry(settings)
     generator = registry.resolve(model)
     if not isinstance(generator, LocalGenerator):
         return SwitchRun(refused=f"{model} runs remotely: the switches apply to local pipelines")
