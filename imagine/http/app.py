@@ -53,6 +53,7 @@ from imagine.http.middlewares import (
     auth_middleware,
     cors_middleware,
     error_middleware,
+    note_started_response,
     nul_middleware,
     ratelimit_middleware,
 )
@@ -294,7 +295,7 @@ def create_app(
         Path(settings.server.state_dir), secret_file=gallery_settings.url_secret_file, shared=gallery_settings.shared
     )
     app[url_signer_key] = UrlSigner(url_secret, gallery_settings.url_ttl_s)
-    app.on_response_prepare.extend([add_response_headers, add_request_id])
+    app.on_response_prepare.extend([note_started_response, add_response_headers, add_request_id])
     app.on_startup.append(_openapi)
     # The gallery opens first and closes last: generations in flight may still store.
     # followups_context (quotas, webhooks) opens before the jobs and closes after them: ending jobs still refund and notify.

@@ -102,9 +102,13 @@ async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamR
     return await handler(request)
 
 
+async def note_started_response(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: a handler that fails after this cannot answer again (`error_middleware`)."""
+    request[started_response_key] = response
+
+
 async def add_response_headers(request: web.Request, response: web.StreamResponse) -> None:
     """CORS and RateLimit-* headers, added as headers go out: streamed responses too."""
-    request[started_response_key] = response
     origin = _allowed_origin(request)
     if origin is not None:
         response.headers["Access-Control-Allow-Origin"] = origin
