@@ -21,7 +21,7 @@ import statistics
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -266,17 +266,55 @@ async def drive(
     return outcome
 
 
-def _body(model: str, size: int, steps: int, response: str = "png", store: bool = False) -> Callable[[int], dict[str, Any]]:
-    return lambda number: {
-        "prompt": PROMPT,
-        "model": model,
-        "width": size,
-        "height": size,
-        "num_inference_steps": steps,
-        "seed": number,
-        "response_format": response,
-        "store": store,
-    }
+@dataclass(frozen=True)
+class _body:
+    """The generate body of request `number` (its seed): a plain value, so it crosses to a client process."""
+
+    model: str
+    size: int
+    steps: int
+    response: str = "png"
+    store: bool = False
+
+    def __call__(self, number: int) -> dict[str, Any]:
+        return {
+            "prompt": PROMPT,
+            "model": self.model,
+            "width": self.size,
+            "height": self.size,
+            "num_inference_steps": self.steps,
+            "seed": number,
+            "response_format": self.response,
+            "store": self.store,
+        }
+
+
+def _drive_here(url: str, token: str, body: _body, concurrency: int, requests: int | None, duration: float | None) -> Outcome:
+    return asyncio.run(drive(url, token, body, concurrency=concurrency, requests=requests, duration=duration))
+
+
+DriveClients = Callable[..., Awaitable[Outcome]]
+
+
+@contextlib.asynccontextmanager
+async def client_process() -> AsyncIterator[DriveClients]:
+    """Clients in a process of their own, as a service's callers are: clients in the service's process would
+    hold its GIL while they write requests and read answers, and the device thread, which needs the GIL
+    between torch's operations, would wait for them. Yields an async
+    `drive(url, token, body, concurrency=, requests=, duration=)`, `drive`'s outcome from that process."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    loop = asyncio.get_running_loop()
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        await loop.run_in_executor(pool, time.sleep, 0)  # started before anything is timed
+
+        async def drive_there(
+            url: str, token: str, body: _body, *, concurrency: int, requests: int | None = None, duration: float | None = None
+        ) -> Outcome:
+            return await loop.run_in_executor(pool, _drive_here, url, token, body, concurrency, requests, duration)
+
+        yield drive_there
 
 
 # ---- modes -----------------------------------------------------------------
@@ -415,12 +453,12 @@ async def paired_rounds(
     size, steps, images = arguments.size, arguments.steps, arguments.requests
     body = _body(arguments.model, size, steps)
     result = PairedRounds(bare={batch: [] for batch in bare_batches})
-    async with running_service(settings, keys) as service:
+    async with running_service(settings, keys) as service, client_process() as clients:
         pipeline = await service.on_device(lambda: BarePipeline(service, arguments.model))
         for batch in bare_batches:  # warm up every shape of call
             await service.on_device(lambda batch=batch: pipeline.call(size, steps, range(batch)))
         # The service warms up under the rounds' load: long enough for it to have measured its batch sizes.
-        await drive(service.url, token, body, concurrency=arguments.concurrency, requests=2 * images, duration=None)
+        await clients(service.url, token, body, concurrency=arguments.concurrency, requests=2 * images)
         before, serving_s = DeviceWork.of(service, arguments.model), 0.0
 
         async def bare_loops(batches: Sequence[int]) -> None:
@@ -437,7 +475,7 @@ async def paired_rounds(
             # reversed), so a machine slowing down or speeding up over a run favours neither side.
             if round_index % 2 == 0:
                 await bare_loops(bare_batches)
-            outcome = await drive(service.url, token, body, concurrency=arguments.concurrency, requests=images, duration=None)
+            outcome = await clients(service.url, token, body, concurrency=arguments.concurrency, requests=images)
             result.served.append(outcome.images / outcome.elapsed)
             serving_s += outcome.elapsed
             if round_index % 2 == 1:
@@ -522,19 +560,21 @@ async def load(settings: Settings, keys: JwtKeys, token: str, arguments: argpars
     variants = [False, True] if arguments.store else [False]
     bodies = {store: _body(arguments.model, arguments.size, arguments.steps, store=store) for store in variants}
 
-    async def run(url: str, store: bool) -> Outcome:
-        return await drive(url, token, bodies[store], concurrency=arguments.concurrency, requests=None, duration=arguments.duration)
-
     outcomes: dict[bool, Outcome] = {}
-    if arguments.url:
-        for store in variants:
-            outcomes[store] = await run(arguments.url.rstrip("/"), store)
-    else:
-        async with running_service(settings.replace(queue={"max_size": arguments.queue_size}), keys) as service:
+    async with client_process() as clients:
+
+        async def run(url: str, store: bool) -> Outcome:
+            return await clients(url, token, bodies[store], concurrency=arguments.concurrency, duration=arguments.duration)
+
+        if arguments.url:
             for store in variants:
-                await drive(service.url, token, bodies[store], concurrency=1, requests=1, duration=None)
-            for store in variants:
-                outcomes[store] = await run(service.url, store)
+                outcomes[store] = await run(arguments.url.rstrip("/"), store)
+        else:
+            async with running_service(settings.replace(queue={"max_size": arguments.queue_size}), keys) as service:
+                for store in variants:
+                    await clients(service.url, token, bodies[store], concurrency=1, requests=1)
+                for store in variants:
+                    outcomes[store] = await run(service.url, store)
     rows = []
     for store, outcome in outcomes.items():
         latencies = outcome.latencies or [0.0]
