@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import io
 import json
 import logging
@@ -252,6 +253,59 @@ async def test_a_body_whose_content_encoding_does_not_decode_is_a_400(client, ca
     assert (await response.json())["error"]["code"] == "VALIDATION_ERROR"
     # aiohttp itself then logs the unread rest of the body and closes the connection: none of ours fails.
     assert not [record for record in caplog.records if record.name.startswith("imagine") and record.levelno >= logging.ERROR]
+
+
+def compressed(encoding: str, data: bytes) -> bytes:
+    """`data` in a Content-Encoding that clients send bodies in."""
+    if encoding == "br":
+        import brotli
+
+        return brotli.compress(data)
+    if encoding == "zstd":
+        try:
+            from compression import zstd
+        except ImportError:
+            from backports import zstd
+        return zstd.compress(data)
+    return gzip.compress(data)
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "br", "zstd"])
+async def test_a_body_in_each_content_encoding_is_decoded_and_read(client, encoding) -> None:
+    headers = {**ADMIN, "Content-Type": "application/json", "Content-Encoding": encoding}
+    body = compressed(encoding, json.dumps({"prompt": "a fox", "width": 7}).encode())
+    response = await client.post("/imagine/generate", data=body, headers=headers)
+    assert response.status == 400  # read to the end: the width it names is inside the compressed body
+    assert (await response.json())["error"]["details"]["errors"][0]["loc"] == ["body", "width"]
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "br", "zstd"])
+async def test_a_compressed_body_that_decodes_past_the_size_limit_is_a_413(make_client, base_settings, caplog, encoding) -> None:
+    client = await make_client(base_settings.replace(server={"max_body_bytes": 4096}))
+    # A few hundred bytes on the wire, a mebibyte once decoded: the limit holds for what the body decodes to.
+    bomb = compressed(encoding, b'{"prompt": "' + b"x" * 2**20 + b'"}')
+    assert len(bomb) < 4096
+    headers = {**ADMIN, "Content-Type": "application/json", "Content-Encoding": encoding}
+    response = await client.post("/imagine/generate", data=bomb, headers=headers)
+    assert response.status == 413
+    assert (await response.json())["error"]["code"] == "PAYLOAD_TOO_LARGE"
+    assert_no_traceback(caplog)
+
+
+@pytest.mark.parametrize("coding", ["compress", "xyz", "gzip, br"])
+@pytest.mark.parametrize("route", ["/imagine/generate", "/imagine/v1/images/edits"])
+async def test_a_body_in_a_coding_that_is_not_decoded_is_a_400_not_misread(client, caplog, coding, route) -> None:
+    # aiohttp would hand such a body on as it came; a stack of codings would be decoded as if it were one.
+    content_type = "multipart/form-data; boundary=abc" if "edits" in route else "application/json"
+    headers = {**ADMIN, "Content-Type": content_type, "Content-Encoding": coding}
+    response = await client.post(route, data=gzip.compress(b'{"prompt": "a fox"}'), headers=headers)
+    assert response.status == 400
+    body = await response.json()
+    if "edits" in route:
+        assert body["error"]["type"] == "invalid_request_error" and "Content-Encoding" in body["error"]["message"]
+    else:
+        assert body["error"]["details"]["errors"][0]["loc"] == ["header", "Content-Encoding"]
+    assert_no_traceback(caplog)
 
 
 async def test_a_multipart_part_without_its_headers_is_a_400(client, caplog) -> None:

@@ -13,7 +13,7 @@ import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Annotated, Any, Literal, TypeVar
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 from pydantic import (
@@ -276,8 +276,22 @@ def refuse_nul(document: Any) -> None:
         raise validation_error([{"loc": ["body", *where], "msg": NUL_MESSAGE}])
 
 
+# The codings aiohttp decodes a request body from (br and zstd through Brotli and backports.zstd).
+DECODED_CODINGS = ("br", "deflate", "gzip", "identity", "zstd")
+
+
+def refuse_undecoded_coding(request: web.Request) -> None:
+    """400 unless the body comes in one coding that is decoded, or none: aiohttp hands on a body in any
+    other coding (or in several, stacked) as it came, to be misread rather than refused."""
+    codings = request.headers.getall(hdrs.CONTENT_ENCODING, [])
+    if len(codings) > 1 or (codings and codings[0].lower() not in DECODED_CODINGS):
+        message = f"must be one of {', '.join(DECODED_CODINGS)}, and only one"
+        raise validation_error([{"loc": ["header", "Content-Encoding"], "msg": message}])
+
+
 async def read_body(request: web.Request) -> bytes:
     """The whole body, or 408 if it has not arrived within `server.body_timeout_s`, or 400 if it cannot be read."""
+    refuse_undecoded_coding(request)
     timeout_s = request.app[settings_key].server.body_timeout_s
     try:
         async with asyncio.timeout(timeout_s):

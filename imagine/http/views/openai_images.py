@@ -25,7 +25,15 @@ from imagine.http.app_keys import encode_pool_key, principal_key, settings_key
 from imagine.http.front_door import Admitted, admit
 from imagine.http.image_inputs import decode
 from imagine.http.openapi import Component, json_response, obj, operation
-from imagine.http.request_bodies import NUL_MESSAGE, UNREADABLE_BODY, Prompt, parse_body, read_json, unreadable_body
+from imagine.http.request_bodies import (
+    NUL_MESSAGE,
+    UNREADABLE_BODY,
+    Prompt,
+    parse_body,
+    read_json,
+    refuse_undecoded_coding,
+    unreadable_body,
+)
 from imagine.http.urls import signed_image_url
 from imagine.http.views.generate import GENERATION_ERRORS
 
@@ -175,6 +183,7 @@ async def _read_edit_form(request: web.Request) -> tuple[dict[str, Any], dict[st
     """The form's text fields and files, within the body size and time limits that JSON bodies have."""
     if request.content_type != "multipart/form-data":
         raise validation_error([{"loc": ["header", "Content-Type"], "msg": "must be multipart/form-data"}])
+    refuse_undecoded_coding(request)
     server = request.app[settings_key].server
     fields: dict[str, Any] = {}
     files: dict[str, bytes] = {}
