@@ -63,6 +63,7 @@ def mean_difference(first: np.ndarray, second: np.ndarray) -> float:
 class Progress:
     """A job observer that keeps every progress report."""
 
+    wants_steps = True
     wants_preview = True
 
     def __init__(self) -> None:

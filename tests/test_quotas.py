@@ -11,6 +11,7 @@ import pytest
 import redis as redis_sync
 
 from imagine.http.app import create_app
+from imagine.http.app_keys import executor_key
 from imagine.settings import Settings
 from tests.conftest import KEYS, auth
 from tests.processes import RedisServer, redis_server
@@ -81,6 +82,26 @@ async def test_an_a1111_interrupt_of_a_running_generation_stays_charged(make_cli
     # As a job cancelled while running: the device's time was spent.
     await asyncio.sleep(0.2)  # a refund would have been written by now
     assert (await usage(client))["day"]["images"] == 1
+
+
+async def test_a_generation_whose_caller_hangs_up_is_refunded_only_if_it_had_not_started(make_client: Any, base_settings: Settings) -> None:
+    plugin = SlowPlugin(step_seconds=0.02)
+    client = await make_client(base_settings.replace(quotas={"images_per_day": 10}), plugins=(plugin,))
+    executor = client.app[executor_key]
+    slow = {"prompt": "slow", "model": "slow", "steps": 500}
+    running = asyncio.create_task(client.post("/imagine/generate", json=slow, headers=auth()))
+    await asyncio.to_thread(plugin.generator.started.wait, 10)
+    queued = asyncio.create_task(client.post("/imagine/generate", json=slow, headers=auth()))
+    while executor.depth == 0:
+        await asyncio.sleep(0.01)
+    assert (await usage(client))["day"]["images"] == 2
+    queued.cancel()  # its caller hangs up before it ran: nothing was spent on it
+    running.cancel()  # its caller hangs up while it runs: the device's time was spent
+    while executor.outcomes["cancelled"] < 2:
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.2)  # a refund would have been written by now
+    assert (await usage(client))["day"]["images"] == 1
+    assert plugin.generator.finished_runs == ["interrupted"]  # the one that ran, stopped
 
 
 async def test_a_token_claim_and_per_model_limits_override_the_defaults(make_client: Any, base_settings: Settings) -> None:
@@ -163,14 +184,45 @@ async def test_counts_without_a_limit_reach_the_other_replica_without_being_aske
     assert (await usage(other))["day"]["by_model"] == {"sdxl": 3}
 
 
+async def device_and_api_replicas(aiohttp_client: Any, base_settings: Settings, redis: RedisServer, plugin: SlowPlugin) -> tuple[Any, Any]:
+    """Two replicas on one shared queue and quota store (an empty Redis): one with `plugin`'s device, one
+    with none, whose callers' generations run on the first."""
+    redis_sync.Redis.from_url(redis.url).flushall()
+    settings = base_settings.replace(quotas={"images_per_day": 5}, ratelimit={"storage": redis.url}, queue={"storage": redis.url})
+    plugin.generator.started.clear()
+    gpu = await aiohttp_client(create_app(settings, keys=KEYS, extra_plugins=(plugin,)))
+    api = await aiohttp_client(create_app(settings, keys=KEYS, extra_plugins=(SlowPlugin(),), role="api"))
+    return gpu, api
+
+
+async def test_with_a_shared_queue_a_hang_up_is_refunded_only_before_the_other_replica_ran_it(
+    aiohttp_client: Any, base_settings: Settings, redis: RedisServer
+) -> None:
+    plugin = SlowPlugin(step_seconds=0.02)
+    gpu, api = await device_and_api_replicas(aiohttp_client, base_settings, redis, plugin)
+    slow = {"prompt": "slow", "model": "slow", "steps": 500}
+    # Sent to a replica with no device: the start it hears of comes from the other one's, through Redis.
+    running = asyncio.create_task(api.post("/imagine/generate", json=slow, headers=auth()))
+    await asyncio.to_thread(plugin.generator.started.wait, 10)
+    queued = asyncio.create_task(api.post("/imagine/generate", json=slow, headers=auth()))
+    await asyncio.sleep(0.3)  # queued behind the first
+    assert (await usage(gpu))["day"]["images"] == 2
+    queued.cancel()
+    await asyncio.sleep(0.2)  # the start event reached the caller's replica long since
+    running.cancel()
+    deadline = time.monotonic() + 10
+    while plugin.generator.finished_runs != ["interrupted"]:
+        assert time.monotonic() < deadline, "the running generation was not stopped"
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(1.0)
+    assert (await usage(gpu))["day"]["images"] == 1
+
+
 async def test_with_a_shared_queue_a_job_cancelled_before_running_is_refunded_for_every_replica(
     aiohttp_client: Any, base_settings: Settings, redis: RedisServer
 ) -> None:
-    redis_sync.Redis.from_url(redis.url).flushall()
-    settings = base_settings.replace(quotas={"images_per_day": 5}, ratelimit={"storage": redis.url}, queue={"storage": redis.url})
     plugin = SlowPlugin(step_seconds=0.05)
-    gpu = await aiohttp_client(create_app(settings, keys=KEYS, extra_plugins=(plugin,)))
-    api = await aiohttp_client(create_app(settings, keys=KEYS, extra_plugins=(SlowPlugin(),), role="api"))
+    gpu, api = await device_and_api_replicas(aiohttp_client, base_settings, redis, plugin)
     slow = {"prompt": "slow", "model": "slow", "steps": 40}
     running = await (await api.post("/imagine/jobs", json=slow, headers=auth())).json()
     # The second job must wait behind the first, not join its batch.

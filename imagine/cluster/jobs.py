@@ -26,7 +26,7 @@ from redis.exceptions import RedisError
 
 from imagine.cluster import keys, scripts, wire
 from imagine.cluster.queue import SharedQueue
-from imagine.cluster.records import TERMINAL, EventWriter, JobRecords
+from imagine.cluster.records import NOT_OBSERVED, OBSERVED_START, OBSERVED_STEPS, TERMINAL, EventWriter, JobRecords
 from imagine.engine.jobs import (
     JobRunner,
     ResultJson,
@@ -134,13 +134,14 @@ class ClusterJobs:
         visible: bool,
         enqueue: bool,
         preview: bool = False,
-        observed: bool = False,
+        observed: str = NOT_OBSERVED,
         fingerprint: str = "",
         idempotency_key: str | None = None,
         after_end: Mapping[str, str] | None = None,
     ) -> tuple[str, str]:
         """Write the job (and its entry, with `enqueue`); (job id, position), or the earlier job's id and "replay".
-        A job not `visible` to its owner's listings still has its steps written to its events when `observed`."""
+        A job not `visible` to its owner's listings still has its start written to its events when `observed`,
+        and its steps too when that is `OBSERVED_STEPS`."""
         if not self._accepting:
             raise shutting_down_error()
         job_id = new_job_id()
@@ -150,7 +151,7 @@ class ClusterJobs:
             "fingerprint": fingerprint,
             "total": str(request.steps),
             "preview": "1" if preview else "0",
-            "observed": "1" if observed else "0",
+            "observed": observed,
             "created_at": repr(now),
         }
         if after_end:
@@ -166,7 +167,7 @@ class ClusterJobs:
             "deadline": repr(now + self._timeout_s),
             "store": "1" if store else "0",
             "visible": "1" if visible else "0",
-            "observed": "1" if observed else "0",
+            "observed": observed,
             "preview": "1" if preview else "0",
             **wire.request_fields(request),
         }
@@ -219,7 +220,7 @@ class ClusterJobs:
             return self._run_here(principal, request, generator, store, observer)
         job_id, position = await self._enqueue(
             principal, request, store=store, visible=False, enqueue=True,
-            observed=observer is not None, preview=observer is not None and observer.wants_preview,
+            observed=_observed(observer), preview=observer is not None and observer.wants_steps and observer.wants_preview,
         )
         if observer is not None:
             observer.queued(int(position), 0.0)
@@ -526,6 +527,12 @@ def replica_stopped_error() -> ApiError:
         "The replica running this cloud generation stopped before it finished; submit it again",
         headers={"Retry-After": "1"},
     )
+
+
+def _observed(observer: JobObserver | None) -> str:
+    if observer is None:
+        return NOT_OBSERVED
+    return OBSERVED_STEPS if observer.wants_steps else OBSERVED_START
 
 
 def _tell(observer: JobObserver, kind: str, fields: Mapping[bytes, bytes]) -> None:

@@ -134,6 +134,12 @@ class JobRecords:
         )
 
 
+# How much of a waited-for generation (a job not listed) its caller's replica follows, as the job's and its
+# entry's "observed" field (scripts.START reads it too): nothing; its start alone, which is what tells a caller
+# who hangs up before it ran from one who hangs up after (the quota's refund); or its start and every step.
+NOT_OBSERVED, OBSERVED_START, OBSERVED_STEPS = "0", "start", "1"
+
+
 class EventWriter:
     """A job's progress written to Redis in the order it happened, without holding up the loop.
 
@@ -146,6 +152,7 @@ class EventWriter:
     def __init__(self, records: JobRecords, job_id: str, *, wants_preview: bool, total_steps: int, announce_start: bool) -> None:
         self._records = records
         self._job_id = job_id
+        self.wants_steps = True
         self.wants_preview = wants_preview
         self._total = total_steps
         self._announce_start = announce_start

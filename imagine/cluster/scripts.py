@@ -198,8 +198,9 @@ if status == 'succeeded' or status == 'failed' or status == 'cancelled' then ret
 if redis.call('HGET', KEYS[1], 'cancel') == '1' then return 'cancel' end
 redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('HSET', KEYS[1], 'status', 'running', 'step', 0, 'worker', ARGV[2], 'started_at', ARGV[3])
--- A listed job, or a waited-for generation whose caller follows its steps (`observed`).
-if redis.call('HGET', KEYS[1], 'visible') == '1' or redis.call('HGET', KEYS[1], 'observed') == '1' then
+-- A listed job, or a waited-for generation whose caller follows its start or its steps (records.OBSERVED_*).
+local observed = redis.call('HGET', KEYS[1], 'observed')
+if redis.call('HGET', KEYS[1], 'visible') == '1' or observed == 'start' or observed == '1' then
   redis.call('XADD', KEYS[2], '*', 'type', 'started', 'data', string.format('{"total": %d}', tonumber(ARGV[1])))
 end
 return 'run'

@@ -28,7 +28,7 @@ from redis.exceptions import RedisError
 
 from imagine.cluster import wire
 from imagine.cluster.queue import Entry, SharedQueue
-from imagine.cluster.records import EventWriter, JobRecords, StoredResult
+from imagine.cluster.records import OBSERVED_STEPS, EventWriter, JobRecords, StoredResult
 from imagine.engine.executor import DeviceExecutor
 from imagine.engine.jobs import ResultJson
 from imagine.engine.registry import ModelRegistry
@@ -234,7 +234,7 @@ class ClusterWorker:
             return None
         observer = None
         # A listed job's steps go to its events, and so do those of a generation whose caller follows them.
-        if entry.text("visible") == "1" or entry.fields.get("observed") == b"1":
+        if entry.text("visible") == "1" or entry.text("observed") == OBSERVED_STEPS:
             observer = EventWriter(
                 self._records, entry.job_id, wants_preview=entry.text("preview") == "1",
                 total_steps=request.steps, announce_start=False,

@@ -254,16 +254,25 @@ class DeviceExecutor:
         queued = self._queue.waiting()
         ahead = queued[: queued.index(item)] if item in queued else []
         eta = sum(self._estimate_s(other) for other in ahead) + self._estimate_s(item)
-        running = self.running
-        if running and item not in running and running[0].started_at is not None:
-            eta += max(0.0, self._estimate_s(running[0]) - (time.monotonic() - running[0].started_at))
+        if item not in self.running:
+            eta += self._running_left_s()
         return round(eta, 2)
 
+    def _running_left_s(self) -> float:
+        """What is left of the running batch, by its estimate."""
+        running = self.running
+        if running and running[0].started_at is not None:
+            return max(0.0, self._estimate_s(running[0]) - (time.monotonic() - running[0].started_at))
+        return 0.0
+
     def _announce_positions(self) -> None:
-        """On the loop, after an item left the queue: everyone behind it moved up."""
-        for item in self._queue.waiting():
+        """On the loop, after an item left the queue: everyone behind it moved up. One pass down the queue
+        (every waited-for generation has an observer): each position's eta is the one ahead's plus its own."""
+        eta = self._running_left_s()
+        for position, item in enumerate(self._queue.waiting(), 1):
+            eta += self._estimate_s(item)
             if item.observer is not None:
-                item.observer.queued(self.position(item), self.eta_s(item))
+                item.observer.queued(position, round(eta, 2))
 
     def _on_loop(self, callback: Any, *arguments: Any) -> None:
         assert self._loop is not None
@@ -449,7 +458,7 @@ class DeviceExecutor:
                     # It leaves the batch now: its caller hears at once, the others go on.
                     self._settle_stopped(item)
                     continue
-                if item.observer is not None:
+                if item.observer is not None and item.observer.wants_steps:
                     preview = None
                     if item.observer.wants_preview and progress.latents is not None and progress.step % self._preview_every == 0:
                         preview = generator.latent_preview(progress.latents[offset : offset + 1])

@@ -114,6 +114,7 @@ class TrackedJob:
     def __init__(self, owner: str, total_steps: int, wants_preview: bool, fingerprint: str) -> None:
         self.id = new_job_id()
         self.owner = owner
+        self.wants_steps = True
         self.wants_preview = wants_preview
         self.fingerprint = fingerprint
         self.status = "queued"

@@ -88,6 +88,9 @@ def shutting_down_error() -> ApiError:
 class JobObserver(Protocol):
     """Told, on the event loop, how a generation moves through the queue and the device."""
 
+    # Told each step (`progress`); else only its queueing and its start.
+    wants_steps: bool
+    # Each step's told with a preview of the latents every `jobs.preview_every` steps (with `wants_steps`).
     wants_preview: bool
 
     def queued(self, position: int, eta_s: float) -> None: ...

@@ -8,8 +8,10 @@ before the store accepts the work (after every check of the body, so a 400
 costs nothing) and refunds them when the store refuses it (queue full, too
 many jobs, shutting down) or an idempotent replay returns an earlier job.
 
-- A generation someone waits for is refunded when it ends in an error or its
-  caller hangs up: either way no image was delivered.
+- A generation someone waits for is refunded when it ends in an error, or when
+  it is stopped before it started running (its caller hung up while it was
+  queued, or interrupted it). Stopped once running, it stays charged: the
+  device's time was spent, and hanging up must not make that time free.
 - A job carries its charge in its `after_end` fields; what follows its end
   (`imagine.http.job_followups`) refunds it if the job failed, or was
   cancelled before it started.
@@ -24,7 +26,7 @@ import asyncio
 import contextvars
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -34,6 +36,8 @@ from imagine.security.quotas import Charge, QuotaDecision, Quotas
 from imagine.security.tokens import Principal
 
 if TYPE_CHECKING:
+    from PIL import Image
+
     from imagine.engine.work import Generated, JobObserver
     from imagine.engine.jobs import JobStore
 
@@ -79,12 +83,29 @@ async def quota_headers_middleware(
     return response
 
 
-@runtime_checkable
-class StoppedOnPurpose(Protocol):
-    """An observer whose caller can stop its generation while it runs (A1111's interrupt)."""
+class _StartWatch:
+    """The observer a waited-for generation is given: it notes whether the generation started running, and
+    tells the caller's own observer (A1111's progress), if there is one, all it hears."""
 
-    @property
-    def stopped_while_running(self) -> bool: ...
+    def __init__(self, inner: JobObserver | None) -> None:
+        self._inner = inner
+        self.ran = False
+        # Without an observer of its own, the start is all there is to follow: no event per step.
+        self.wants_steps = inner is not None and inner.wants_steps
+        self.wants_preview = inner is not None and inner.wants_preview
+
+    def queued(self, position: int, eta_s: float) -> None:
+        if self._inner is not None:
+            self._inner.queued(position, eta_s)
+
+    def started(self) -> None:
+        self.ran = True
+        if self._inner is not None:
+            self._inner.started()
+
+    def progress(self, step: int, total: int, preview: Image.Image | None) -> None:
+        if self._inner is not None:
+            self._inner.progress(step, total, preview)
 
 
 class QuotaJobs:
@@ -123,22 +144,20 @@ class QuotaJobs:
         observer: JobObserver | None = None,
     ) -> Coroutine[Any, Any, Generated]:
         charge = await self._charge(principal, request)
+        watch = _StartWatch(observer)
         try:
-            work = await self._inner.submit_generation(principal, request, generator, store=store, observer=observer)
+            work = await self._inner.submit_generation(principal, request, generator, store=store, observer=watch)
         except BaseException:
             self.refund_soon(charge)
             raise
-        return self._refunded_unless_delivered(work, charge, observer)
+        return self._refunded_unless_delivered(work, charge, watch)
 
-    async def _refunded_unless_delivered(
-        self, work: Coroutine[Any, Any, Generated], charge: Charge, observer: JobObserver | None = None
-    ) -> Generated:
+    async def _refunded_unless_delivered(self, work: Coroutine[Any, Any, Generated], charge: Charge, watch: _StartWatch) -> Generated:
         try:
             return await work
         except asyncio.CancelledError:
-            # A client gone is refunded; a caller who stopped a running generation on purpose is not,
-            # as a job cancelled while running stays charged.
-            if not (isinstance(observer, StoppedOnPurpose) and observer.stopped_while_running):
+            # Stopped (its caller gone, or an A1111 interrupt): refunded unless it ran, as a cancelled job is.
+            if not watch.ran:
                 self.refund_soon(charge)
             raise
         except BaseException:

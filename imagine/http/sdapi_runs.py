@@ -37,6 +37,7 @@ class Run:
     preview: Image.Image | None = None
     task: asyncio.Task[Any] | None = None
     interrupted: bool = False
+    wants_steps: bool = True
     # Previews are a matmul on the latents every `jobs.preview_every` steps: cheap enough to always want.
     wants_preview: bool = True
 
@@ -51,11 +52,6 @@ class Run:
         self.step, self.total_steps = step, total
         if preview is not None:
             self.preview = preview
-
-    @property
-    def stopped_while_running(self) -> bool:
-        """Interrupted by its caller once running: it stays charged (`imagine.http.quota_gate.StoppedOnPurpose`)."""
-        return self.interrupted
 
     @property
     def fraction(self) -> float:
