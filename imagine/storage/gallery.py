@@ -244,7 +244,8 @@ class GalleryStore(Gallery):
             # Nothing was committed: the files must not linger as orphans.
             await asyncio.to_thread(self._unlink, ids)
             raise
-        await self.apply_retention()
+        # The images are stored by now: retention failing (logged) must not fail the add.
+        await self.maintain()
         return ids
 
     def _write_files(self, ids: Sequence[str], pngs: Sequence[bytes]) -> None:
