@@ -175,9 +175,21 @@ def test_the_learnt_size_is_the_fastest_measured_and_others_are_tried_now_and_th
     assert sizer.best(_request()) == 4
     settled = chosen[4 * SAMPLES_TO_TRUST :]
     assert settled.count(4) >= len(settled) * (1 - 2 / EXPLORE_EVERY)
-    assert set(settled) == {8, 4, 2, 1}, "every size is measured again from time to time"
+    # The sizes next to the best are measured again from time to time; one far from it is not worth its slow batch.
+    assert set(settled) == {8, 4, 2}
     # Another shape learns on its own.
     assert sizer.best(_request(512)) is None and sizer.limit(_request(512)) == 8
+
+
+def test_a_change_in_the_sizes_speeds_is_followed_a_step_at_a_time() -> None:
+    sizer = BatchSizer(8)
+    _learn(sizer, {8: 12.0, 4: 16.2, 2: 11.0, 1: 6.0}, 30)
+    assert sizer.best(_request()) == 4
+    # Now batches slow down (a bigger model beside, say): two a call is best, then one.
+    chosen = _learn(sizer, {8: 5.0, 4: 9.0, 2: 12.0, 1: 14.0}, 6 * EXPLORE_EVERY)
+    assert sizer.best(_request()) == 1
+    assert chosen.index(1) > chosen.index(2), "it moved through two on its way"
+    assert 8 not in chosen[chosen.index(2):], "a size far from the best is left alone"
 
 
 def test_batching_never_wins_when_one_at_a_time_is_faster() -> None:

@@ -457,8 +457,13 @@ async def paired_rounds(
         pipeline = await service.on_device(lambda: BarePipeline(service, arguments.model))
         for batch in bare_batches:  # warm up every shape of call
             await service.on_device(lambda batch=batch: pipeline.call(size, steps, range(batch)))
-        # The service warms up under the rounds' load: long enough for it to have measured its batch sizes.
-        await clients(service.url, token, body, concurrency=arguments.concurrency, requests=2 * images)
+        # The service warms up under the rounds' load, long enough to have measured every batch size it may choose
+        # as often as it takes to judge them, and then some: learning happens once per shape in a service's life,
+        # not in every round.
+        from imagine.engine.batch_sizing import SAMPLES_TO_TRUST
+
+        warm_up = max(2 * images, SAMPLES_TO_TRUST * sum(bare_batches) + images)
+        await clients(service.url, token, body, concurrency=arguments.concurrency, requests=warm_up)
         before, serving_s = DeviceWork.of(service, arguments.model), 0.0
 
         async def bare_loops(batches: Sequence[int]) -> None:

@@ -11,9 +11,12 @@ the fastest of their recent measurements: timing noise on a busy machine only
 ever slows a call down (another process, a cold cache, a lazy allocation), so
 a size's best recent call is the steadiest estimate of what it can do, and a
 cold first call does not decide. After that one batch in
-`EXPLORE_EVERY` tries the size measured longest ago, so a change (a model
-loaded beside, a LoRA, a warmer GPU) is noticed. `batch.max_size` stays the
-upper bound, and a size slower than one image at a time never wins.
+`EXPLORE_EVERY` tries a size next to the best (the one measured longer
+ago), so a change (a model loaded beside, a LoRA, a warmer GPU) is noticed
+and followed a step at a time; a size far from the best is not worth a whole
+slow batch to measure again (at 512² on a CPU, eight a call is a fifth
+slower than two). `batch.max_size` stays the upper bound, and a size slower
+than one image at a time never wins.
 """
 
 from __future__ import annotations
@@ -81,9 +84,13 @@ class BatchSizer:
             if untried:
                 # The least measured first, the largest among equals.
                 return min(untried, key=learnt.samples)
+            best = self._best(learnt)
             if learnt.decisions % EXPLORE_EVERY == 0:
-                return min(self._candidates, key=lambda size: learnt.measured_at.get(size, 0))
-            return self._best(learnt)
+                # Every candidate is measured by now, so the best is one of them.
+                at = self._candidates.index(best)
+                neighbours = [size for size in self._candidates[max(0, at - 1) : at + 2] if size != best] or [best]
+                return min(neighbours, key=lambda size: learnt.measured_at.get(size, 0))
+            return best
 
     def observe(self, request: GenerationRequest, images: int, device_s: float) -> None:
         """One pipeline call of `images` images of `request`'s shape took `device_s` seconds."""
