@@ -14,9 +14,8 @@ cold first call does not decide. After that one batch in
 `EXPLORE_EVERY` tries a size next to the best (the one measured longer
 ago), so a change (a model loaded beside, a LoRA, a warmer GPU) is noticed
 and followed a step at a time; a size far from the best is not worth a whole
-slow batch to measure again (at 512² on a CPU, eight a call is a fifth
-slower than two). `batch.max_size` stays the upper bound, and a size slower
-than one image at a time never wins.
+slow batch to measure again. `batch.max_size` stays the upper bound, and a
+size slower than one image at a time never wins.
 """
 
 from __future__ import annotations

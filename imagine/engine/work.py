@@ -90,7 +90,7 @@ class JobObserver(Protocol):
 
     # Told each step (`progress`); else only its queueing and its start.
     wants_steps: bool
-    # Each step's told with a preview of the latents every `jobs.preview_every` steps (with `wants_steps`).
+    # With `wants_steps`: a preview of the latents too, every `jobs.preview_every` steps.
     wants_preview: bool
 
     def queued(self, position: int, eta_s: float) -> None: ...
