@@ -270,13 +270,14 @@ class LeonardoGenerator(CloudGenerator):
 
     # ---- one job ----------------------------------------------------------------
 
-    async def generate_remote(self, request: GenerationRequest) -> RemoteImages:
+    async def generate_remote(self, request: GenerationRequest, started: Callable[[], None]) -> RemoteImages:
         key = self._api_key()
         if self._session is None or not key:
             raise ApiError(503, "SERVICE_UNAVAILABLE", NO_KEY_MESSAGE, details={"service": KEY_SERVICE})
         waiting_since = time.perf_counter()
         async with self._slots:  # Leonardo's own limit on generations in flight
             queue_time = time.perf_counter() - waiting_since
+            started()
             generation_id, credits = await self._create(self._payload(request), key)
             try:
                 generation = await self._wait_for(generation_id, key)

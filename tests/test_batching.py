@@ -192,6 +192,20 @@ def test_a_change_in_the_sizes_speeds_is_followed_a_step_at_a_time() -> None:
     assert 8 not in chosen[chosen.index(2):], "a size far from the best is left alone"
 
 
+def test_explorations_take_turns_between_the_neighbours_when_too_few_wait_to_fill_one() -> None:
+    sizer = BatchSizer(8)
+    rates = {8: 12.0, 5: 13.0, 4: 16.2, 2: 11.0, 1: 6.0}
+    _learn(sizer, rates, 30)
+    explored = []
+    for _ in range(4 * EXPLORE_EVERY):
+        size = sizer.limit(_request())
+        if size != 4:
+            explored.append(size)
+        made = min(size, 5)  # a quieter hour: never eight waiting, so no call of eight is ever measured
+        sizer.observe(_request(), made, made / rates[made])
+    assert sorted(set(explored)) == [2, 8] and explored.count(2) == explored.count(8), explored  # in turns, not eight again and again
+
+
 def test_batching_never_wins_when_one_at_a_time_is_faster() -> None:
     sizer = BatchSizer(4)
     # 512² on this CPU: a batch of four runs slower per image than one.

@@ -99,7 +99,7 @@ class KeyedCloudGenerator(CloudGenerator):
     def configured(self) -> bool:
         return self._api_key() is not None
 
-    async def generate_remote(self, request: Any) -> RemoteImages:
+    async def generate_remote(self, request: Any, started: Any) -> RemoteImages:
         raise AssertionError("never called")
 
     def problem(self) -> str | None:

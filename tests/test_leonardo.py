@@ -417,3 +417,45 @@ def test_a_key_in_its_model_table_is_refused_with_its_name(base_settings: Settin
     options = {**base_settings.models.options, "leonardo": {"source": "/srv/x"}}
     with pytest.raises(SettingsError, match="unknown setting models.leonardo.source"):
         create_app(base_settings.replace(models={"options": options}), keys=KEYS)
+
+
+async def usage_images(client: Any) -> int:
+    return (await (await client.get("/imagine/usage", headers=auth())).json())["day"]["images"]
+
+
+async def test_a_cloud_call_whose_caller_hangs_up_is_refunded_only_if_it_had_been_sent(
+    make_client, leonardo_settings, fake, monkeypatch
+) -> None:
+    monkeypatch.setenv("LEONARDO_API_KEY", KEY)
+    client = await make_client(leonardo_settings.replace(leonardo={"max_concurrent": 1}, quotas={"images_per_day": 10}))
+    fake.hold = asyncio.Event()
+    sent = asyncio.create_task(client.post(URL, json={"prompt": "fox 1", "model": "leonardo"}, headers=auth()))
+    await wait_until(lambda: len(fake.posts) == 1)
+    waiting = asyncio.create_task(client.post(URL, json={"prompt": "fox 2", "model": "leonardo"}, headers=auth()))
+    await asyncio.sleep(0.3)
+    assert len(fake.posts) == 1  # the second waits for Leonardo's one slot: nothing of it was sent
+    assert await usage_images(client) == 2
+    waiting.cancel()
+    sent.cancel()
+    await asyncio.sleep(0.5)  # the refund would have been written by now
+    # Leonardo was asked for the first (and charges for it): that one stays charged.
+    assert await usage_images(client) == 1
+
+
+async def test_a_cloud_call_the_service_stops_as_it_shuts_down_is_refunded(
+    aiohttp_server, aiohttp_client, leonardo_settings, fake, monkeypatch
+) -> None:
+    monkeypatch.setenv("LEONARDO_API_KEY", KEY)
+    settings = leonardo_settings.replace(quotas={"images_per_day": 10}, server={"shutdown_grace_s": 0.2})
+    # The runner cancels handlers still running soon after the grace, as `imagine serve`'s does.
+    first = await aiohttp_client(await aiohttp_server(create_app(settings, keys=KEYS), shutdown_timeout=0.5))
+    fake.hold = asyncio.Event()
+    # A connection of its own: the test client closes its own before its server, which would read as a hang-up.
+    async with aiohttp.ClientSession() as caller:
+        call = asyncio.create_task(caller.post(first.make_url(URL), json={"prompt": "fox", "model": "leonardo"}, headers=auth()))
+        await wait_until(lambda: len(fake.posts) == 1)
+        assert await usage_images(first) == 1
+        await first.close()
+        call.cancel()
+    second = await aiohttp_client(create_app(settings, keys=KEYS))
+    assert await usage_images(second) == 0  # not the caller's doing, and nothing delivered

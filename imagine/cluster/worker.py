@@ -234,7 +234,7 @@ class ClusterWorker:
             return None
         observer = None
         # A listed job's steps go to its events, and so do those of a generation whose caller follows them.
-        if entry.text("visible") == "1" or entry.text("observed") == OBSERVED_STEPS:
+        if entry.text("visible") == "1" or entry.fields.get("observed", b"0").decode() == OBSERVED_STEPS:
             observer = EventWriter(
                 self._records, entry.job_id, wants_preview=entry.text("preview") == "1",
                 total_steps=request.steps, announce_start=False,

@@ -88,7 +88,10 @@ class BatchSizer:
                 # Every candidate is measured by now, so the best is one of them.
                 at = self._candidates.index(best)
                 neighbours = [size for size in self._candidates[max(0, at - 1) : at + 2] if size != best] or [best]
-                return min(neighbours, key=lambda size: learnt.measured_at.get(size, 0))
+                chosen = min(neighbours, key=lambda size: learnt.measured_at.get(size, 0))
+                # Counted as tried now even if too few wait to fill it, so the next exploration tries the other.
+                learnt.measured_at[chosen] = learnt.decisions
+                return chosen
             return best
 
     def observe(self, request: GenerationRequest, images: int, device_s: float) -> None:

@@ -162,9 +162,11 @@ def _jobs(device: bool) -> Callable[[web.Application], AsyncIterator[None]]:
                 on_end=app[followups_key].ended,
             )
             # Quotas are charged and refunded where the job store takes work (imagine.http.quota_gate).
-            app[jobs_key] = QuotaJobs(manager, app[quotas_key])
+            app[jobs_key] = quota_jobs = QuotaJobs(manager, app[quotas_key])
             yield
             await manager.close()
+            # Refunds of the generations the runner stopped last (after the drain) land before the quota store closes.
+            await quota_jobs.settle()
             return
         # Only deployments that name Redis need the cluster's parts.
         from imagine.cluster.service import shared_queue
@@ -176,8 +178,9 @@ def _jobs(device: bool) -> Callable[[web.Application], AsyncIterator[None]]:
             settings, app[executor_key], app[registry_key], device=device, run_here=run_here, finish=finish, to_json=to_json
         ) as cluster:
             app[cluster_key] = cluster
-            app[jobs_key] = QuotaJobs(cluster.jobs, app[quotas_key])
+            app[jobs_key] = quota_jobs = QuotaJobs(cluster.jobs, app[quotas_key])
             yield
+            await quota_jobs.settle()
 
     return run
 

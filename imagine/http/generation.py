@@ -74,6 +74,10 @@ def _run(
     return executor.wait(job)
 
 
+def _unobserved() -> None:
+    """The start of a cloud call nobody follows."""
+
+
 async def _run_remote(
     request: GenerationRequest,
     generator: CloudGenerator,
@@ -82,12 +86,10 @@ async def _run_remote(
     telemetry: Telemetry,
 ) -> GenerationOutput:
     """A cloud call waits on the network, not the device: await it here, so the GPU queue keeps moving."""
-    if observer is not None:
-        observer.started()
     started = time.perf_counter()
     try:
         async with asyncio.timeout(timeout_s):
-            remote = await generator.generate_remote(request)
+            remote = await generator.generate_remote(request, observer.started if observer is not None else _unobserved)
     except TimeoutError:
         raise timeout_error(timeout_s) from None
     elapsed = time.perf_counter() - started

@@ -115,6 +115,7 @@ class QuotaJobs:
         self._inner = inner
         self._quotas = quotas
         self._refunds: set[asyncio.Task[None]] = set()
+        self._stopping = False
 
     async def _charge(self, principal: Principal, request: GenerationRequest) -> Charge:
         charge, decision = await self._quotas.charge(principal.sub, principal.quota, request.model, request.num_images)
@@ -156,8 +157,9 @@ class QuotaJobs:
         try:
             return await work
         except asyncio.CancelledError:
-            # Stopped (its caller gone, or an A1111 interrupt): refunded unless it ran, as a cancelled job is.
-            if not watch.ran:
+            # Stopped by its caller (gone, or an A1111 interrupt): refunded unless it ran, as a cancelled job is.
+            # Stopped by the service shutting down: refunded, as the generations it fails then are.
+            if not watch.ran or self._stopping:
                 self.refund_soon(charge)
             raise
         except BaseException:
@@ -207,6 +209,7 @@ class QuotaJobs:
         return await self._inner.events(principal, job_id, after)
 
     def close_intake(self) -> list[asyncio.Task[str]]:
+        self._stopping = True
         return self._inner.close_intake()
 
     async def fail_unfinished(self) -> int:

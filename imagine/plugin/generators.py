@@ -271,8 +271,12 @@ class CloudGenerator(Generator):
         return self.configured
 
     @abc.abstractmethod
-    async def generate_remote(self, request: GenerationRequest) -> RemoteImages:
-        """Run one request at the provider; cancelled by the caller when the job's deadline passes."""
+    async def generate_remote(self, request: GenerationRequest, started: Callable[[], None]) -> RemoteImages:
+        """Run one request at the provider; cancelled by the caller when the job's deadline passes.
+
+        Call `started` as the request goes to the provider, after any wait of the plugin's own (a limit on
+        calls in flight): a generation stopped before it started is refunded, one stopped after is not.
+        """
 
     @abc.abstractmethod
     def problem(self) -> str | None:
