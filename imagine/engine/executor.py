@@ -22,7 +22,7 @@ import math
 import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -251,12 +251,18 @@ class DeviceExecutor:
 
     def eta_s(self, item: WorkItem) -> float:
         """Seconds until `item` is done: the work ahead, what is left of the running batch, its own."""
-        queued = self._queue.waiting()
-        ahead = queued[: queued.index(item)] if item in queued else []
-        eta = sum(self._estimate_s(other) for other in ahead) + self._estimate_s(item)
-        if item not in self.running:
-            eta += self._running_left_s()
-        return round(eta, 2)
+        for waiting, eta in self._queue_etas():
+            if waiting is item:
+                return round(eta, 2)
+        # Running, or just taken from the queue.
+        return round(self._estimate_s(item) + (0.0 if item in self.running else self._running_left_s()), 2)
+
+    def _queue_etas(self) -> Iterator[tuple[WorkItem, float]]:
+        """Each waiting item, in queue order, with the seconds until it is done: the one ahead's, plus its own."""
+        eta = self._running_left_s()
+        for item in self._queue.waiting():
+            eta += self._estimate_s(item)
+            yield item, eta
 
     def _running_left_s(self) -> float:
         """What is left of the running batch, by its estimate."""
@@ -266,11 +272,9 @@ class DeviceExecutor:
         return 0.0
 
     def _announce_positions(self) -> None:
-        """On the loop, after an item left the queue: everyone behind it moved up. One pass down the queue
-        (every waited-for generation has an observer): each position's eta is the one ahead's plus its own."""
-        eta = self._running_left_s()
-        for position, item in enumerate(self._queue.waiting(), 1):
-            eta += self._estimate_s(item)
+        """On the loop, after an item left the queue: everyone behind it moved up. One pass down the queue:
+        every waited-for generation has an observer."""
+        for position, (item, eta) in enumerate(self._queue_etas(), 1):
             if item.observer is not None:
                 item.observer.queued(position, round(eta, 2))
 
