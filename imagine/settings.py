@@ -313,7 +313,11 @@ class StorageSettings:
 @dataclass(frozen=True)
 class GallerySettings:
     # Retention: the oldest images go first once there are more than this; 0 = no limit.
+    # A bound on the whole gallery's disk: whoever generates most pushes out anyone's oldest.
     max_images: int = 0
+    # Retention per caller: a subject's oldest images go once it has more than this, so one
+    # caller's volume never removes another's images; 0 = no limit.
+    max_images_per_subject: int = 0
     # Retention: images older than this are removed; 0 = kept forever.
     max_age_days: float = 0.0
     # How long a signed image URL (OpenAI `response_format: "url"`) stays valid.
@@ -337,8 +341,8 @@ class GallerySettings:
     orphan_grace_s: float = 300.0
 
     def __post_init__(self) -> None:
-        if self.max_images < 0:
-            raise SettingsError("gallery.max_images must be 0 (no limit) or more")
+        if self.max_images < 0 or self.max_images_per_subject < 0:
+            raise SettingsError("gallery.max_images and gallery.max_images_per_subject must be 0 (no limit) or more")
         if self.max_age_days < 0:
             raise SettingsError("gallery.max_age_days must be 0 (forever) or more")
         if not 1 <= self.url_ttl_s <= 7 * 86400:

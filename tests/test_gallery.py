@@ -345,6 +345,34 @@ async def test_retention_by_count_removes_the_oldest(make_client, base_settings)
     assert stored_names(settings) == sorted(f"{image_id}.png" for image_id in ids[1:])
 
 
+async def test_retention_per_subject_removes_only_that_callers_oldest(make_client, base_settings) -> None:
+    settings = base_settings.replace(gallery={"max_images_per_subject": 2})
+    client = await make_client(settings)
+    bob = auth("bob")
+    bobs = [(await generate(client, headers=bob, prompt=f"bob {number}"))["ids"][0] for number in range(2)]
+    alices = [(await generate(client, prompt=f"alice {number}"))["ids"][0] for number in range(4)]
+    # Alice's volume pushed out her own oldest two, never Bob's older images.
+    assert [image["id"] for image in (await listing(client))["images"]] == alices[:1:-1]
+    assert [image["id"] for image in (await listing(client, headers=bob))["images"]] == bobs[::-1]
+    assert (await client.get(f"{GALLERY}/{alices[0]}", headers=ADMIN)).status == 404
+    assert stored_names(settings) == sorted(f"{image_id}.png" for image_id in bobs + alices[2:])
+
+
+async def test_a_lowered_per_subject_limit_applies_to_every_caller_at_start(make_client, base_settings) -> None:
+    first = await make_client(base_settings)
+    ids = {
+        sub: [(await generate(first, headers=auth(sub), prompt=f"{sub} {number}"))["ids"][0] for number in range(3)]
+        for sub in ("alice", "bob")
+    }
+    await first.close()
+
+    settings = base_settings.replace(gallery={"max_images_per_subject": 1})
+    second = await make_client(settings)
+    for sub, theirs in ids.items():
+        assert [image["id"] for image in (await listing(second, headers=auth(sub)))["images"]] == theirs[-1:]
+    assert stored_names(settings) == sorted(f"{theirs[-1]}.png" for theirs in ids.values())
+
+
 async def test_retention_that_fails_does_not_fail_the_generation_it_follows(make_client, base_settings, caplog) -> None:
     if base_settings.gallery.shared:
         pytest.skip("a file in retention's way is the embedded store's; the shared one logs a failed retention too")
@@ -485,6 +513,10 @@ def test_storage_and_gallery_settings_from_the_environment(tmp_path) -> None:
     )
     assert storage_folder(settings) == tmp_path / "images"
     assert (settings.gallery.max_images, settings.gallery.max_age_days) == (1000, 30.0)
-    for variable, value in (("IMAGINE_GALLERY_MAX_IMAGES", "-1"), ("IMAGINE_GALLERY_MAX_AGE_DAYS", "-2")):
+    for variable, value in (
+        ("IMAGINE_GALLERY_MAX_IMAGES", "-1"),
+        ("IMAGINE_GALLERY_MAX_IMAGES_PER_SUBJECT", "-1"),
+        ("IMAGINE_GALLERY_MAX_AGE_DAYS", "-2"),
+    ):
         with pytest.raises(SettingsError):
             load_settings(None, {variable: value})

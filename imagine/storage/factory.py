@@ -12,7 +12,12 @@ SHARED_EXTRA = "shared-gallery"
 def build_gallery(settings: Settings) -> Gallery:
     gallery = settings.gallery
     if not gallery.shared:
-        return GalleryStore(storage_folder(settings), max_images=gallery.max_images, max_age_s=gallery.max_age_days * 86400)
+        return GalleryStore(
+            storage_folder(settings),
+            max_images=gallery.max_images,
+            max_per_subject=gallery.max_images_per_subject,
+            max_age_s=gallery.max_age_days * 86400,
+        )
     try:
         # Only deployments that share a gallery need its drivers (the `shared-gallery` extra).
         from imagine.storage.shared_gallery import SharedGallery

@@ -142,11 +142,18 @@ class GalleryStore(Gallery):
     backend = "embedded"
 
     def __init__(
-        self, folder: Path, *, max_images: int = 0, max_age_s: float = 0.0, clock: Callable[[], float] = time.time
+        self,
+        folder: Path,
+        *,
+        max_images: int = 0,
+        max_per_subject: int = 0,
+        max_age_s: float = 0.0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._folder = folder
         self._images = folder / IMAGES_FOLDER
         self._max_images = max_images
+        self._max_per_subject = max_per_subject
         self._max_age_s = max_age_s
         self._clock = clock
         self._db_thread: ThreadPoolExecutor | None = None
@@ -245,7 +252,7 @@ class GalleryStore(Gallery):
             await asyncio.to_thread(self._unlink, ids)
             raise
         # The images are stored by now: retention failing (logged) must not fail the add.
-        await self.maintain()
+        await self._retain_quietly(owner)
         return ids
 
     def _write_files(self, ids: Sequence[str], pngs: Sequence[bytes]) -> None:
@@ -283,21 +290,35 @@ class GalleryStore(Gallery):
         if ids:
             _fsync_folder(self._images)
 
-    async def apply_retention(self) -> int:
-        """Remove images past the age limit and the oldest beyond the count limit."""
-        if not self._max_images and not self._max_age_s:
+    async def apply_retention(self, owner: str | None = None) -> int:
+        if not (self._max_images or self._max_per_subject or self._max_age_s):
             return 0
-        expired = await self._db(self._delete_expired_rows, self._clock())
+        expired = await self._db(self._delete_expired_rows, self._clock(), owner)
         await asyncio.to_thread(self._unlink, expired)
         return len(expired)
 
-    def _delete_expired_rows(self, now: float) -> list[str]:
+    def _delete_expired_rows(self, now: float, owner: str | None) -> list[str]:
         with _transaction(self._sql):
             expired: list[str] = []
             if self._max_age_s:
                 cutoff = now - self._max_age_s
                 expired += [row[0] for row in self._sql.execute("SELECT id FROM images WHERE created_at < ?", (cutoff,))]
                 self._sql.execute("DELETE FROM images WHERE created_at < ?", (cutoff,))
+            if self._max_per_subject:
+                # Each subject's newest first; those past its limit go (off the owner index).
+                if owner is not None:
+                    beyond = self._sql.execute(
+                        "SELECT id FROM images WHERE owner = ? ORDER BY created_at DESC, rowid DESC LIMIT -1 OFFSET ?",
+                        (owner, self._max_per_subject),
+                    ).fetchall()
+                else:
+                    beyond = self._sql.execute(
+                        "SELECT id FROM (SELECT id, ROW_NUMBER() OVER "
+                        "(PARTITION BY owner ORDER BY created_at DESC, rowid DESC) AS newer FROM images) WHERE newer > ?",
+                        (self._max_per_subject,),
+                    ).fetchall()
+                self._sql.executemany("DELETE FROM images WHERE id = ?", beyond)
+                expired += [row[0] for row in beyond]
             if self._max_images:
                 # COUNT(*) over the whole table is a b-tree count; the oldest come off the age index.
                 excess = self._sql.execute("SELECT COUNT(*) FROM images").fetchone()[0] - self._max_images
@@ -314,8 +335,11 @@ class GalleryStore(Gallery):
         return bool(self._max_age_s)
 
     async def maintain(self) -> None:
+        await self._retain_quietly()
+
+    async def _retain_quietly(self, owner: str | None = None) -> None:
         try:
-            await self.apply_retention()
+            await self.apply_retention(owner)
         except Exception:
             log.exception("gallery retention failed")
 

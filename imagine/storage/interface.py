@@ -100,8 +100,12 @@ class Gallery(abc.ABC):
         return None
 
     @abc.abstractmethod
-    async def apply_retention(self) -> int:
-        """Remove images past the age limit and the oldest beyond the count limit; how many."""
+    async def apply_retention(self, owner: str | None = None) -> int:
+        """Remove images past the age limit and the oldest beyond the count limits; how many.
+
+        The per-subject limit is checked for `owner` alone when given (it has just added
+        images), else for every subject.
+        """
 
     @property
     @abc.abstractmethod

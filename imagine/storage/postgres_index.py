@@ -156,8 +156,11 @@ class PostgresIndex:
             )
         return status != "DELETE 0"
 
-    async def delete_expired(self, now: float, max_age_s: float, max_images: int) -> list[str]:
-        """Delete the rows past the age limit and the oldest beyond the count; their ids.
+    async def delete_expired(
+        self, now: float, max_age_s: float, max_images: int, max_per_subject: int, owner: str | None
+    ) -> list[str]:
+        """Delete the rows past the age limit, each subject's oldest beyond `max_per_subject` (`owner`'s
+        alone when given) and the oldest beyond the count; their ids.
 
         Under a transaction-scoped lock: two replicas applying the count limit
         at once would otherwise each remove the same excess.
@@ -169,6 +172,20 @@ class PostgresIndex:
                 expired: list[str] = []
                 if max_age_s:
                     rows = await connection.fetch(f"DELETE FROM {TABLE} WHERE created_at < $1 RETURNING id", now - max_age_s)
+                    expired += [row["id"] for row in rows]
+                if max_per_subject:
+                    # Each subject's newest first; those past its limit go.
+                    if owner is not None:
+                        beyond = f"SELECT seq FROM {TABLE} WHERE owner = $2 ORDER BY created_at DESC, seq DESC OFFSET $1"
+                        arguments: tuple[Any, ...] = (max_per_subject, owner)
+                    else:
+                        beyond = (
+                            f"SELECT seq FROM (SELECT seq, row_number() OVER "
+                            f"(PARTITION BY owner ORDER BY created_at DESC, seq DESC) AS newer FROM {TABLE}) ranked "
+                            f"WHERE newer > $1"
+                        )
+                        arguments = (max_per_subject,)
+                    rows = await connection.fetch(f"DELETE FROM {TABLE} WHERE seq IN ({beyond}) RETURNING id", *arguments)
                     expired += [row["id"] for row in rows]
                 if max_images:
                     excess = await connection.fetchval(f"SELECT count(*) FROM {TABLE}") - max_images

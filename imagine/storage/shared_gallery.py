@@ -54,6 +54,7 @@ class SharedGallery(Gallery):
         self.index = PostgresIndex(settings.database)
         self.objects = S3Objects(settings)
         self._max_images = settings.max_images
+        self._max_per_subject = settings.max_images_per_subject
         self._max_age_s = settings.max_age_days * 86400
         self._redirect = settings.redirect
         self._orphan_grace_s = settings.orphan_grace_s
@@ -100,7 +101,7 @@ class SharedGallery(Gallery):
             # Nothing was committed: remove what was written, else the sweep will.
             await self._remove_objects(ids)
             raise
-        await self._retain_quietly()
+        await self._retain_quietly(owner)
         return ids
 
     async def copy_in(self, record: ImageRecord, png: bytes) -> bool:
@@ -131,17 +132,19 @@ class SharedGallery(Gallery):
         except ApiError as error:
             log.warning("shared gallery: %d object(s) left for the sweep: %s", len(ids), error.message)
 
-    async def apply_retention(self) -> int:
-        if not self._max_images and not self._max_age_s:
+    async def apply_retention(self, owner: str | None = None) -> int:
+        if not (self._max_images or self._max_per_subject or self._max_age_s):
             return 0
-        expired = await self.index.delete_expired(self._clock(), self._max_age_s, self._max_images)
+        expired = await self.index.delete_expired(
+            self._clock(), self._max_age_s, self._max_images, self._max_per_subject, owner
+        )
         await self._remove_objects(expired)
         return len(expired)
 
-    async def _retain_quietly(self) -> None:
+    async def _retain_quietly(self, owner: str) -> None:
         # The images are stored by now: retention failing must not fail the add.
         try:
-            await self.apply_retention()
+            await self.apply_retention(owner)
         except ApiError as error:
             log.warning("shared gallery retention: %s", error.message)
 
