@@ -73,6 +73,21 @@ async def test_fails_twice_then_one_signed_delivery_with_gallery_links_and_space
     assert 'imagine_webhook_deliveries_total{outcome="delivered"} 1.0' in text
 
 
+async def test_the_images_of_a_late_attempt_still_open_for_the_link_lifetime(
+    make_client: Any, base_settings: Settings, receiver: Receiver
+) -> None:
+    # Attempts at 0, 1 and 3 s after the job ends; links live 2 s. Signed for the first attempt,
+    # the third would deliver links dead a second already.
+    settings = hooked(base_settings, backoff_s=1.0).replace(gallery={"url_ttl_s": 2})
+    client = await make_client(settings)
+    assert (await submit(client, receiver.url)).status == 202
+    await receiver.wait_for(3)
+    (accepted,) = receiver.accepted
+    (link,) = Webhook(SECRET).verify(accepted.body, accepted.headers)["data"]["result"]["images"]
+    image = await client.get("/imagine" + link.split("/imagine", 1)[1])
+    assert image.status == 200 and (await image.read()).startswith(b"\x89PNG")
+
+
 async def test_a_pending_delivery_resumes_after_a_restart(
     aiohttp_client: Any, base_settings: Settings, receiver: Receiver
 ) -> None:

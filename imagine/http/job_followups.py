@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import time
 import urllib.parse
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
@@ -32,7 +33,7 @@ from imagine.http.urls import gallery_path
 from imagine.security.quotas import Charge, Quotas
 from imagine.security.tokens import Principal
 from imagine.security.url_signing import UrlSigner
-from imagine.webhooks.deliverer import Deliverer, keep_for_s
+from imagine.webhooks.deliverer import Deliverer, keep_for_s, retry_span_s
 from imagine.webhooks.outbox import Delivery, RedisOutbox, SqliteOutbox
 from imagine.webhooks.signing import Signer, load_secret
 from imagine.webhooks.targets import TargetPolicy, TargetRefused
@@ -41,13 +42,14 @@ WEBHOOK_FIELD = "webhook_url"
 ORIGIN_FIELD = "origin"
 
 
-def webhook_body(snapshot: Mapping[str, Any], origin: str, signer: UrlSigner, base_path: str) -> str:
-    """`{"type", "timestamp", "data"}`: the job's JSON with its images as signed gallery links, not base64."""
+def webhook_body(snapshot: Mapping[str, Any], origin: str, signer: UrlSigner, base_path: str, links_from: float) -> str:
+    """`{"type", "timestamp", "data"}`: the job's JSON with its images as signed gallery links, not base64,
+    each valid for `gallery.url_ttl_s` after `links_from`."""
     data = dict(snapshot)
     result = data.get("result")
     if result is not None:
         links = [
-            f"{origin}{gallery_path(base_path, image_id)}?{urllib.parse.urlencode(signer.sign(image_id))}"
+            f"{origin}{gallery_path(base_path, image_id)}?{urllib.parse.urlencode(signer.sign(image_id, links_from))}"
             for image_id in result.get("ids", [])
         ]
         data["result"] = {**result, "images": links}
@@ -88,8 +90,13 @@ class JobFollowUps:
         url = after_end.get(WEBHOOK_FIELD)
         if not url:
             return None
-        base = self._app[settings_key].server.base_path
-        body = webhook_body(snapshot, after_end.get(ORIGIN_FIELD, ""), self._app[url_signer_key], base)
+        settings = self._app[settings_key]
+        # The body is signed once and sent as it is on every attempt: its links must still open for
+        # url_ttl_s when the last attempt delivers it, not only when the first does.
+        links_from = time.time() + retry_span_s(settings.webhooks)
+        body = webhook_body(
+            snapshot, after_end.get(ORIGIN_FIELD, ""), self._app[url_signer_key], settings.server.base_path, links_from
+        )
         # The same id on every attempt: receivers drop the repeats of an at-least-once delivery.
         return Delivery(snapshot["id"], url, f"msg_{snapshot['id']}", body, 0)
 

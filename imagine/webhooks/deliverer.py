@@ -47,6 +47,11 @@ def backoff_s(settings: WebhookSettings, attempts: int) -> float:
     return min(settings.max_backoff_s, settings.backoff_s * 2 ** (attempts - 1))
 
 
+def retry_span_s(settings: WebhookSettings) -> float:
+    """The longest a delivery's last attempt can come after its first: the waits between its attempts."""
+    return sum(backoff_s(settings, attempt) for attempt in range(1, settings.max_attempts))
+
+
 def keep_for_s(settings: WebhookSettings) -> float:
     """How long a pending delivery can be waiting, at most, plus a day of slack."""
     return sum(backoff_s(settings, attempt) for attempt in range(1, settings.max_attempts + 1)) + 86400
