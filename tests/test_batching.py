@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pytest
 from PIL import Image
 
-from imagine.engine.batch_sizing import EXPLORE_EVERY, SAMPLES_TO_TRUST, BatchSizer
+from imagine.engine.batch_sizing import EXPLORE_BACKOFF_MAX, EXPLORE_EVERY, SAMPLES_TO_TRUST, BatchSizer
 from imagine.engine.batching import FairBatcher
 from imagine.http.app_keys import executor_key
 from imagine.plugin.generators import GenerationRequest
@@ -183,7 +183,8 @@ def test_the_learnt_size_is_the_fastest_measured_and_others_are_tried_now_and_th
 
 def test_a_change_in_the_sizes_speeds_is_followed_a_step_at_a_time() -> None:
     sizer = BatchSizer(8)
-    _learn(sizer, {8: 12.0, 4: 16.2, 2: 11.0, 1: 6.0}, 30)
+    # Long enough on a steady device for explorations to have grown as rare as they get.
+    _learn(sizer, {8: 12.0, 4: 16.2, 2: 11.0, 1: 6.0}, 100 * EXPLORE_EVERY)
     assert sizer.best(_request()) == 4
     # Now batches slow down (a bigger model beside, say): two a call is best, then one.
     chosen = _learn(sizer, {8: 5.0, 4: 9.0, 2: 12.0, 1: 14.0}, 6 * EXPLORE_EVERY)
@@ -197,13 +198,14 @@ def test_explorations_take_turns_between_the_neighbours_when_too_few_wait_to_fil
     rates = {8: 12.0, 5: 13.0, 4: 16.2, 2: 11.0, 1: 6.0}
     _learn(sizer, rates, 30)
     explored = []
-    for _ in range(4 * EXPLORE_EVERY):
+    for _ in range(40 * EXPLORE_EVERY):
         size = sizer.limit(_request())
         if size != 4:
             explored.append(size)
         made = min(size, 5)  # a quieter hour: never eight waiting, so no call of eight is ever measured
         sizer.observe(_request(), made, made / rates[made])
-    assert sorted(set(explored)) == [2, 8] and explored.count(2) == explored.count(8), explored  # in turns, not eight again and again
+    # In turns, not eight again and again.
+    assert sorted(set(explored)) == [2, 8] and all(a != b for a, b in zip(explored, explored[1:])), explored
 
 
 def test_batching_never_wins_when_one_at_a_time_is_faster() -> None:
@@ -211,9 +213,14 @@ def test_batching_never_wins_when_one_at_a_time_is_faster() -> None:
     # 512² on this CPU: a batch of four runs slower per image than one.
     _learn(sizer, {4: 2.79, 2: 3.1, 1: 3.40}, 30)
     assert sizer.best(_request()) == 1
-    # One decision in EXPLORE_EVERY measures another size again; every other one runs alone.
-    later = _learn(sizer, {4: 2.79, 2: 3.1, 1: 3.40}, EXPLORE_EVERY)
-    assert later.count(1) == EXPLORE_EVERY - 1
+    # Now and then a batch of two measures its neighbour again; every other one runs alone. While one
+    # stays best, each exploration waits twice as long as the one before, up to a bound.
+    later = _learn(sizer, {4: 2.79, 2: 3.1, 1: 3.40}, 100 * EXPLORE_EVERY)
+    explorations = [decision for decision, size in enumerate(later) if size != 1]
+    assert {later[decision] for decision in explorations} == {2}
+    gaps = [after - before for before, after in zip(explorations, explorations[1:])]
+    assert gaps[:2] == [4 * EXPLORE_EVERY, 8 * EXPLORE_EVERY], gaps
+    assert set(gaps[2:]) == {EXPLORE_BACKOFF_MAX * EXPLORE_EVERY}, gaps
 
 
 class Crowded(WeightlessGenerator):

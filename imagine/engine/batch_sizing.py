@@ -14,8 +14,12 @@ cold first call does not decide. After that one batch in
 `EXPLORE_EVERY` tries a size next to the best (the one measured longer
 ago), so a change (a model loaded beside, a LoRA, a warmer GPU) is noticed
 and followed a step at a time; a size far from the best is not worth a whole
-slow batch to measure again. `batch.max_size` stays the upper bound, and a
-size slower than one image at a time never wins.
+slow batch to measure again. Each exploration that leaves the best as it was
+doubles the wait for the next, up to `EXPLORE_BACKOFF_MAX` times as long: on a
+steady device an exploring batch is a slower batch with no news. A change of
+the best, found by exploring or because the best itself slowed down, brings
+the first pace back. `batch.max_size` stays the upper bound, and a size
+slower than one image at a time never wins.
 """
 
 from __future__ import annotations
@@ -27,8 +31,10 @@ from typing import NamedTuple
 
 from imagine.plugin.generators import GenerationRequest
 
-# One batch in this many, per shape, measures a size other than the best.
+# One batch in this many, per shape, measures a size other than the best, at first...
 EXPLORE_EVERY = 24
+# ...and up to this many times fewer while explorations keep finding the same best.
+EXPLORE_BACKOFF_MAX = 16
 # Measurements of a size before it is judged.
 SAMPLES_TO_TRUST = 3
 # How many of a size's latest measurements its rate is the best of: the same for every size, so a
@@ -50,12 +56,23 @@ def shape(request: GenerationRequest) -> BatchShape:
     return BatchShape(request.model, request.width, request.height, request.steps, request.image is not None)
 
 
+class _Exploration(NamedTuple):
+    size: int
+    best: int  # the best when the exploration was chosen
+    decision: int
+
+
 @dataclass
 class _Shape:
     # batch size -> images/s of its latest calls
     rates: dict[int, collections.deque[float]] = field(default_factory=dict)
     measured_at: dict[int, int] = field(default_factory=dict)  # batch size -> decision number of its last measurement
     decisions: int = 0
+    # Decisions between explorations now, and the decision number of the next one.
+    explore_every: int = EXPLORE_EVERY
+    next_exploration: int = EXPLORE_EVERY
+    exploring: _Exploration | None = None  # until its call is measured
+    best_seen: int | None = None
 
     def rate(self, size: int) -> float:
         return max(self.rates[size])
@@ -84,13 +101,15 @@ class BatchSizer:
                 # The least measured first, the largest among equals.
                 return min(untried, key=learnt.samples)
             best = self._best(learnt)
-            if learnt.decisions % EXPLORE_EVERY == 0:
+            if learnt.decisions >= learnt.next_exploration:
                 # Every candidate is measured by now, so the best is one of them.
                 at = self._candidates.index(best)
                 neighbours = [size for size in self._candidates[max(0, at - 1) : at + 2] if size != best] or [best]
                 chosen = min(neighbours, key=lambda size: learnt.measured_at.get(size, 0))
                 # Counted as tried now even if too few wait to fill it, so the next exploration tries the other.
                 learnt.measured_at[chosen] = learnt.decisions
+                learnt.next_exploration = learnt.decisions + learnt.explore_every
+                learnt.exploring = _Exploration(chosen, best, learnt.decisions)
                 return chosen
             return best
 
@@ -102,6 +121,20 @@ class BatchSizer:
             learnt = self._shapes.setdefault(shape(request), _Shape())
             learnt.rates.setdefault(images, collections.deque(maxlen=RECENT)).append(images / device_s)
             learnt.measured_at[images] = learnt.decisions
+            self._pace_explorations(learnt, images)
+
+    def _pace_explorations(self, learnt: _Shape, images: int) -> None:
+        best = self._best(learnt)
+        if learnt.best_seen is not None and best != learnt.best_seen:
+            # Conditions changed: explore at the first pace again, from now.
+            learnt.explore_every = EXPLORE_EVERY
+            learnt.next_exploration = min(learnt.next_exploration, learnt.decisions + EXPLORE_EVERY)
+        elif learnt.exploring is not None and (learnt.exploring.size, learnt.exploring.best) == (images, best):
+            # The explored size was measured and the best stands: the next exploration can wait longer.
+            learnt.explore_every = min(2 * learnt.explore_every, EXPLORE_BACKOFF_MAX * EXPLORE_EVERY)
+            learnt.next_exploration = learnt.exploring.decision + learnt.explore_every
+        learnt.best_seen = best
+        learnt.exploring = None
 
     def best(self, request: GenerationRequest) -> int | None:
         """The size now chosen for `request`'s shape; None before anything was measured."""
