@@ -294,10 +294,12 @@ async def test_enhance_writes_a_prompt_for_the_model_from_its_plugins_guide(clie
 # ---- Ollama down, slow or without the model ---------------------------------------------------------------
 
 
-async def test_ollama_down_answers_503_and_leaves_the_service_healthy(make_client, base_settings) -> None:
-    client = await make_client(with_assistant(base_settings, f"http://{LOOPBACK}:{free_port()}"))
+async def test_ollama_down_answers_503_and_leaves_the_service_healthy(make_client, base_settings, caplog) -> None:
+    # A proxy's user name and password in the URL: used to connect, never shown.
+    client = await make_client(with_assistant(base_settings, f"http://admin:S3cretPw@{LOOPBACK}:{free_port()}"))
     response = await client.post(CHAT, json={"message": "Hello"}, headers=auth())
     assert response.status == 503
+    assert "S3cretPw" not in await response.text()
     body = await response.json()
     assert body["error"]["code"] == "SERVICE_UNAVAILABLE" and "cannot be reached" in body["detail"]
     assert body["error"]["details"]["reason"] == "unreachable" and response.headers["Retry-After"]
@@ -308,8 +310,10 @@ async def test_ollama_down_answers_503_and_leaves_the_service_healthy(make_clien
     assert health["status"] == "healthy"
     assert health["assistant"]["configured"] and not health["assistant"]["reachable"]
     assert "cannot be reached" in health["assistant"]["error"]
+    assert f"http://{LOOPBACK}:" in health["assistant"]["error"] and "S3cretPw" not in str(health)
     status = await (await client.get("/imagine/status", headers=auth())).json()
     assert status["models"]["ollama"] is False and status["models"]["multimodal"] is False
+    assert "S3cretPw" not in caplog.text
 
 
 async def test_a_missing_model_answers_503_naming_it(client, fake) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,16 +81,23 @@ def unavailable(message: str, reason: str, **details: Any) -> ApiError:
     return ApiError(503, "SERVICE_UNAVAILABLE", message, details={"reason": reason, **details}, headers=headers)
 
 
+def _without_credentials(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
 class Ollama:
     """One server, one connection pool; `close` when done."""
 
     def __init__(self, settings: AssistantSettings, telemetry: OllamaTelemetry) -> None:
         token = _bearer_token(settings)
-        self.url = settings.ollama_url.rstrip("/")
+        url = settings.ollama_url.rstrip("/")
+        # The server as messages, /health and logs name it: without any user name and password in the URL.
+        self.url = _without_credentials(url)
         self._timeout_s = settings.timeout_s
         self._telemetry = telemetry
         self._client = ollama.AsyncClient(
-            host=self.url,
+            host=url,
             # `read` bounds a whole answer, or one pause between streamed tokens.
             timeout=httpx.Timeout(settings.timeout_s, connect=settings.connect_timeout_s),
             headers={"Authorization": f"Bearer {token}"} if token else None,
