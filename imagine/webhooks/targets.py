@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import socket
 import urllib.parse
 from dataclasses import dataclass
 
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import ThreadedResolver
+
+log = logging.getLogger(__name__)
 
 MAX_URL_LENGTH = 2048
 # Addresses of cloud instance-metadata services that are not already link-local or private.
@@ -50,6 +53,16 @@ class Target:
 
 def _normalise(host: str) -> str:
     return host.strip().rstrip(".").lower()
+
+
+def _resolvable_name(host: str) -> bool:
+    """Whether the resolver can be asked for `host`: its IDNA form has labels of 1 to 63 characters,
+    253 in all (else the resolver's own encoding fails, as a UnicodeError rather than an OSError)."""
+    try:
+        encoded = host.encode("idna")
+    except UnicodeError:
+        return False
+    return len(encoded) <= 253 and all(1 <= len(label) <= 63 for label in encoded.split(b"."))
 
 
 def _carried_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
@@ -116,12 +129,16 @@ class TargetPolicy:
         host = _normalise(parts.hostname or "")
         if not host:
             raise TargetRefused("has no host")
+        if port == 0:
+            raise TargetRefused("must not name port 0")
         if not self._matches(host):
             raise TargetRefused(f"host {host} is not in webhooks.allowed_hosts")
         try:
             literal: IPAddress | None = ipaddress.ip_address(host)
         except ValueError:
             literal = None
+        if literal is None and not _resolvable_name(host):
+            raise TargetRefused(f"host {host} is not a valid host name")
         if literal is not None and not self.address_allowed(host, literal):
             raise TargetRefused(f"address {literal} is not a public address")
         return Target(host, port or (443 if parts.scheme == "https" else 80), literal)
@@ -138,7 +155,10 @@ class TargetPolicy:
         for *_, address in found:
             ip = ipaddress.ip_address(address[0])
             if not self.address_allowed(target.host, ip):
-                raise TargetRefused(f"host {target.host} resolves to {ip}, which is not a public address")
+                # Not naming the address: the answer would tell any caller what the service's own
+                # network calls its hosts.
+                log.info("webhook target %s refused: it resolves to %s", target.host, ip)
+                raise TargetRefused(f"host {target.host} resolves to an address that is not public")
 
 
 class GuardedResolver(AbstractResolver):
