@@ -58,6 +58,11 @@ async def assert_field_error(response, field: str, fragment: str = "") -> dict:
         ({"num_images": 2}, "num_images", "response_format"),
         # Image i uses seed + i: each must be a seed a request may send, to remake it alone.
         ({"seed": 4294967295, "num_images": 2, "response_format": "json"}, "seed", "at most 4294967294 with 2 images"),
+        # A1111 attention weights that overflow make infinite embeddings (a black image); nested brackets multiply.
+        ({"prompt": "(cat:" + "9" * 400 + ")"}, "prompt", "attention weight"),
+        ({"prompt": "(" * 1000 + "cat"}, "prompt", "attention weight"),
+        ({"negative_prompt": "(blur:101)"}, "negative_prompt", "attention weight"),
+        ({"prompt": "  <lora:pixel-art:0.5> ", "model": "sd15-lora"}, "prompt", "blank once its <lora:...> tags"),
     ],
 )
 async def test_each_bad_field_is_named(client, change, field, fragment) -> None:

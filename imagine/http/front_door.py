@@ -18,7 +18,7 @@ from aiohttp import web
 
 from imagine.http import image_inputs
 from imagine.http.app_keys import generate_body_key, registry_key, settings_key
-from imagine.http.prompt_loras import with_prompt_loras
+from imagine.http.a1111_prompts import read_a1111_prompts
 from imagine.http.request_bodies import GenerateBody, parse_generate_body, resolve_request
 from imagine.plugin.generators import GenerationRequest, Generator
 from imagine.security.tokens import Principal, check_model_grant
@@ -48,7 +48,7 @@ async def admit(
     """
     body = parse_generate_body(raw, app[generate_body_key])
     if app[settings_key].models.prompt_syntax == "a1111":
-        body = with_prompt_loras(body)
+        body = read_a1111_prompts(body)
     if check_body is not None:
         check_body(body)
     generator = app[registry_key].resolve(body.model)
