@@ -204,6 +204,14 @@ async def test_fields_that_would_change_the_image_are_refused_by_name(service) -
     assert status == 400 and body["errors"][0]["loc"] == ["body", "sampler_name"] and "Euler a" in body["detail"]
     status, body = await native(service, "POST", "/sdapi/v1/txt2img", headers=auth(), json={"prompt": "a fox", "cfg_scale": 30})
     assert status == 400 and body["errors"][0]["loc"] == ["body", "cfg_scale"]
+    # A refusal shows the start of what it refused, not all of it: a hostile body is not sent back, twice.
+    for path, huge in (
+        ("/sdapi/v1/txt2img", {"prompt": "a fox", "styles": ["x" * 100_000]}),
+        ("/sdapi/v1/txt2img", {"prompt": "a fox", "sampler_name": "y" * 100_000}),
+        ("/sdapi/v1/options", {"sd_vae": "v" * 100_000}),
+    ):
+        status, body = await native(service, "POST", path, headers=auth(), json=huge)
+        assert status == 400 and len(json.dumps(body)) < 2000, (path, len(json.dumps(body)))
     status, body = await native(service, "POST", "/sdapi/v1/options", headers=auth(), json={"sd_model_checkpoint": "nope"})
     assert status == 404 and body["error"] == "MODEL_NOT_AVAILABLE"
 

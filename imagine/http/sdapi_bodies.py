@@ -140,10 +140,18 @@ def refusals(fields: Mapping[str, Any], refused: Mapping[str, tuple[str, Callabl
     if not isinstance(fields, Mapping):
         return []
     return [
-        {"loc": ["body", *within, name], "msg": f"{why} ({name} = {fields[name]!r})"}
+        {"loc": ["body", *within, name], "msg": f"{why} ({name} = {_shown(repr(fields[name]))})"}
         for name, (why, harmless) in refused.items()
         if name in fields and not harmless(fields[name])
     ]
+
+
+# The most of a refused value an error shows: enough to recognise it, never the whole of a hostile one.
+_SHOWN_CHARACTERS = 60
+
+
+def _shown(text: str) -> str:
+    return text if len(text) <= _SHOWN_CHARACTERS else text[:_SHOWN_CHARACTERS] + "…"
 
 
 def model_name(value: Any) -> str:
@@ -168,7 +176,7 @@ def scheduler_for(body: _SharedFields, generator: Generator) -> str | None:
         name = f"{name}_{KARRAS}"
     if name not in offered:
         labels = ", ".join(SAMPLER_LABELS.get(each, each) for each in offered)
-        shown = sampler if schedule != KARRAS else f"{sampler} with the Karras schedule"
+        shown = _shown(sampler) if schedule != KARRAS else f"{_shown(sampler)} with the Karras schedule"
         raise validation_error([field_error("sampler_name", f"{shown} is not offered by {generator.name}; offered: {labels}")])
     return name
 
