@@ -65,6 +65,10 @@ def test_the_shipped_files_agree_with_the_service() -> None:
     assert example.server.host == "127.0.0.1"
     assert example.server.trusted_proxies == ("127.0.0.1",)
     assert example.ratelimit.shared and example.ratelimit.redis_failure == "closed"
+    # One client at its own limit must not empty the bucket every client shares.
+    assert example.ratelimit.global_rate >= 10 * example.ratelimit.ip_rate
+    assert example.ratelimit.global_burst >= 10 * example.ratelimit.ip_burst
+    assert example.server.public_url.startswith("https://")
     assert example.server.max_body_bytes == ServerSettings().max_body_bytes
     assert names_weights(example)
     unit = (DEPLOY / "imagine@.service").read_text()
@@ -192,6 +196,20 @@ def test_curl_output_through_nginx_writes_the_png(stack, tmp_path) -> None:
     )
     assert line["queue_wait_ms"] is not None
     assert request_id in (stack.nginx_folder / "imagine.access.log").read_text()
+
+
+def test_a_client_sent_forwarded_host_does_not_decide_a_links_host(stack) -> None:
+    status, _, answer = stack.request(
+        "POST",
+        "/imagine/v1/images/generations",
+        client="127.0.0.5",
+        headers={**TOKEN, "Content-Type": "application/json", "X-Forwarded-Host": "evil.example"},
+        body=b'{"prompt": "a fox", "model": "sdxl-turbo", "size": "64x64", "response_format": "url"}',
+    )
+    assert status == 200, answer
+    (image,) = json.loads(answer)["data"]
+    # The Host the client reached nginx by, as nginx passes it on, not the header it made up.
+    assert image["url"].startswith(f"http://{LOOPBACK}:{stack.port}/imagine/gallery/img_"), image["url"]
 
 
 def test_one_client_is_one_bucket_across_both_replicas(stack) -> None:

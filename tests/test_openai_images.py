@@ -196,6 +196,17 @@ async def test_forwarded_host_and_proto_count_only_from_a_trusted_proxy(make_cli
     assert url.startswith("https://127.0.0.1:")
 
 
+async def test_a_host_header_that_is_no_host_is_refused_before_any_work(client) -> None:
+    body = {"prompt": "a fox", "size": "64x64", "response_format": "url"}
+    response = await client.post(ROUTE, json=body, headers={**auth(), "Host": "evil.example/#"})
+    assert response.status == 400
+    error = (await response.json())["error"]
+    assert error["type"] == "invalid_request_error" and "Host" in error["message"]
+    assert "evil" not in await response.text()
+    listing = await (await client.get("/imagine/gallery", headers=auth())).json()
+    assert listing["total_count"] == 0
+
+
 def test_signing_secret_is_owner_only_and_stable_or_from_the_environment(tmp_path) -> None:
     from imagine.settings import SettingsError
     from imagine.security.url_signing import SECRET_ENV, SECRET_FILE, UrlSigner, load_url_secret

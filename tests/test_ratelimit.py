@@ -95,6 +95,9 @@ async def test_behind_a_trusted_proxy_the_forwarded_address_is_the_client(make_c
     assert await status_for("198.51.100.8") == 200
     # A spoofed entry to the left of what the proxy appended changes nothing.
     assert await status_for("1.2.3.4, 198.51.100.7") == 429
+    # An IPv6 client is its /64: rotating through its own addresses gets no fresh bucket.
+    assert [await status_for(f"2001:db8:1:2::{number:x}") for number in range(1, 4)] == [200, 200, 429]
+    assert await status_for("2001:db8:1:3::1") == 200
 
 
 async def test_concurrent_requests_cannot_overshoot_the_bucket(make_client, base_settings) -> None:

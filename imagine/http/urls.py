@@ -7,6 +7,7 @@ import urllib.parse
 
 from aiohttp import web
 
+from imagine.errors import validation_error
 from imagine.http.app_keys import settings_key, trusted_networks_key, url_signer_key
 from imagine.security.ratelimit import is_trusted_proxy
 
@@ -32,6 +33,9 @@ def public_origin(request: web.Request) -> str:
             scheme = proto
         if _HOST.fullmatch(forwarded_host):
             host = forwarded_host
+    if not _HOST.fullmatch(host):
+        # A Host that is no host ("evil.example/#") would make a link to somewhere else (RFC 9112: a 400).
+        raise validation_error([{"loc": ["header", "Host"], "msg": "must be a host name or address, with an optional port"}])
     return f"{scheme}://{host}"
 
 
@@ -39,8 +43,9 @@ def gallery_path(base: str, image_id: str) -> str:
     return f"{base}/gallery/{image_id}.png"
 
 
-def signed_image_url(request: web.Request, image_id: str) -> str:
-    """An absolute link to a gallery image that works without a token until it expires."""
+def signed_image_url(request: web.Request, origin: str, image_id: str) -> str:
+    """An absolute link (at `origin`, the request's `public_origin`) to a gallery image that works without
+    a token until it expires."""
     base = request.app[settings_key].server.base_path
     query = urllib.parse.urlencode(request.app[url_signer_key].sign(image_id))
-    return f"{public_origin(request)}{gallery_path(base, image_id)}?{query}"
+    return f"{origin}{gallery_path(base, image_id)}?{query}"

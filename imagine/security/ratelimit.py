@@ -157,13 +157,24 @@ class RateLimiter:
     async def before_auth(self, client_ip: str, *, operational: bool = False) -> list[BucketDecision]:
         # The client's own bucket first: a flooding client is stopped without
         # draining the global bucket that everyone else shares.
-        decisions = [await self._take(f"ip:{client_ip}", self._ip, 1, operational)]
+        decisions = [await self._take(f"ip:{client_key(client_ip)}", self._ip, 1, operational)]
         if decisions[0].allowed:
             decisions.append(await self._take("global", self._global, 1, operational))
         return decisions
 
     async def for_subject(self, sub: str, cost: float = 1, *, operational: bool = False) -> BucketDecision:
         return await self._take(f"sub:{sub}", self._subject, cost, operational)
+
+
+def client_key(client_ip: str) -> str:
+    """The per-IP bucket's key: the address, or for IPv6 its /64. One subscriber holds a whole /64
+    (2^64 addresses to rotate through), so a bucket per IPv6 address would be a bucket per request."""
+    if ":" not in client_ip:
+        return client_ip
+    try:
+        return str(ipaddress.IPv6Network(f"{client_ip}/64", strict=False))
+    except ValueError:
+        return client_ip
 
 
 def most_restrictive(decisions: Iterable[BucketDecision]) -> BucketDecision | None:

@@ -34,7 +34,7 @@ from imagine.http.request_bodies import (
     refuse_undecoded_coding,
     unreadable_body,
 )
-from imagine.http.urls import signed_image_url
+from imagine.http.urls import public_origin, signed_image_url
 from imagine.http.views.generate import GENERATION_ERRORS
 
 _SIZE = re.compile(r"([1-9][0-9]{0,4})x([1-9][0-9]{0,4})")
@@ -274,9 +274,15 @@ async def edit_images(request: web.Request) -> web.Response:
 async def _answer(request: web.Request, response_format: str | None, admitted: Admitted) -> web.Response:
     """OpenAI's answer to a generation: b64_json, or links into the gallery (always stored: OpenAI has no `store`)."""
     app, principal = request.app, request[principal_key]
-    generated = await generation.generate(app, principal, admitted.request, admitted.generator, store=True)
+    origin = None
     if response_format == "url":
-        data = [{"url": signed_image_url(request, image_id)} for image_id in generated.ids]
+        try:
+            origin = public_origin(request)  # before the work: a Host it cannot link to must cost nothing
+        except ApiError as error:
+            raise _in_openai_terms(error) from None
+    generated = await generation.generate(app, principal, admitted.request, admitted.generator, store=True)
+    if origin is not None:
+        data = [{"url": signed_image_url(request, origin, image_id)} for image_id in generated.ids]
     else:
         encoded = await asyncio.to_thread(lambda: [base64.b64encode(png).decode("ascii") for png in generated.pngs])
         data = [{"b64_json": b64} for b64 in encoded]
