@@ -236,6 +236,20 @@ async def test_include_data_adds_plain_base64(client) -> None:
     assert png == base64.b64decode(result["images"][0].split(",", 1)[1])
 
 
+async def test_a_page_with_data_holds_every_image_in_order(client) -> None:
+    # More images than the page reads side by side: the page is written a few at a time.
+    for _ in range(3):
+        await generate(client, num_images=4)
+    plain = await listing(client, "?limit=11&offset=1")
+    with_data = await listing(client, "?limit=11&offset=1&include_data=true")
+    assert [image["id"] for image in with_data["images"]] == [image["id"] for image in plain["images"]]
+    assert (with_data["total_count"], with_data["limit"], with_data["offset"]) == (12, 11, 1)
+    for image in with_data["images"]:
+        stored = await client.get(f"{GALLERY}/{image['id']}.png", headers=auth())
+        assert base64.b64decode(image.pop("image_data")) == await stored.read()
+    assert with_data["images"] == plain["images"]
+
+
 @pytest.mark.parametrize(
     ("query", "name"),
     [

@@ -192,16 +192,39 @@ async def list_images(request: web.Request) -> web.Response:
         )
     )
     images = [image_json(record, base) for record in records]
-    body = {"images": images, "total_count": total, "limit": query.limit, "offset": query.offset}
+    page = {"total_count": total, "limit": query.limit, "offset": query.offset}
     if not query.include_data:
-        return web.json_response(body)
-    pngs = await asyncio.gather(*(store.read_png(record.id) for record in records))
-    for image, png in zip(images, pngs, strict=True):
-        # Seed 003's plain base64; null if the image was deleted since the listing.
-        image["image_data"] = base64.b64encode(png).decode("ascii") if png is not None else None
-    # Up to 200 images of base64: serialise off the event loop.
-    payload = await asyncio.to_thread(lambda: json.dumps(body).encode())
-    return web.Response(body=payload, content_type="application/json")
+        return web.json_response({"images": images, **page})
+    # Up to 200 PNGs as base64: written as they are read, a few at a time, so that a page holds a few
+    # images' memory rather than all of them (with 1024² images a whole page would be a gigabyte).
+    windows = [records[start : start + _PNGS_AT_ONCE] for start in range(0, len(records), _PNGS_AT_ONCE)]
+
+    async def read(window: list[ImageRecord]) -> list[bytes | None]:
+        return list(await asyncio.gather(*(store.read_png(record.id) for record in window)))
+
+    # The first few read before answering: a store that cannot be read is still an error answer.
+    first = await read(windows[0]) if windows else []
+    response = web.StreamResponse(headers={"Content-Type": "application/json"})
+    await response.prepare(request)
+    await response.write(b'{"images": [')
+    for number, window in enumerate(windows):
+        pngs = first if number == 0 else await read(window)
+        for index, png in enumerate(pngs, number * _PNGS_AT_ONCE):
+            # Seed 003's plain base64; null if the image was deleted since the listing.
+            entry = await asyncio.to_thread(_with_data, images[index], png)
+            await response.write((b", " if index else b"") + entry)
+    await response.write(b"], " + json.dumps(page).encode()[1:])
+    await response.write_eof()
+    return response
+
+
+# PNGs a page with include_data reads side by side.
+_PNGS_AT_ONCE = 8
+
+
+def _with_data(image: dict[str, Any], png: bytes | None) -> bytes:
+    data = base64.b64encode(png).decode("ascii") if png is not None else None
+    return json.dumps({**image, "image_data": data}).encode()
 
 
 @requires("generate", "admin")
