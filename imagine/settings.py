@@ -207,12 +207,14 @@ class JobsSettings:
     preview_every: int = 5
     # Seconds between keep-alive comments on an idle event stream.
     keepalive_s: float = 15.0
+    # Event streams (job progress, streamed chat answers) one caller may hold open at once, per replica.
+    max_streams_per_subject: int = 16
 
     def __post_init__(self) -> None:
         if self.ttl_s <= 0 or self.keepalive_s <= 0:
             raise SettingsError("jobs.ttl_s and jobs.keepalive_s must be positive")
-        if self.max_per_subject < 1 or self.preview_every < 1:
-            raise SettingsError("jobs.max_per_subject and jobs.preview_every must be at least 1")
+        if self.max_per_subject < 1 or self.preview_every < 1 or self.max_streams_per_subject < 1:
+            raise SettingsError("jobs.max_per_subject, jobs.preview_every and jobs.max_streams_per_subject must be at least 1")
 
 
 # The highest compression level of each deflate implementation.

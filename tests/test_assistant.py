@@ -182,6 +182,21 @@ async def test_streaming_yields_the_same_text_as_the_whole_answer(client, fake) 
     assert fake.chats[-1]["stream"] is True
 
 
+async def test_streamed_answers_count_against_the_callers_open_streams(make_client, base_settings, ollama_url, fake) -> None:
+    client = await make_client(with_assistant(base_settings, ollama_url).replace(jobs={"max_streams_per_subject": 1}))
+    fake.token_delay_s = 0.2
+    first = await client.post(CHAT, json={"message": "one two three four", "stream": True}, headers=auth())
+    assert first.status == 200
+    second = await client.post(CHAT, json={"message": "Hello", "stream": True}, headers=auth())
+    assert second.status == 429 and (await second.json())["error"]["details"]["bucket"] == "streams"
+    # An answer that is not streamed holds no stream; another caller has streams of its own.
+    fake.token_delay_s = 0.0
+    assert (await client.post(CHAT, json={"message": "Hello"}, headers=auth())).status == 200
+    assert (await client.post(CHAT, json={"message": "Hello", "stream": True}, headers=auth("bob"))).status == 200
+    await first.text()
+    assert (await client.post(CHAT, json={"message": "Hello", "stream": True}, headers=auth())).status == 200
+
+
 async def test_a_model_failing_midway_ends_the_stream_with_an_error_and_keeps_nothing(client, fake) -> None:
     fake.fail_after_tokens = 2
     response = await client.post(CHAT, json={"message": "Tell me a long story", "stream": True}, headers=auth())

@@ -241,6 +241,34 @@ async def test_idle_streams_get_keep_alive_comments(make_client, base_settings) 
     assert {"comment": "keep-alive"} in events
 
 
+async def test_a_caller_holds_at_most_its_share_of_open_streams(make_client, base_settings) -> None:
+    plugin = SlowPlugin(step_seconds=0.05)
+    client = await make_client(base_settings.replace(jobs={"max_streams_per_subject": 2}), plugins=(plugin,))
+    _, job = await submit(client, {"prompt": "a", "model": "slow", "steps": 200})
+    url = f"{JOBS}/{job['id']}/events"
+    held = [await client.get(url, headers=auth()) for _ in range(2)]
+    for stream in held:
+        assert stream.status == 200 and (await read_events(stream, stop_after=1))
+    refused = await client.get(url, headers=auth())
+    assert refused.status == 429 and refused.headers["Retry-After"]
+    assert (await refused.json())["error"]["details"]["bucket"] == "streams"
+    # Another caller's streams are its own.
+    _, bobs = await submit(client, {"prompt": "b", "model": "slow", "steps": 1}, sub="bob")
+    assert (await client.get(f"{JOBS}/{bobs['id']}/events", headers=auth("bob"))).status == 200
+    # A stream the caller closes gives its slot back.
+    held.pop().close()
+
+    async def reopened() -> bool:
+        again = await client.get(url, headers=auth())
+        held.append(again)
+        return again.status == 200
+
+    await wait_for(reopened)
+    for stream in held:
+        stream.close()
+    await client.delete(f"{JOBS}/{job['id']}", headers=auth())
+
+
 async def test_full_queue_and_per_subject_bound(make_client, base_settings) -> None:
     plugin = SlowPlugin(step_seconds=0.02)
     settings = base_settings.replace(queue={"max_size": 1}, jobs={"max_per_subject": 3})

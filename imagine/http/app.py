@@ -48,6 +48,7 @@ from imagine.engine.memory import GIB
 from imagine.http.metrics import Metrics
 from imagine.http.job_followups import followups_context, followups_key
 from imagine.http.quota_gate import QuotaJobs, quota_headers_middleware, quotas_key
+from imagine.http.stream_slots import StreamSlots, stream_slots_key
 from imagine.http.middlewares import (
     add_response_headers,
     auth_middleware,
@@ -298,6 +299,7 @@ def create_app(
         Path(settings.server.state_dir), secret_file=gallery_settings.url_secret_file, shared=gallery_settings.shared
     )
     app[url_signer_key] = UrlSigner(url_secret, gallery_settings.url_ttl_s)
+    app[stream_slots_key] = StreamSlots(settings.jobs.max_streams_per_subject)
     app.on_response_prepare.extend([note_started_response, add_response_headers, add_request_id])
     app.on_startup.append(_openapi)
     # The gallery opens first and closes last: generations in flight may still store.

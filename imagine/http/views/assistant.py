@@ -31,6 +31,7 @@ from imagine.http.app_keys import assistant_key, encode_pool_key, metrics_key, p
 from imagine.http.front_door import admit
 from imagine.http.openapi import content_response, error_response, json_response, obj, operation, path_parameter
 from imagine.http.request_bodies import IMAGE_SOURCE, Prompt, parse_body, read_json
+from imagine.http.stream_slots import stream_slots_key
 from imagine.http.urls import gallery_path
 from imagine.security.tokens import Principal, check_model_grant, requires
 
@@ -224,6 +225,7 @@ async def _event_stream(request: web.Request) -> web.StreamResponse:
         200: content_response("The answer", {"application/json": CHAT_ANSWER, "text/event-stream": SSE_EVENT}),
         400: error_response("Invalid body (`details.errors` lists each field)"),
         413: error_response("Body larger than server.max_body_bytes"),
+        429: error_response("Streamed: the caller holds jobs.max_streams_per_subject streams already"),
         **UPSTREAM,
         **UNAVAILABLE,
     },
@@ -257,6 +259,11 @@ async def chat(request: web.Request) -> web.StreamResponse:
 
 
 async def _stream_chat(request: web.Request, assistant: Assistant, principal: Principal, body: ChatBody) -> web.StreamResponse:
+    with request.app[stream_slots_key].held(principal.sub):
+        return await _streamed_chat(request, assistant, principal, body)
+
+
+async def _streamed_chat(request: web.Request, assistant: Assistant, principal: Principal, body: ChatBody) -> web.StreamResponse:
     parts = assistant.stream(principal.sub, body.session_id, body.message, temperature=body.temperature, max_tokens=body.max_tokens)
     async with contextlib.aclosing(parts):
         # Until the first piece arrives nothing is sent, so a server that is down is an ordinary error answer.

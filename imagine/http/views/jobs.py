@@ -12,6 +12,7 @@ from imagine.engine.jobs import body_fingerprint
 from imagine.http.app_keys import jobs_key, principal_key, settings_key
 from imagine.http.front_door import admit
 from imagine.http.job_followups import ORIGIN_FIELD, WEBHOOK_FIELD, followups_key
+from imagine.http.stream_slots import stream_slots_key
 from imagine.http.urls import public_origin
 from imagine.http.generation_result import GenerationResult
 from imagine.http.openapi import (
@@ -183,25 +184,28 @@ async def cancel_job(request: web.Request) -> web.Response:
     responses={
         200: content_response("The event stream", {"text/event-stream": EVENT}),
         400: error_response("Last-Event-ID is not an event id"),
+        429: error_response("The caller holds jobs.max_streams_per_subject streams already"),
         **NOT_FOUND,
     },
 )
 async def job_events(request: web.Request) -> web.StreamResponse:
     after = resume_after(request)
-    events = await request.app[jobs_key].events(request[principal_key], request.match_info["job_id"], after)
-    response = web.StreamResponse(
-        headers={
-            "Content-Type": "text/event-stream",
-            "Cache-Control": "no-cache",
-            # nginx must pass events through as they come, not buffer them.
-            "X-Accel-Buffering": "no",
-        }
-    )
-    await response.prepare(request)
-    async for event in events:
-        # A comment line keeps proxies from closing an idle stream.
-        await response.write(b": keep-alive\n\n" if event is None else event)
-    await response.write_eof()
+    principal = request[principal_key]
+    with request.app[stream_slots_key].held(principal.sub):
+        events = await request.app[jobs_key].events(principal, request.match_info["job_id"], after)
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                # nginx must pass events through as they come, not buffer them.
+                "X-Accel-Buffering": "no",
+            }
+        )
+        await response.prepare(request)
+        async for event in events:
+            # A comment line keeps proxies from closing an idle stream.
+            await response.write(b": keep-alive\n\n" if event is None else event)
+        await response.write_eof()
     return response
 
 
