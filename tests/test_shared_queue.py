@@ -19,9 +19,11 @@ import pytest
 import redis as redis_sync
 import redis.asyncio as redis_asyncio
 
+from imagine.cluster import keys
 from imagine.cluster.queue import SharedQueue
 from imagine.http.app import create_app
 from imagine.settings import Settings
+from imagine.webhooks.outbox import DELIVERY_PREFIX
 from tests.conftest import KEYS, auth, data_url_png, pixels
 from tests.processes import RedisServer, free_port, redis_server
 from tests.slow_plugin import SlowPlugin
@@ -289,3 +291,125 @@ async def test_an_event_stream_whose_redis_goes_away_ends_without_a_second_answe
 def test_the_api_and_worker_roles_need_the_shared_queue(base_settings: Settings, tmp_path: Path) -> None:
     with pytest.raises(Exception, match="queue.storage"):
         create_app(base_settings, keys=KEYS, role="api")
+
+
+# ---- jobs.max_per_subject over the cluster, finished jobs included ----------------------------------------
+
+
+async def submit_and_finish(
+    submit_to: Any, read_from: Any, raw_redis: Any, body: dict[str, Any], sub: str = "alice", headers: dict[str, str] | None = None
+) -> str:
+    """A job that succeeded and whose follow-up (its quota's, in keys.AFTER_END) has run."""
+    submitted = await submit_to.post("/imagine/jobs", json=body, headers={**auth(sub), **(headers or {})})
+    assert submitted.status == 202, await submitted.text()
+    job_id = (await submitted.json())["id"]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        job = await (await read_from.get(f"/imagine/jobs/{job_id}", headers=auth(sub))).json()
+        if job["status"] in ("succeeded", "failed", "cancelled") and await raw_redis.zscore(keys.AFTER_END, job_id) is None:
+            assert job["status"] == "succeeded", job
+            return job_id
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"job {job_id} still {job['status']}")
+
+
+async def status_of(client: Any, job_id: str, sub: str = "alice") -> int:
+    return (await client.get(f"/imagine/jobs/{job_id}", headers=auth(sub))).status
+
+
+async def test_past_max_per_subject_the_oldest_finished_job_is_forgotten_everywhere(
+    shared: Settings, replica: Replicas, raw_redis: Any
+) -> None:
+    settings = shared.replace(jobs={"max_per_subject": 2})
+    api = await replica(settings, "api")
+    gpu = await replica(settings)
+    theirs = [await submit_and_finish(gpu, api, raw_redis, {**BODY, "seed": seed}, "mallory") for seed in (1, 2)]
+    keyed = {**auth(), "Idempotency-Key": "order-1"}
+    first = await submit_and_finish(api, gpu, raw_redis, {**BODY, "seed": 1}, headers=keyed)
+    second = await submit_and_finish(gpu, api, raw_redis, {**BODY, "seed": 2})
+    third = await submit_and_finish(api, gpu, raw_redis, {**BODY, "seed": 3})
+    # The third made room by forgetting the oldest, on every replica; the two newest still answer.
+    for client in (api, gpu):
+        assert await status_of(client, first) == 404
+        assert (await client.get(f"/imagine/jobs/{first}/events", headers=auth())).status == 404
+        assert [await status_of(client, job_id) for job_id in (second, third)] == [200, 200]
+        # Another caller's jobs count against their own bound only.
+        assert [await status_of(client, job_id, "mallory") for job_id in theirs] == [200, 200]
+    # Its result is out of Redis's memory: the record, the event stream (with the succeeded event) and the key.
+    assert await raw_redis.exists(keys.job(first), keys.events(first), keys.idempotency("alice", "order-1")) == 0
+    assert await raw_redis.exists(keys.job(second), keys.events(second)) == 2
+    assert await raw_redis.zcard(keys.finished("alice")) == 2
+    # Its Idempotency-Key no longer replays: the same request is a new job (which forgets the next oldest).
+    again = await gpu.post("/imagine/jobs", json={**BODY, "seed": 1}, headers=keyed)
+    assert again.status == 202 and "Idempotent-Replayed" not in again.headers
+    assert (await again.json())["id"] != first
+    assert await status_of(api, second) == 404
+
+
+async def test_when_unfinished_jobs_fill_max_per_subject_a_submission_is_429_and_forgets_nothing(
+    shared: Settings, replica: Replicas, raw_redis: Any
+) -> None:
+    settings = shared.replace(jobs={"max_per_subject": 2})
+    api = await replica(settings, "api", (SlowPlugin(),))
+    gpu = await replica(settings, plugins=(SlowPlugin(step_seconds=0.05),))
+    finished = await submit_and_finish(api, gpu, raw_redis, {"prompt": "done", "model": "slow", "steps": 1})
+    running = await (await gpu.post("/imagine/jobs", json={"prompt": "a", "model": "slow", "steps": 400}, headers=auth())).json()
+    await wait_for(api, running["id"], ("running",))
+    # A second unfinished job fits by forgetting the finished one...
+    queued = await api.post("/imagine/jobs", json={"prompt": "b", "model": "slow", "steps": 5}, headers=auth())
+    assert queued.status == 202
+    queued_id = (await queued.json())["id"]
+    assert await status_of(gpu, finished) == 404
+    # ...and with two unfinished, nothing finished is left to forget: 429, and both stay as they were.
+    before = sorted(await raw_redis.keys(keys.PREFIX + "job:*"))
+    for client in (api, gpu):
+        refused = await client.post(
+            "/imagine/jobs", json={"prompt": "c", "model": "slow", "steps": 5}, headers={**auth(), "Idempotency-Key": "c"}
+        )
+        assert refused.status == 429, await refused.text()
+        assert (await refused.json())["error"]["code"] == "RATE_LIMIT_EXCEEDED"
+    assert sorted(await raw_redis.keys(keys.PREFIX + "job:*")) == before
+    assert await raw_redis.exists(keys.idempotency("alice", "c")) == 0
+    assert (await wait_for(api, running["id"], ("running",)))["status"] == "running"
+    assert (await wait_for(gpu, queued_id, ("queued",)))["status"] == "queued"
+    # Another caller is not held back by this one's jobs.
+    other = await api.post("/imagine/jobs", json={"prompt": "d", "model": "slow", "steps": 5}, headers=auth("mallory"))
+    assert other.status == 202
+    for job_id, sub in ((running["id"], "alice"), (queued_id, "alice"), ((await other.json())["id"], "mallory")):
+        await api.delete(f"/imagine/jobs/{job_id}", headers=auth(sub))
+
+
+async def test_a_finished_job_whose_follow_up_has_not_read_it_yet_is_not_forgotten(
+    shared: Settings, replica: Replicas, raw_redis: Any
+) -> None:
+    """The outbox reads a job's record to refund its quota and build its webhook (imagine.webhooks.outbox):
+    until it has made the delivery, forgetting the job would lose both. A newer finished job goes instead,
+    and when there is none, the submission waits (429) rather than the follow-up being lost."""
+    settings = shared.replace(jobs={"max_per_subject": 2})
+    api = await replica(settings, "api", (SlowPlugin(),))
+    gpu = await replica(settings, plugins=(SlowPlugin(step_seconds=0.05),))
+    quick = {"prompt": "quick", "model": "slow", "steps": 1}
+    pending = await submit_and_finish(api, gpu, raw_redis, quick)
+    # As the end of a job with a webhook or a quota charge queues it; not due yet, so no deliverer takes it.
+    await raw_redis.zadd(keys.AFTER_END, {pending: time.time() + 3600})
+    newer = await submit_and_finish(gpu, api, raw_redis, quick)
+    third = await submit_and_finish(api, gpu, raw_redis, quick)
+    assert [await status_of(api, job_id) for job_id in (pending, newer, third)] == [200, 404, 200]
+    running = await (await gpu.post("/imagine/jobs", json={"prompt": "a", "model": "slow", "steps": 400}, headers=auth())).json()
+    await wait_for(api, running["id"], ("running",))
+    assert await status_of(api, third) == 404
+    # One unfinished, and the one finished job is still to be followed up: refused, and nothing goes.
+    refused = await api.post("/imagine/jobs", json=quick, headers=auth())
+    assert refused.status == 429, await refused.text()
+    assert "followed up" in (await refused.json())["error"]["message"] and refused.headers["Retry-After"] == "1"
+    assert await status_of(gpu, pending) == 200
+    # Once its delivery is made (kept apart from the job), the job itself may go; the delivery stays.
+    await raw_redis.hset(DELIVERY_PREFIX + pending, mapping={"url": "https://example.com/hook", "attempts": 0})
+    accepted = await gpu.post("/imagine/jobs", json=quick, headers=auth())
+    assert accepted.status == 202, await accepted.text()
+    assert await status_of(api, pending) == 404
+    assert await raw_redis.exists(DELIVERY_PREFIX + pending) == 1
+    assert await raw_redis.zscore(keys.AFTER_END, pending) is not None
+    await raw_redis.zrem(keys.AFTER_END, pending)
+    for job_id in (running["id"], (await accepted.json())["id"]):
+        await api.delete(f"/imagine/jobs/{job_id}", headers=auth())

@@ -1,7 +1,8 @@
 """Jobs and generations of the whole cluster, as the HTTP routes of any replica see them.
 
 Submitting writes the job record and its queue entry in one script (with the
-cluster-wide checks: capacity, the subject's unfinished jobs, the
+cluster-wide checks: capacity, the subject's jobs, finished ones included,
+whose oldest finished ones it forgets past `jobs.max_per_subject`, the
 idempotency key); polling, streaming and cancelling read and write only
 Redis, so every replica answers alike. A /generate is a job its caller does
 not see: this replica waits on its event stream while whichever device is
@@ -42,6 +43,7 @@ from imagine.engine.work import Generated, GenerationOutput, JobObserver, cancel
 from imagine.errors import ApiError, validation_error
 from imagine.plugin.generators import CloudGenerator, GenerationRequest, Generator
 from imagine.security.tokens import Principal
+from imagine.webhooks.outbox import DELIVERY_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,9 @@ REDIS_RETRY_AFTER_S = 2
 EVENT_ID = re.compile(r"[0-9]{1,15}-[0-9]{1,9}")
 # How long DELETE waits for the worker running a job to stop it, before answering its state then.
 CANCEL_WAIT_S = 10.0
+# The keys of any job, for SUBMIT to forget a subject's oldest finished jobs and to spare those whose
+# follow-up has not made its delivery yet (see scripts.SUBMIT).
+JOB_KEY_NAMES = json.dumps({"job": keys.job("%s"), "events": keys.events("%s"), "delivery": DELIVERY_PREFIX + "%s"})
 
 
 def redis_unavailable() -> ApiError:
@@ -179,11 +184,12 @@ class ClusterJobs:
                     keys.WAITING, keys.SEQUENCE, keys.SUBJECTS, keys.SERVED, keys.STREAMS, keys.BELL,
                     keys.subject_stream(principal.sub), keys.job(job_id), keys.events(job_id),
                     keys.unfinished(principal.sub), keys.idempotency(principal.sub, idempotency_key or ""),
+                    keys.finished(principal.sub), keys.AFTER_END,
                 ],
                 args=[
                     job_id, self._capacity, self._max_per_subject,
                     int(self.records.ttl_s + self._timeout_s), 1 if idempotency_key else 0, 1 if enqueue else 0,
-                    f"{per_position:.4f}", json.dumps(job_fields), 1 if visible else 0, *flat,
+                    f"{per_position:.4f}", json.dumps(job_fields), 1 if visible else 0, JOB_KEY_NAMES, *flat,
                 ],
             )
             outcome, value = outcome.decode(), value.decode()
@@ -197,7 +203,8 @@ class ClusterJobs:
                     headers={"Retry-After": str(await self.retry_after_s(depth))},
                 )
         if outcome == "too_many":
-            raise too_many_jobs(self._max_per_subject)
+            # Spared finished jobs: their follow-up runs within about a second, and then they make room.
+            raise too_many_jobs(self._max_per_subject) if value == "0" else jobs_being_followed_up(self._max_per_subject)
         if outcome == "replay":
             return value, "replay"
         return job_id, value
@@ -457,7 +464,7 @@ class ClusterJobs:
         state = await self._cancel(
             keys=[
                 keys.job(job_id), keys.WAITING, keys.events(job_id), keys.unfinished(owner), keys.STREAMS, keys.SUBJECTS,
-                keys.AFTER_END,
+                keys.AFTER_END, keys.finished(owner),
             ],
             args=[job_id, json.dumps(error.body()), self.records.ttl_s, time.time()],
         )
@@ -518,6 +525,16 @@ class ClusterJobs:
         if running:
             await asyncio.wait([task for _, task, _ in running])
         return len(running)
+
+
+def jobs_being_followed_up(limit: int) -> ApiError:
+    """429 while the finished jobs that would make room still wait for their webhook or quota refund to read them."""
+    return ApiError(
+        429,
+        "RATE_LIMIT_EXCEEDED",
+        f"Too many jobs ({limit}); the finished ones are still being followed up (webhook, quota refund): retry in a moment",
+        headers={"Retry-After": "1"},
+    )
 
 
 def replica_stopped_error() -> ApiError:

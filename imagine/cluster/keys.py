@@ -50,6 +50,11 @@ def unfinished(owner: str) -> str:
     return f"{PREFIX}subject:{_digest(owner)}:unfinished"
 
 
+def finished(owner: str) -> str:
+    """zset: the subject's ended listed jobs -> when each ended; SUBMIT forgets the oldest past jobs.max_per_subject."""
+    return f"{PREFIX}subject:{_digest(owner)}:finished"
+
+
 def idempotency(owner: str, key: str) -> str:
     return f"{PREFIX}subject:{_digest(owner)}:idempotency:{_digest(key)}"
 

@@ -3,9 +3,11 @@
 A job is a hash (`imagine:job:<id>`) and a stream of its events
 (`imagine:job:<id>:events`), so any replica answers GET /jobs/{id} and
 streams events from any point: the SSE ids are the stream's own ids. Both
-expire `jobs.ttl_s` after the job ends. A /generate waited for on one replica
-while another's device runs it is a job too, not listed to its caller
-(`visible` 0): its images come back through `imagine:job:<id>:result`.
+expire `jobs.ttl_s` after the job ends, unless newer jobs of its subject
+push a listed one out first (scripts.SUBMIT, `jobs.max_per_subject`). A
+/generate waited for on one replica while another's device runs it is a job
+too, not listed to its caller (`visible` 0), that counts against no bound:
+its images come back through `imagine:job:<id>:result`, deleted once read.
 """
 
 from __future__ import annotations
@@ -103,7 +105,7 @@ class JobRecords:
         return bool(done)
 
     def _finish_keys(self, job_id: str, owner: str) -> list[str]:
-        return [keys.job(job_id), keys.events(job_id), keys.unfinished(owner), keys.DONE, keys.AFTER_END]
+        return [keys.job(job_id), keys.events(job_id), keys.unfinished(owner), keys.DONE, keys.AFTER_END, keys.finished(owner)]
 
     async def take_result(self, job_id: str) -> StoredResult:
         """The images of a finished /generate, for the replica whose caller waits for them.

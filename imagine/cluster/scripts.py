@@ -38,9 +38,10 @@ end
 """
 
 _FINISH_HELPER = """
--- Record a job's end once: its state, its last event, and that it no longer counts against its subject.
+-- Record a job's end once: its state, its last event, and that it is no longer unfinished. A listed job
+-- still counts against its subject, as one of its `finished` ones, until SUBMIT forgets it or it expires.
 -- A job submitted with `after_end` fields (a webhook, a quota charge) is queued in `after_end` at once.
-local function finish(job, events, unfinished, after_end, job_id, status, payload, event_data, ttl, now)
+local function finish(job, events, unfinished, finished, after_end, job_id, status, payload, event_data, ttl, now)
   local current = redis.call('HGET', job, 'status')
   if (not current) or current == 'succeeded' or current == 'failed' or current == 'cancelled' then
     return 0
@@ -55,6 +56,11 @@ local function finish(job, events, unfinished, after_end, job_id, status, payloa
   redis.call('EXPIRE', job, ttl)
   redis.call('EXPIRE', events, ttl)
   redis.call('SREM', unfinished, job_id)
+  if redis.call('HGET', job, 'visible') == '1' then
+    redis.call('ZADD', finished, tonumber(now), job_id)
+    -- The set outlives none of its jobs by more than the TTL: an idle subject's goes with its last job.
+    redis.call('EXPIRE', finished, ttl)
+  end
   if redis.call('HEXISTS', job, 'after_end') == 1 then
     redis.call('ZADD', after_end, 'NX', tonumber(now), job_id)
   end
@@ -62,13 +68,59 @@ local function finish(job, events, unfinished, after_end, job_id, status, payloa
 end
 """
 
-# KEYS: waiting, sequence, subjects, served, streams, bell, stream, job, events, unfinished, idempotency
+# KEYS: waiting, sequence, subjects, served, streams, bell, stream, job, events, unfinished, idempotency,
+#       finished, after_end
 # ARGV: job id, capacity, max per subject, ttl s, has idempotency key (0/1), enqueue (0/1),
 #       seconds per position (for the ETA), job fields (JSON object of strings), visible (0/1),
-#       entry fields (flat, from 10 on)
-# A visible job counts against its subject's jobs.max_per_subject; a /generate waited for does not.
-# Returns {"ok", position} | {"replay", job id} | {"full", depth} | {"too_many", ""}
+#       key names of any job (JSON: "job", "events", "delivery", each with %s for the id),
+#       entry fields (flat, from 11 on)
+# A visible job counts against its subject's jobs.max_per_subject, finished or not; a /generate waited for
+# does not. Past the bound the subject's oldest finished jobs are forgotten, in this same step, so replicas
+# submitting at once can neither overshoot it nor forget more than one submission needs.
+# Returns {"ok", position} | {"replay", job id} | {"full", depth}
+#       | {"too_many", how many finished jobs were spared because their follow-up has not read them yet}
 SUBMIT = """
+-- The subject's finished jobs to forget so that one more job fits `limit`, oldest first; nil when even
+-- forgetting all of them would not make room, with how many were spared. A job whose follow-up
+-- (keys.AFTER_END) has not read it yet (no delivery made of it) is spared: the outbox reads the job's
+-- record to refund its quota and build its webhook, and would find nothing. That is normally a second.
+local function room_for_one(unfinished, finished, after_end, limit, names)
+  local excess = redis.call('SCARD', unfinished) + redis.call('ZCARD', finished) - limit + 1
+  local forget = {}
+  local spared = 0
+  local start = 0
+  while excess > 0 do
+    local oldest = redis.call('ZRANGE', finished, start, start + 31)
+    if #oldest == 0 then return nil, spared end
+    start = start + #oldest
+    for _, id in ipairs(oldest) do
+      if excess > 0 then
+        if redis.call('EXISTS', string.format(names.job, id)) == 0 then
+          -- It expired with its TTL: it no longer counts, and dropping its id takes nothing away.
+          redis.call('ZREM', finished, id)
+          start = start - 1
+          excess = excess - 1
+        elseif redis.call('ZSCORE', after_end, id) and redis.call('EXISTS', string.format(names.delivery, id)) == 0 then
+          spared = spared + 1
+        else
+          forget[#forget + 1] = id
+          excess = excess - 1
+        end
+      end
+    end
+  end
+  return forget, 0
+end
+
+-- A forgotten job is gone as if expired: its record, its events, and the Idempotency-Key that named it.
+local function forget_job(finished, names, id)
+  local job = string.format(names.job, id)
+  local idempotency = redis.call('HGET', job, 'idempotency')
+  if idempotency and redis.call('GET', idempotency) == id then redis.call('DEL', idempotency) end
+  redis.call('DEL', job, string.format(names.events, id))
+  redis.call('ZREM', finished, id)
+end
+
 local job_id = ARGV[1]
 if ARGV[5] == '1' then
   local earlier = redis.call('GET', KEYS[11])
@@ -78,15 +130,23 @@ local enqueue = ARGV[6] == '1'
 local depth = redis.call('ZCARD', KEYS[1])
 if enqueue and depth >= tonumber(ARGV[2]) then return {'full', tostring(depth)} end
 local visible = ARGV[9] == '1'
-if visible and redis.call('SCARD', KEYS[10]) >= tonumber(ARGV[3]) then return {'too_many', ''} end
+local names = cjson.decode(ARGV[10])
+local forget = {}
+if visible then
+  local spared
+  forget, spared = room_for_one(KEYS[10], KEYS[12], KEYS[13], tonumber(ARGV[3]), names)
+  if forget == nil then return {'too_many', tostring(spared)} end
+end
 local ttl = tonumber(ARGV[4])
 local fields = cjson.decode(ARGV[8])
+-- So that forgetting the job also forgets the key that replays it.
+if ARGV[5] == '1' then fields['idempotency'] = KEYS[11] end
 local position = 0
 if enqueue then
   if redis.call('EXISTS', KEYS[7]) == 0 then
     redis.call('XGROUP', 'CREATE', KEYS[7], 'workers', '0', 'MKSTREAM')
   end
-  fields['entry'] = redis.call('XADD', KEYS[7], '*', unpack(ARGV, 10, #ARGV))
+  fields['entry'] = redis.call('XADD', KEYS[7], '*', unpack(ARGV, 11, #ARGV))
   fields['stream'] = KEYS[7]
   redis.call('ZADD', KEYS[1], redis.call('INCR', KEYS[2]), job_id)
   position = redis.call('ZRANK', KEYS[1], job_id) + 1
@@ -107,6 +167,8 @@ if ARGV[5] == '1' then redis.call('SET', KEYS[11], job_id, 'EX', ttl) end
 redis.call('XADD', KEYS[9], '*', 'type', 'queued',
   'data', string.format('{"position": %d, "eta_seconds": %.2f}', position, eta))
 redis.call('EXPIRE', KEYS[9], ttl)
+-- Only now that the job is in: a refused submission forgets nothing.
+for _, id in ipairs(forget) do forget_job(KEYS[12], names, id) end
 return {'ok', tostring(position)}
 """
 
@@ -172,12 +234,12 @@ return 1
 """
 )
 
-# KEYS: job, events, unfinished, done, after_end
+# KEYS: job, events, unfinished, done, after_end, finished
 # ARGV: job id, status, payload, event data, ttl, now, images, error status, error Retry-After
 FINISH = (
     _FINISH_HELPER
     + """
-local done = finish(KEYS[1], KEYS[2], KEYS[3], KEYS[5], ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6])
+local done = finish(KEYS[1], KEYS[2], KEYS[3], KEYS[6], KEYS[5], ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6])
 if done == 1 and ARGV[2] ~= 'succeeded' then
   redis.call('HSET', KEYS[1], 'error_status', ARGV[8], 'error_retry_after', ARGV[9])
 end
@@ -206,7 +268,7 @@ end
 return 'run'
 """
 
-# KEYS: job, waiting, events, unfinished, streams, subjects, after_end
+# KEYS: job, waiting, events, unfinished, streams, subjects, after_end, finished
 # ARGV: job id, error JSON, ttl, now
 # Returns the job's state after the call: "cancelled" when it was still waiting (removed now),
 # "signalled" when a worker holds it (it stops at its next step), a terminal state, or "missing".
@@ -221,7 +283,7 @@ if redis.call('ZREM', KEYS[2], ARGV[1]) == 1 then
   local stream = redis.call('HGET', KEYS[1], 'stream')
   redis.call('XDEL', stream, redis.call('HGET', KEYS[1], 'entry'))
   forget_if_empty(stream, KEYS[5], KEYS[6])
-  finish(KEYS[1], KEYS[3], KEYS[4], KEYS[7], ARGV[1], 'cancelled', ARGV[2], ARGV[2], tonumber(ARGV[3]), ARGV[4])
+  finish(KEYS[1], KEYS[3], KEYS[4], KEYS[8], KEYS[7], ARGV[1], 'cancelled', ARGV[2], ARGV[2], tonumber(ARGV[3]), ARGV[4])
   return 'cancelled'
 end
 redis.call('HSET', KEYS[1], 'cancel', '1')
