@@ -50,7 +50,8 @@ async def test_a_replayed_job_answers_what_accepting_it_answered(make_client, ba
 # ---- GET /jobs/{id}/events: Last-Event-ID is an event id or nothing ---------------------------
 
 
-@pytest.mark.parametrize("value", ["", "abc", "-1", "+1", "1.0", "1234567890", "0x1"])
+# "50": an id of the right form that this stream never gave.
+@pytest.mark.parametrize("value", ["", "abc", "-1", "+1", "1.0", "1234567890", "0x1", "50"])
 async def test_a_last_event_id_that_is_no_event_id_is_refused(make_client, base_settings, value) -> None:
     client = await make_client(base_settings, plugins=(SlowPlugin(step_seconds=0.01),))
     _, job = await submit(client, {"prompt": "a", "model": "slow", "steps": 3})

@@ -122,6 +122,12 @@ async def test_a_job_submitted_to_one_replica_is_answered_by_both_and_runs_on_th
     assert all(event["preview"].startswith("data:image/png;base64,") for event in progress)
     resumed = await events_of(gpu, job_id, {"Last-Event-ID": events[0][0]})
     assert resumed == events[1:]
+    assert await events_of(api, job_id, {"Last-Event-ID": events[-1][0]}) == []
+    # An id of the right form that this stream never gave is refused, not waited on.
+    milliseconds, sequence = events[-1][0].split("-")
+    for beyond in (f"{milliseconds}-{int(sequence) + 1}", f"{int(milliseconds) + 1}-0"):
+        refused = await gpu.get(f"/imagine/jobs/{job_id}/events", headers={**auth(), "Last-Event-ID": beyond})
+        assert refused.status == 400 and (await refused.json())["error"]["details"]["errors"][0]["loc"] == ["header", "Last-Event-ID"]
 
 
 async def test_a_generate_on_the_api_tier_comes_back_from_the_device_replica(pair: tuple[Any, Any]) -> None:

@@ -38,9 +38,10 @@ from imagine.engine.jobs import (
     preview_from_data_url,
     sse_event,
     too_many_jobs,
+    unknown_event_id,
 )
 from imagine.engine.work import Generated, GenerationOutput, JobObserver, cancelled_error, shutting_down_error, timeout_error
-from imagine.errors import ApiError, validation_error
+from imagine.errors import ApiError
 from imagine.plugin.generators import CloudGenerator, GenerationRequest, Generator
 from imagine.security.tokens import Principal
 from imagine.webhooks.outbox import DELIVERY_PREFIX
@@ -406,7 +407,7 @@ class ClusterJobs:
     @staticmethod
     def parse_event_id(value: str) -> str:
         if EVENT_ID.fullmatch(value) is None:
-            raise validation_error([{"loc": ["header", "Last-Event-ID"], "msg": "must be an event id of this stream"}])
+            raise unknown_event_id()
         return value
 
     async def _owned(self, principal: Principal, job_id: str) -> dict[str, str]:
@@ -486,6 +487,12 @@ class ClusterJobs:
         Checks the job is the caller's before the first event, so a 404 is still an HTTP answer.
         """
         await self._owned(principal, job_id)
+        if after is not None:
+            with redis_errors():
+                newest = await self._client.xrevrange(keys.events(job_id), count=1)
+            if not newest or _stream_id(after) > _stream_id(newest[0][0].decode()):
+                # Not an id this stream gave (see imagine.engine.jobs: the same rule in one process).
+                raise unknown_event_id()
         return self._stream(job_id, after or "0-0")
 
     async def _stream(self, job_id: str, last: str) -> AsyncIterator[bytes | None]:
@@ -525,6 +532,11 @@ class ClusterJobs:
         if running:
             await asyncio.wait([task for _, task, _ in running])
         return len(running)
+
+
+def _stream_id(event_id: str) -> tuple[int, int]:
+    milliseconds, _, sequence = event_id.partition("-")
+    return int(milliseconds), int(sequence)
 
 
 def jobs_being_followed_up(limit: int) -> ApiError:

@@ -50,6 +50,10 @@ def sse_event(event_id: str, kind: str, data: str) -> bytes:
     return f"id: {event_id}\nevent: {kind}\ndata: {data}\n\n".encode()
 
 
+def unknown_event_id() -> ApiError:
+    return validation_error([{"loc": ["header", "Last-Event-ID"], "msg": "must be an event id of this stream"}])
+
+
 def idempotency_conflict(job_id: str) -> ApiError:
     return ApiError(409, "CONFLICT", "This Idempotency-Key was used with a different request body", details={"job_id": job_id})
 
@@ -399,13 +403,18 @@ class JobManager:
     @staticmethod
     def parse_event_id(value: str) -> str:
         if EVENT_ID.fullmatch(value) is None:
-            raise validation_error([{"loc": ["header", "Last-Event-ID"], "msg": "must be an event id of this stream"}])
+            raise unknown_event_id()
         return value
 
     async def events(self, principal: Principal, job_id: str, after: str | None) -> AsyncIterator[bytes | None]:
         """The job's events after `after` as SSE bytes, until its last; None means keep-alive."""
         job = self._get(principal, job_id)
-        return self._stream(job, int(after or 0))
+        position = int(after or 0)
+        if position > len(job.events):
+            # Not an id this stream gave: resuming after it would wait for events already sent, or
+            # end without the job's last one, and the client would reconnect with it forever.
+            raise unknown_event_id()
+        return self._stream(job, position)
 
     async def _stream(self, job: TrackedJob, after: int) -> AsyncIterator[bytes | None]:
         async for event in job.stream(after, self._keepalive_s):
