@@ -64,6 +64,12 @@ async def test_batch_array_itself_must_be_valid(client) -> None:
         assert response.status == 400
         assert (await response.json())["error"]["details"]["errors"][0]["loc"] == ["body"]
     assert (await client.post(BATCH, json=[{"prompt": "a fox"}], headers=auth(scope="metrics"))).status == 403
+    # It answers JSON only: an Accept that rules JSON out is refused before anything runs.
+    refused = await client.post(BATCH, json=[{"prompt": "a fox"}], headers={**auth(), "Accept": "text/html"})
+    assert refused.status == 406 and (await refused.json())["error"]["code"] == "NOT_ACCEPTABLE"
+    assert (await (await client.get("/imagine/gallery", headers=auth())).json())["total_count"] == 0
+    for accept in ("*/*", "application/*", "text/html, application/json;q=0.5"):
+        assert (await client.post(BATCH, json=[{"prompt": "a fox", "steps": 1}], headers={**auth(), "Accept": accept})).status == 200
 
 
 async def test_batch_items_are_queued_together(make_client, base_settings) -> None:

@@ -21,6 +21,7 @@ from imagine.errors import ApiError, error_body, validation_error
 from imagine.http.app_keys import encode_pool_key, principal_key
 from imagine.http.front_door import admit
 from imagine.http.generation_result import GenerationResult
+from imagine.http.negotiation import preferred
 from imagine.http.openapi import ERROR, error_response, json_response, obj, operation
 from imagine.http.request_bodies import GENERATE_BODY, read_json, refuse_nul
 from imagine.http.views.generate import GENERATION_ERRORS
@@ -86,10 +87,15 @@ async def _run_item(app: web.Application, principal: Principal, index: int, item
     responses={
         200: json_response("Every item's result", BATCH_RESULTS),
         400: error_response(f"Not a JSON array of 1 to {MAX_ITEMS} items"),
+        406: error_response("`Accept` does not allow application/json"),
         413: GENERATION_ERRORS[413],
     },
 )
 async def generate_batch(request: web.Request) -> web.Response:
+    accept = request.headers.get("Accept")
+    if accept and accept.strip() and preferred(accept, ("application/json",)) is None:
+        # JSON is all this route answers: an Accept without it is refused before any item runs.
+        raise ApiError(406, "NOT_ACCEPTABLE", "Cannot answer with that Accept header: this route answers application/json")
     items = await read_json(request, items=True)
     if not isinstance(items, list) or not 1 <= len(items) <= MAX_ITEMS:
         raise validation_error([{"loc": ["body"], "msg": f"must be a JSON array of 1 to {MAX_ITEMS} /generate bodies"}])
