@@ -95,6 +95,14 @@ async def test_errors_come_in_openais_shape_naming_the_field(openai_client, clie
         await openai_client.images.edit(image=("a.gif", gif.getvalue(), "image/gif"), prompt="x", model="sdxl-turbo")
     assert refused.value.body["param"] == "image"
 
+    # A mask without transparency would repaint nothing, and still cost a generation.
+    jpeg = io.BytesIO()
+    gradient().save(jpeg, format="JPEG")
+    for mask in (("mask.jpg", jpeg.getvalue(), "image/jpeg"), ("mask.png", png(gradient()), "image/png")):
+        with pytest.raises(openai.BadRequestError) as refused:
+            await openai_client.images.edit(image=("a.png", png(gradient()), "image/png"), mask=mask, prompt="x", model="sdxl-turbo")
+        assert refused.value.body["param"] == "mask" and "transparency" in refused.value.body["message"]
+
     with pytest.raises(openai.NotFoundError) as unknown:
         await openai_client.images.edit(image=("a.png", png(gradient()), "image/png"), prompt="x", model="dall-e-9")
     assert unknown.value.body["code"] == "model_not_found"

@@ -15,7 +15,7 @@ import time
 from typing import Any, Literal
 
 from aiohttp import BodyPartReader, web
-from PIL import ImageOps
+from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field
 
 from imagine.http import generation
@@ -233,8 +233,16 @@ def _form_value(name: str, data: bytes) -> Any:
 
 
 def _mask_png(data: bytes, max_pixels: int) -> str:
-    """OpenAI's mask (transparent = repaint) as ours (white = repaint): a grey PNG, in base64."""
+    """OpenAI's mask (transparent = repaint) as ours (white = repaint): a grey PNG, in base64.
+
+    A PNG with transparency, as OpenAI asks: any other mask would repaint nothing, quietly, and cost
+    a generation all the same.
+    """
     transparency = decode("mask", data, "RGBA", max_pixels).image.getchannel("A")
+    with Image.open(io.BytesIO(data)) as sent:  # read by decode already: only its header is looked at again
+        has_alpha = sent.format == "PNG" and ("A" in sent.getbands() or "transparency" in sent.info)
+    if not has_alpha:
+        raise validation_error([field_error("mask", "must be a PNG with transparency: its transparent pixels mark what to repaint")])
     buffer = io.BytesIO()
     ImageOps.invert(transparency).save(buffer, format="PNG", compress_level=1)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
