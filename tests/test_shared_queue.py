@@ -385,6 +385,20 @@ async def test_when_unfinished_jobs_fill_max_per_subject_a_submission_is_429_and
         await api.delete(f"/imagine/jobs/{job_id}", headers=auth(sub))
 
 
+async def test_a_queued_job_whose_record_expired_holds_none_of_its_callers_room(
+    shared: Settings, replica: Replicas, raw_redis: Any
+) -> None:
+    # No device anywhere: the job waits until its record's TTL runs out, here at once.
+    api = await replica(shared.replace(jobs={"max_per_subject": 1}), "api", (SlowPlugin(),))
+    body = {"prompt": "a", "model": "slow", "steps": 1}
+    first = await api.post("/imagine/jobs", json=body, headers=auth())
+    assert first.status == 202
+    await raw_redis.delete(keys.job((await first.json())["id"]))
+    second = await api.post("/imagine/jobs", json=body, headers=auth())
+    assert second.status == 202, await second.text()
+    await api.delete(f"/imagine/jobs/{(await second.json())['id']}", headers=auth())
+
+
 async def test_a_finished_job_whose_follow_up_has_not_read_it_yet_is_not_forgotten(
     shared: Settings, replica: Replicas, raw_redis: Any
 ) -> None:

@@ -86,6 +86,16 @@ SUBMIT = """
 -- record to refund its quota and build its webhook, and would find nothing. That is normally a second.
 local function room_for_one(unfinished, finished, after_end, limit, names)
   local excess = redis.call('SCARD', unfinished) + redis.call('ZCARD', finished) - limit + 1
+  if excess > 0 then
+    -- An unfinished job whose record expired (it waited out its TTL with no worker to take it) ended
+    -- unrecorded: it holds none of the caller's room.
+    for _, id in ipairs(redis.call('SMEMBERS', unfinished)) do
+      if redis.call('EXISTS', string.format(names.job, id)) == 0 then
+        redis.call('SREM', unfinished, id)
+        excess = excess - 1
+      end
+    end
+  end
   local forget = {}
   local spared = 0
   local start = 0
