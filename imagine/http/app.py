@@ -29,6 +29,7 @@ from imagine.http.app_keys import (
     cluster_key,
     cloud_keys_key,
     encode_pool_key,
+    input_pool_key,
     executor_key,
     gallery_key,
     generate_body_key,
@@ -204,9 +205,11 @@ async def _gallery(app: web.Application) -> AsyncIterator[None]:
     await store.close()
 
 
-async def _encode_pool(app: web.Application) -> AsyncIterator[None]:
+async def _cpu_pools(app: web.Application) -> AsyncIterator[None]:
+    """The threads for CPU work off the event loop: encoding answers (PNG, base64, JSON) and reading inputs."""
     output = app[settings_key].output
     app[encode_pool_key] = ThreadPoolExecutor(max_workers=output.encode_workers, thread_name_prefix="imagine-encode")
+    app[input_pool_key] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imagine-inputs")
     # Each encoding thread deflates one piece itself and hands the others to these.
     helpers = (
         ThreadPoolExecutor(max_workers=output.encode_workers * (output.png_threads - 1), thread_name_prefix="imagine-deflate")
@@ -222,6 +225,7 @@ async def _encode_pool(app: web.Application) -> AsyncIterator[None]:
     )
     yield
     app[encode_pool_key].shutdown(wait=True)
+    app[input_pool_key].shutdown(wait=True)
     if helpers is not None:
         helpers.shutdown(wait=True)
 
@@ -288,7 +292,7 @@ def create_app(
         batch_max_wait_ms=settings.batch.max_wait_ms,
         adaptive_batches=settings.batch.adaptive,
         telemetry=telemetry,
-        # The encoder opens with the app (_encode_pool), before the device thread starts.
+        # The encoder opens with the app (_cpu_pools), before the device thread starts.
         encoder=lambda request, image, seed: app[png_encoder_key].encode_for(request, image, seed),
     )
     telemetry.watch_queue(lambda: app[executor_key].depth, settings.queue.max_size)
@@ -305,7 +309,7 @@ def create_app(
     # The gallery opens first and closes last: generations in flight may still store.
     # followups_context (quotas, webhooks) opens before the jobs and closes after them: ending jobs still refund and notify.
     app.cleanup_ctx.extend(
-        [_gallery, _rate_limiter, _encode_pool, _device_executor(device), _client_session, followups_context, _jobs(device)]
+        [_gallery, _rate_limiter, _cpu_pools, _device_executor(device), _client_session, followups_context, _jobs(device)]
     )
     # Accepted work drains before any of these closes.
     install_shutdown(app, handle_signals=handle_signals)

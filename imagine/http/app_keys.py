@@ -33,6 +33,9 @@ executor_key = web.AppKey("executor", DeviceExecutor)
 jobs_key = web.AppKey("jobs", JobStore)
 trusted_networks_key = web.AppKey("trusted_networks", tuple[IPNetwork, ...])
 encode_pool_key = web.AppKey("encode_pool", ThreadPoolExecutor)
+# Decodes and prepares input images: apart from the encoding pool, so that a caller sending large
+# inputs delays other inputs, never the answers everyone waits for.
+input_pool_key = web.AppKey("input_pool", ThreadPoolExecutor)
 png_encoder_key = web.AppKey("png_encoder", PngEncoder)
 client_session_key = web.AppKey("client_session", aiohttp.ClientSession)
 cloud_keys_key = web.AppKey("cloud_keys", CloudKeys)

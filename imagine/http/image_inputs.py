@@ -37,7 +37,7 @@ from aiohttp import web
 from PIL import Image, ImageFilter, ImageOps
 
 from imagine.errors import ApiError, field_error, validation_error
-from imagine.http.app_keys import encode_pool_key, gallery_key, settings_key
+from imagine.http.app_keys import gallery_key, input_pool_key, settings_key
 from imagine.http.request_bodies import GenerateBody
 from imagine.http.views.gallery import not_found, visible_owner
 from imagine.plugin.generators import GenerationRequest, Generator, ImageInput
@@ -317,7 +317,7 @@ def _pad(image: Image.Image, borders: tuple[int, int, int, int], *, fill: int | 
 
 
 async def _off_loop(app: web.Application, function: Callable[..., T], *args: object) -> T:
-    return await asyncio.get_running_loop().run_in_executor(app[encode_pool_key], function, *args)
+    return await asyncio.get_running_loop().run_in_executor(app[input_pool_key], function, *args)
 
 
 def _refused(field: str, message: str) -> ApiError:

@@ -27,7 +27,7 @@ from imagine.assistant.sessions import StoredMessage
 from imagine.http import generation
 from imagine.errors import ApiError
 from imagine.http import image_inputs
-from imagine.http.app_keys import assistant_key, encode_pool_key, metrics_key, principal_key, registry_key, settings_key
+from imagine.http.app_keys import assistant_key, input_pool_key, metrics_key, principal_key, registry_key, settings_key
 from imagine.http.front_door import admit
 from imagine.http.openapi import content_response, error_response, json_response, obj, operation, path_parameter
 from imagine.http.request_bodies import IMAGE_SOURCE, Prompt, parse_body, read_json
@@ -385,7 +385,7 @@ async def analyze_image(request: web.Request) -> web.Response:
     field, value = ("image", body.image) if body.image is not None else ("image_base64", body.image_base64)
     assert value is not None
     sent = await image_inputs.read_image(app, request[principal_key], field, value)
-    png = await asyncio.get_running_loop().run_in_executor(app[encode_pool_key], _for_vision, sent.image)
+    png = await asyncio.get_running_loop().run_in_executor(app[input_pool_key], _for_vision, sent.image)
     try:
         analysis = await app[assistant_key].analyze(png, body.question)
     except ApiError as error:

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from imagine.http import generation
 from imagine.security.tokens import requires
 from imagine.errors import ApiError, field_error, renamed_fields, validation_error
-from imagine.http.app_keys import encode_pool_key, principal_key, settings_key
+from imagine.http.app_keys import input_pool_key, principal_key, settings_key
 from imagine.http.front_door import Admitted, admit
 from imagine.http.image_inputs import decode
 from imagine.http.openapi import Component, json_response, obj, operation
@@ -250,7 +250,7 @@ def _mask_png(data: bytes, max_pixels: int) -> str:
 
 async def mask_from_transparency(app: web.Application, data: bytes) -> str:
     max_pixels = app[settings_key].server.max_input_pixels
-    return await asyncio.get_running_loop().run_in_executor(app[encode_pool_key], _mask_png, data, max_pixels)
+    return await asyncio.get_running_loop().run_in_executor(app[input_pool_key], _mask_png, data, max_pixels)
 
 
 @requires("generate")
