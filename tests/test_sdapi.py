@@ -212,6 +212,12 @@ async def test_fields_that_would_change_the_image_are_refused_by_name(service) -
     ):
         status, body = await native(service, "POST", path, headers=auth(), json=huge)
         assert status == 400 and len(json.dumps(body)) < 2000, (path, len(json.dumps(body)))
+    status, body = await native(
+        service, "POST", "/sdapi/v1/txt2img", headers=auth(), json={"prompt": "a fox", "override_settings": {"sd_model_checkpoint": 7}}
+    )
+    assert status == 400 and body["errors"][0]["loc"] == ["body", "override_settings", "sd_model_checkpoint"]
+    status, body = await native(service, "POST", "/sdapi/v1/options", headers=auth(), json={"sd_model_checkpoint": 7})
+    assert status == 400 and body["errors"][0]["loc"] == ["body", "sd_model_checkpoint"]
     status, body = await native(service, "POST", "/sdapi/v1/options", headers=auth(), json={"sd_model_checkpoint": "nope"})
     assert status == 404 and body["error"] == "MODEL_NOT_AVAILABLE"
 

@@ -154,10 +154,11 @@ def _shown(text: str) -> str:
     return text if len(text) <= _SHOWN_CHARACTERS else text[:_SHOWN_CHARACTERS] + "…"
 
 
-def model_name(value: Any) -> str:
-    """A checkpoint as A1111 clients name it: our model name, maybe with a title's hash after it."""
+def model_name(value: Any, *within: str) -> str:
+    """A checkpoint as A1111 clients name it: our model name, maybe with a title's hash after it.
+    `within`: where the option sits in the body (`override_settings`), for the error's `loc`."""
     if not isinstance(value, str) or not value.strip():
-        raise validation_error([field_error(MODEL_OPTION, "must be a model name from /sdapi/v1/sd-models")])
+        raise validation_error([{"loc": ["body", *within, MODEL_OPTION], "msg": "must be a model name from /sdapi/v1/sd-models"}])
     return _TITLE_HASH.sub("", value.strip())
 
 

@@ -85,7 +85,7 @@ def _model_choices(app: web.Application) -> ModelChoices:
 async def _chosen_model(app: web.Application, principal: Principal, body: sdapi_bodies._SharedFields) -> str | None:
     overridden = (body.override_settings or {}).get(MODEL_OPTION)
     if overridden is not None:
-        return sdapi_bodies.model_name(overridden)
+        return sdapi_bodies.model_name(overridden, "override_settings")
     return await _model_choices(app).get(principal.sub)
 
 
