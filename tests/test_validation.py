@@ -163,3 +163,23 @@ async def test_cors_preflight_is_answered_without_a_token(client) -> None:
     # Browsers can read the error and the headers that explain it.
     assert refused.headers["Access-Control-Allow-Origin"] == "*"
     assert "RateLimit-Remaining" in refused.headers["Access-Control-Expose-Headers"]
+
+
+@pytest.mark.parametrize(
+    ("path", "name"),
+    [
+        ("/imagine/usage?foo=1", "foo"),
+        ("/imagine/usage?sub=a&sub=b", "sub"),
+        ("/imagine/info?model=sdxl&model=sd15-lora", "model"),
+        ("/imagine/info?modle=sdxl", "modle"),
+        ("/imagine/sdapi/v1/progress?skip_current_image=true&skip_current_image=false", "skip_current_image"),
+        ("/imagine/gallery?limt=5", "limt"),
+    ],
+)
+async def test_query_parameters_are_known_and_given_once(client, path, name) -> None:
+    response = await client.get(path, headers=auth(scope="generate admin"))
+    assert response.status == 400, await response.text()
+    body = await response.json()
+    # The A1111 routes answer in A1111's shape, with the errors at the top.
+    errors = body["errors"] if "/sdapi/" in path else body["error"]["details"]["errors"]
+    assert [error["loc"] for error in errors] == [["query", name]]

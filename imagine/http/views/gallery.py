@@ -20,6 +20,7 @@ from imagine.security.tokens import Principal, requires, signed_url_allowed
 from imagine.errors import ApiError, validation_error
 from imagine.storage.records import ImageRecord, ListQuery, is_valid_id
 from imagine.http.app_keys import gallery_key, principal_key, settings_key, url_signer_key
+from imagine.http.query_params import query_values
 from imagine.http.openapi import (
     Component,
     content_response,
@@ -100,10 +101,7 @@ GALLERY_PAGE = obj(
 
 
 def parse_query(request: web.Request) -> GalleryQuery:
-    query = request.query
-    repeated = sorted({name for name in query if len(query.getall(name)) > 1})
-    if repeated:
-        raise validation_error([{"loc": ["query", name], "msg": "given more than once"} for name in repeated])
+    query = query_values(request, GalleryQuery.model_fields)
     # `?model=&q=` (an empty form field) means no filter.
     values = {name: value for name, value in query.items() if not (name in ("model", "q") and value == "")}
     try:

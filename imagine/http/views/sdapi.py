@@ -23,6 +23,7 @@ from imagine.errors import ApiError, validation_error
 from imagine.http import sdapi_bodies
 from imagine.http.app_keys import cluster_key, encode_pool_key, jobs_key, principal_key, registry_key, settings_key
 from imagine.http.front_door import Admitted, admit
+from imagine.http.query_params import query_values
 from imagine.http.openapi import json_response, obj, operation, query_parameter
 from imagine.http.png import SAMPLER_LABELS, parameters_text
 from imagine.http.request_bodies import read_json
@@ -215,10 +216,7 @@ SKIP_CURRENT_IMAGE = "skip_current_image"
 
 
 def _flag(request: web.Request, name: str) -> bool:
-    unknown = set(request.query) - {name}
-    if unknown:
-        raise validation_error([{"loc": ["query", parameter], "msg": "unknown parameter"} for parameter in sorted(unknown)])
-    value = request.query.get(name, "false").lower()
+    value = query_values(request, (name,)).get(name, "false").lower()
     if value not in ("true", "false"):
         raise validation_error([{"loc": ["query", name], "msg": "must be true or false"}])
     return value == "true"

@@ -18,6 +18,7 @@ from imagine.http.app_keys import assistant_key, cluster_key, executor_key, gall
 from imagine.engine.memory import gigabytes
 from imagine.engine.registry import ModelRegistry
 from imagine.http.openapi import Component, error_response, json_response, obj, operation, query_parameter
+from imagine.http.query_params import query_values
 from imagine.security.ratelimit import operational
 
 
@@ -304,7 +305,7 @@ async def health(request: web.Request) -> web.Response:
 )
 async def info(request: web.Request) -> web.Response:
     registry = request.app[registry_key]
-    generator = registry.resolve(request.query.get("model"))
+    generator = registry.resolve(query_values(request, ("model",)).get("model"))
     card = generator.card
     return web.json_response(
         {

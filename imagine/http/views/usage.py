@@ -8,6 +8,7 @@ from imagine.errors import ApiError, validation_error
 from imagine.http.app_keys import principal_key
 from imagine.http.openapi import error_response, json_response, obj, operation, query_parameter
 from imagine.http.quota_gate import quotas_key
+from imagine.http.query_params import query_values
 from imagine.security.tokens import requires
 
 WINDOW = obj(
@@ -39,7 +40,7 @@ USAGE = obj(
 )
 async def usage(request: web.Request) -> web.Response:
     principal = request[principal_key]
-    sub = request.query.get("sub", principal.sub)
+    sub = query_values(request, ("sub",)).get("sub", principal.sub)
     if not sub:
         raise validation_error([{"loc": ["query", "sub"], "msg": "must not be empty"}])
     if sub != principal.sub and not principal.has_scope("admin"):
