@@ -155,6 +155,44 @@ async def test_webhooks_are_off_until_hosts_are_listed_and_need_stored_images(
     assert (await on.post("/imagine/generate", json={**BODY, "webhook_url": receiver.url}, headers=auth())).status == 400
 
 
+async def test_a_receiver_that_stalls_holds_a_few_delivery_slots_not_all(
+    make_client: Any, base_settings: Settings, receiver: Receiver, aiohttp_server: Any
+) -> None:
+    from aiohttp import web
+
+    from imagine.webhooks.deliverer import PER_RECEIVER
+
+    held, most, served, released = [], [0], [], asyncio.Event()
+
+    async def stall(request: web.Request) -> web.Response:
+        held.append(request)
+        most[0] = max(most[0], len(held))
+        await released.wait()
+        held.remove(request)
+        served.append(request.headers["webhook-id"])
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/hook", stall)
+    stalling = await aiohttp_server(app)
+    receiver.fail_first = 0
+    client = await make_client(hooked(base_settings, timeout_s=30.0))
+    stalled = PER_RECEIVER + 2
+    for _ in range(stalled):
+        assert (await submit(client, str(stalling.make_url("/hook")))).status == 202
+    assert (await submit(client, receiver.url)).status == 202
+    # Another receiver is served while the stalling one holds its share of the slots, and no more.
+    await receiver.wait_for(1)
+    assert len(held) == PER_RECEIVER and most[0] == PER_RECEIVER
+    # The ones kept back go once it answers, each once, no attempt spent on waiting.
+    released.set()
+    for _ in range(200):
+        if len(served) == stalled:
+            break
+        await asyncio.sleep(0.05)
+    assert len(set(served)) == len(served) == stalled and most[0] == PER_RECEIVER
+
+
 async def test_a_redirect_is_not_followed(make_client: Any, base_settings: Settings, receiver: Receiver) -> None:
     receiver.redirect_to = f"http://127.0.0.1:{receiver.port}/landing"
     client = await make_client(hooked(base_settings, max_attempts=2))

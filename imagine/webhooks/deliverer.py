@@ -13,6 +13,7 @@ and counted.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -30,8 +31,11 @@ from imagine.webhooks.targets import GuardedResolver, TargetPolicy, TargetRefuse
 
 log = logging.getLogger(__name__)
 
-# Deliveries sent side by side by one replica.
+# Deliveries sent side by side by one replica...
 CONCURRENCY = 16
+# ...and at most this many of them to one receiver (host and port): one that answers slowly, or
+# never, holds these slots for up to webhooks.timeout_s each, never every slot.
+PER_RECEIVER = 4
 
 
 class WebhookTelemetry(Protocol):
@@ -40,6 +44,10 @@ class WebhookTelemetry(Protocol):
 
     def webhook_ended(self, outcome: str) -> None:
         """A delivery's end: `delivered` or `gave_up`."""
+
+
+def _receiver(url: str) -> str:
+    return urllib.parse.urlsplit(url).netloc.lower()
 
 
 def backoff_s(settings: WebhookSettings, attempts: int) -> float:
@@ -74,6 +82,7 @@ class Deliverer:
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
         self._sending: set[asyncio.Task[None]] = set()
+        self._per_receiver: collections.Counter[str] = collections.Counter()
 
     def start(self) -> None:
         connector = aiohttp.TCPConnector(resolver=GuardedResolver(self._policy), limit=CONCURRENCY)
@@ -111,9 +120,16 @@ class Deliverer:
                 room = CONCURRENCY - len(self._sending)
                 due = await self._outbox.claim(self._lease_s, room) if room > 0 else []
                 for delivery in due:
+                    receiver = _receiver(delivery.url)
+                    if self._per_receiver[receiver] >= PER_RECEIVER:
+                        # Back in line, no attempt spent: behind what else is due, until one of its receiver's ends.
+                        await self._outbox.retry_at(delivery, delivery.attempts, time.time() + self._poll_s)
+                        continue
+                    self._per_receiver[receiver] += 1
                     task = asyncio.create_task(self._attempt(delivery))
                     self._sending.add(task)
                     task.add_done_callback(self._sending.discard)
+                    task.add_done_callback(lambda _, receiver=receiver: self._release(receiver))
             except RedisError as error:
                 # A shared outbox that cannot be read now (Redis restarting) is read again at the next poll.
                 log.warning("could not read the webhook outbox: %s", error)
@@ -122,6 +138,11 @@ class Deliverer:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self._poll_s)
             self._wake.clear()
+
+    def _release(self, receiver: str) -> None:
+        self._per_receiver[receiver] -= 1
+        if not self._per_receiver[receiver]:
+            del self._per_receiver[receiver]
 
     async def _attempt(self, delivery: Delivery) -> None:
         attempt = delivery.attempts + 1
