@@ -312,6 +312,10 @@ class StorageSettings:
     dir: str = ""
 
 
+# The longest a signed image link may stay valid.
+MAX_URL_TTL_S = 7 * 86400
+
+
 @dataclass(frozen=True)
 class GallerySettings:
     # Retention: the oldest images go first once there are more than this; 0 = no limit.
@@ -347,8 +351,8 @@ class GallerySettings:
             raise SettingsError("gallery.max_images and gallery.max_images_per_subject must be 0 (no limit) or more")
         if self.max_age_days < 0:
             raise SettingsError("gallery.max_age_days must be 0 (forever) or more")
-        if not 1 <= self.url_ttl_s <= 7 * 86400:
-            raise SettingsError("gallery.url_ttl_s must be between 1 and 604800 (a week)")
+        if not 1 <= self.url_ttl_s <= MAX_URL_TTL_S:
+            raise SettingsError(f"gallery.url_ttl_s must be between 1 and {MAX_URL_TTL_S} (a week)")
         if bool(self.database) != bool(self.objects):
             raise SettingsError("gallery.database and gallery.objects go together (a shared gallery needs both)")
         if self.database and urllib.parse.urlsplit(self.database).scheme not in ("postgresql", "postgres"):

@@ -17,6 +17,7 @@ import sqlite3
 import time
 from pathlib import Path
 
+import aiohttp
 import asyncpg
 import pytest
 from PIL import Image
@@ -236,6 +237,26 @@ async def test_include_data_adds_plain_base64(client) -> None:
     assert png == base64.b64decode(result["images"][0].split(",", 1)[1])
 
 
+async def test_a_page_whose_store_fails_midway_reads_as_incomplete(client, monkeypatch) -> None:
+    for _ in range(3):
+        await generate(client, num_images=4)
+    store, reads = client.app[gallery_key], []
+    real = store.read_png
+
+    async def failing_after_the_first_pngs(image_id):
+        reads.append(image_id)
+        if len(reads) > 8:  # the store goes away once the answer has started
+            raise OSError("the disk went away")
+        return await real(image_id)
+
+    monkeypatch.setattr(store, "read_png", failing_after_the_first_pngs)
+    response = await client.get(f"{GALLERY}?include_data=true", headers=auth())
+    assert response.status == 200
+    # Never a complete-looking document that is not one: the client is told the answer was cut short.
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await response.read()
+
+
 async def test_a_page_with_data_holds_every_image_in_order(client) -> None:
     # More images than the page reads side by side: the page is written a few at a time.
     for _ in range(3):
@@ -370,6 +391,20 @@ async def test_retention_per_subject_removes_only_that_callers_oldest(make_clien
     assert [image["id"] for image in (await listing(client, headers=bob))["images"]] == bobs[::-1]
     assert (await client.get(f"{GALLERY}/{alices[0]}", headers=ADMIN)).status == 404
     assert stored_names(settings) == sorted(f"{image_id}.png" for image_id in bobs + alices[2:])
+
+
+async def test_a_generation_larger_than_the_limits_keeps_every_image_it_answers(make_client, base_settings) -> None:
+    settings = base_settings.replace(gallery={"max_images_per_subject": 2, "max_images": 3})
+    client = await make_client(settings)
+    older = (await generate(client, prompt="older"))["ids"][0]
+    four = (await generate(client, prompt="four at once", num_images=4))["ids"]
+    # Every id it answered opens; what was there before makes the room.
+    for image_id in four:
+        assert (await client.get(f"{GALLERY}/{image_id}.png", headers=auth())).status == 200
+    assert (await client.get(f"{GALLERY}/{older}", headers=auth())).status == 404
+    # The next generation brings the caller back within its limit.
+    latest = (await generate(client, prompt="one more"))["ids"][0]
+    assert [image["id"] for image in (await listing(client))["images"]] == [latest, four[-1]]
 
 
 async def test_a_lowered_per_subject_limit_applies_to_every_caller_at_start(make_client, base_settings) -> None:

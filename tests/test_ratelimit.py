@@ -108,6 +108,17 @@ async def test_concurrent_requests_cannot_overshoot_the_bucket(make_client, base
     assert statuses.count(429) == 35
 
 
+def test_an_ipv6_client_is_its_64_and_a_mapped_ipv4_one_its_address() -> None:
+    from imagine.security.ratelimit import client_key
+
+    assert client_key("2001:db8:1:2::1") == client_key("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
+    assert client_key("2001:db8:1:3::1") != client_key("2001:db8:1:2::1")
+    # Through a dual-stack socket every IPv4 client is ::ffff:a.b.c.d: each keeps a bucket of its own.
+    assert client_key("::ffff:1.2.3.4") == "1.2.3.4" != client_key("::ffff:5.6.7.8")
+    assert client_key("::1") == "::1" and client_key("fe80::1%eth0") == "fe80::/64"
+    assert client_key("198.51.100.7") == "198.51.100.7"
+
+
 def test_client_ip_walks_forwarded_for_from_the_right() -> None:
     trusted = parse_networks(["10.0.0.0/8"])
     assert client_ip("203.0.113.9", "1.1.1.1", trusted) == "203.0.113.9"  # untrusted peer: header ignored

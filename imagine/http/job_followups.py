@@ -33,6 +33,7 @@ from imagine.http.urls import gallery_path
 from imagine.security.quotas import Charge, Quotas
 from imagine.security.tokens import Principal
 from imagine.security.url_signing import UrlSigner
+from imagine.settings import MAX_URL_TTL_S
 from imagine.webhooks.deliverer import Deliverer, keep_for_s, retry_span_s
 from imagine.webhooks.outbox import Delivery, RedisOutbox, SqliteOutbox
 from imagine.webhooks.signing import Signer, load_secret
@@ -92,8 +93,10 @@ class JobFollowUps:
             return None
         settings = self._app[settings_key]
         # The body is signed once and sent as it is on every attempt: its links must still open for
-        # url_ttl_s when the last attempt delivers it, not only when the first does.
-        links_from = time.time() + retry_span_s(settings.webhooks)
+        # url_ttl_s when the last attempt delivers it, not only when the first does; never, though,
+        # for longer in all than the longest url_ttl_s may be.
+        span_s = min(retry_span_s(settings.webhooks), MAX_URL_TTL_S - settings.gallery.url_ttl_s)
+        links_from = time.time() + span_s
         body = webhook_body(
             snapshot, after_end.get(ORIGIN_FIELD, ""), self._app[url_signer_key], settings.server.base_path, links_from
         )

@@ -141,7 +141,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             # only by closing the connection.
             expected = isinstance(error, (ApiError, web.HTTPException))
             log.warning("%s %s failed after its stream started: %s", request.method, request.path, error, exc_info=not expected)
-            if not started.chunked:
+            if started.content_type != "text/event-stream" and request.transport is not None:
+                # A document cut short (a JSON page, say) must not end as a whole one would: the connection
+                # is dropped, with no last chunk, so the client sees an incomplete answer, not a bad document.
+                request.transport.abort()
+            elif not started.chunked:
                 started.force_close()
             return started
         return _error_answer(request, error)

@@ -11,8 +11,9 @@ from imagine.errors import validation_error
 from imagine.http.app_keys import settings_key, trusted_networks_key, url_signer_key
 from imagine.security.ratelimit import is_trusted_proxy
 
-# host, host:port, or [IPv6]:port; anything else in a forwarded header is ignored.
-_HOST = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?")
+# host (letters, digits, '-', '_', dots, a trailing dot allowed), host:port, or [IPv6]:port (a zone as %25...):
+# nothing that would move a link elsewhere ('/', '?', '#', '@', '\\', spaces). Anything else is no host.
+_HOST = re.compile(r"(?:[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?|\[[0-9A-Fa-f:.]+(?:%25[A-Za-z0-9._~-]+)?\])(?::\d{1,5})?")
 
 
 def _nearest(header: str | None) -> str:

@@ -57,7 +57,9 @@ def weighted_chunks(prompt: str) -> list[Chunk]:
     square_open: list[int] = []
 
     def multiply(start: int, factor: float) -> None:
-        weights[start : len(texts)] *= factor
+        # A weight may overflow to inf (refused by the core as out of range): no warning on the way.
+        with np.errstate(over="ignore", invalid="ignore"):
+            weights[start : len(texts)] *= factor
 
     for match in tokens:
         token, weight = match.group(0), match.group(1)

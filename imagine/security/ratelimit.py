@@ -168,13 +168,19 @@ class RateLimiter:
 
 def client_key(client_ip: str) -> str:
     """The per-IP bucket's key: the address, or for IPv6 its /64. One subscriber holds a whole /64
-    (2^64 addresses to rotate through), so a bucket per IPv6 address would be a bucket per request."""
+    (2^64 addresses to rotate through), so a bucket per IPv6 address would be a bucket per request.
+    An IPv4 client seen through a dual-stack socket (`::ffff:1.2.3.4`) is its IPv4 address."""
     if ":" not in client_ip:
         return client_ip
     try:
-        return str(ipaddress.IPv6Network(f"{client_ip}/64", strict=False))
+        address = ipaddress.IPv6Address(client_ip.partition("%")[0])
     except ValueError:
         return client_ip
+    if address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    if address.is_loopback:
+        return str(address)
+    return str(ipaddress.IPv6Network((address, 64), strict=False))
 
 
 def most_restrictive(decisions: Iterable[BucketDecision]) -> BucketDecision | None:

@@ -252,7 +252,7 @@ class GalleryStore(Gallery):
             await asyncio.to_thread(self._unlink, ids)
             raise
         # The images are stored by now: retention failing (logged) must not fail the add.
-        await self._retain_quietly(owner)
+        await self._retain_quietly(owner, len(ids))
         return ids
 
     def _write_files(self, ids: Sequence[str], pngs: Sequence[bytes]) -> None:
@@ -290,26 +290,29 @@ class GalleryStore(Gallery):
         if ids:
             _fsync_folder(self._images)
 
-    async def apply_retention(self, owner: str | None = None) -> int:
+    async def apply_retention(self, owner: str | None = None, added: int = 0) -> int:
+        return await self._retain(owner, added, every_subject=True)
+
+    async def _retain(self, owner: str | None, added: int, *, every_subject: bool) -> int:
         if not (self._max_images or self._max_per_subject or self._max_age_s):
             return 0
-        expired = await self._db(self._delete_expired_rows, self._clock(), owner)
+        expired = await self._db(self._delete_expired_rows, self._clock(), owner, added, every_subject)
         await asyncio.to_thread(self._unlink, expired)
         return len(expired)
 
-    def _delete_expired_rows(self, now: float, owner: str | None) -> list[str]:
+    def _delete_expired_rows(self, now: float, owner: str | None, added: int, every_subject: bool) -> list[str]:
         with _transaction(self._sql):
             expired: list[str] = []
             if self._max_age_s:
                 cutoff = now - self._max_age_s
                 expired += [row[0] for row in self._sql.execute("SELECT id FROM images WHERE created_at < ?", (cutoff,))]
                 self._sql.execute("DELETE FROM images WHERE created_at < ?", (cutoff,))
-            if self._max_per_subject:
+            if self._max_per_subject and (owner is not None or every_subject):
                 # Each subject's newest first; those past its limit go (off the owner index).
                 if owner is not None:
                     beyond = self._sql.execute(
                         "SELECT id FROM images WHERE owner = ? ORDER BY created_at DESC, rowid DESC LIMIT -1 OFFSET ?",
-                        (owner, self._max_per_subject),
+                        (owner, max(self._max_per_subject, added)),
                     ).fetchall()
                 else:
                     beyond = self._sql.execute(
@@ -321,7 +324,7 @@ class GalleryStore(Gallery):
                 expired += [row[0] for row in beyond]
             if self._max_images:
                 # COUNT(*) over the whole table is a b-tree count; the oldest come off the age index.
-                excess = self._sql.execute("SELECT COUNT(*) FROM images").fetchone()[0] - self._max_images
+                excess = self._sql.execute("SELECT COUNT(*) FROM images").fetchone()[0] - max(self._max_images, added)
                 if excess > 0:
                     oldest = self._sql.execute(
                         "SELECT id FROM images ORDER BY created_at ASC, rowid ASC LIMIT ?", (excess,)
@@ -335,11 +338,12 @@ class GalleryStore(Gallery):
         return bool(self._max_age_s)
 
     async def maintain(self) -> None:
-        await self._retain_quietly()
+        # Adds keep each subject within its limit: the every-subject pass (a table scan) is for the start only.
+        await self._retain_quietly(None, 0, every_subject=False)
 
-    async def _retain_quietly(self, owner: str | None = None) -> None:
+    async def _retain_quietly(self, owner: str | None, added: int, *, every_subject: bool = True) -> None:
         try:
-            await self.apply_retention(owner)
+            await self._retain(owner, added, every_subject=every_subject)
         except Exception:
             log.exception("gallery retention failed")
 

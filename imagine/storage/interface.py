@@ -100,11 +100,13 @@ class Gallery(abc.ABC):
         return None
 
     @abc.abstractmethod
-    async def apply_retention(self, owner: str | None = None) -> int:
+    async def apply_retention(self, owner: str | None = None, added: int = 0) -> int:
         """Remove images past the age limit and the oldest beyond the count limits; how many.
 
-        The per-subject limit is checked for `owner` alone when given (it has just added
-        images), else for every subject.
+        With `owner`, after it added `added` images: the per-subject limit is checked for it
+        alone, and the images just added stay even where they alone are past a limit (a
+        generation never answers ids already gone). Without, the per-subject limit is checked
+        for every subject (at start, after a change of the setting).
         """
 
     @property

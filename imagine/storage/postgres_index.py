@@ -157,10 +157,11 @@ class PostgresIndex:
         return status != "DELETE 0"
 
     async def delete_expired(
-        self, now: float, max_age_s: float, max_images: int, max_per_subject: int, owner: str | None
+        self, now: float, max_age_s: float, max_images: int, max_per_subject: int, owner: str | None, added: int
     ) -> list[str]:
         """Delete the rows past the age limit, each subject's oldest beyond `max_per_subject` (`owner`'s
-        alone when given) and the oldest beyond the count; their ids.
+        alone when given) and the oldest beyond the count; their ids. The `added` newest of `owner`'s
+        (just added) stay even past the limits.
 
         Under a transaction-scoped lock: two replicas applying the count limit
         at once would otherwise each remove the same excess.
@@ -177,7 +178,7 @@ class PostgresIndex:
                     # Each subject's newest first; those past its limit go.
                     if owner is not None:
                         beyond = f"SELECT seq FROM {TABLE} WHERE owner = $2 ORDER BY created_at DESC, seq DESC OFFSET $1"
-                        arguments: tuple[Any, ...] = (max_per_subject, owner)
+                        arguments: tuple[Any, ...] = (max(max_per_subject, added), owner)
                     else:
                         beyond = (
                             f"SELECT seq FROM (SELECT seq, row_number() OVER "
@@ -188,7 +189,7 @@ class PostgresIndex:
                     rows = await connection.fetch(f"DELETE FROM {TABLE} WHERE seq IN ({beyond}) RETURNING id", *arguments)
                     expired += [row["id"] for row in rows]
                 if max_images:
-                    excess = await connection.fetchval(f"SELECT count(*) FROM {TABLE}") - max_images
+                    excess = await connection.fetchval(f"SELECT count(*) FROM {TABLE}") - max(max_images, added)
                     if excess > 0:
                         rows = await connection.fetch(
                             f"DELETE FROM {TABLE} WHERE seq IN "

@@ -101,7 +101,7 @@ class SharedGallery(Gallery):
             # Nothing was committed: remove what was written, else the sweep will.
             await self._remove_objects(ids)
             raise
-        await self._retain_quietly(owner)
+        await self._retain_quietly(owner, len(ids))
         return ids
 
     async def copy_in(self, record: ImageRecord, png: bytes) -> bool:
@@ -132,21 +132,24 @@ class SharedGallery(Gallery):
         except ApiError as error:
             log.warning("shared gallery: %d object(s) left for the sweep: %s", len(ids), error.message)
 
-    async def apply_retention(self, owner: str | None = None) -> int:
-        if not (self._max_images or self._max_per_subject or self._max_age_s):
+    async def apply_retention(self, owner: str | None = None, added: int = 0) -> int:
+        return await self._retain(owner, added, self._max_per_subject)
+
+    async def _retain(self, owner: str | None, added: int, max_per_subject: int) -> int:
+        if not (self._max_images or max_per_subject or self._max_age_s):
             return 0
-        expired = await self.index.delete_expired(
-            self._clock(), self._max_age_s, self._max_images, self._max_per_subject, owner
-        )
+        expired = await self.index.delete_expired(self._clock(), self._max_age_s, self._max_images, max_per_subject, owner, added)
         await self._remove_objects(expired)
         return len(expired)
 
-    async def _retain_quietly(self, owner: str) -> None:
+    async def _retain_quietly(self, owner: str, added: int) -> None:
         # The images are stored by now: retention failing must not fail the add.
         try:
-            await self.apply_retention(owner)
+            await self.apply_retention(owner, added)
         except ApiError as error:
             log.warning("shared gallery retention: %s", error.message)
+        except Exception:
+            log.exception("shared gallery retention failed")
 
     # ---- reading ------------------------------------------------------------
 
@@ -222,7 +225,8 @@ class SharedGallery(Gallery):
     async def maintain(self) -> None:
         try:
             await self.sweep()
-            await self.apply_retention()
+            # Adds keep each subject within its limit: the every-subject pass (a table scan) is for the start only.
+            await self._retain(None, 0, max_per_subject=0)
         except ApiError as error:
             log.warning("shared gallery upkeep: %s", error.message)
         except Exception:

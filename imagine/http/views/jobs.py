@@ -191,8 +191,9 @@ async def cancel_job(request: web.Request) -> web.Response:
 async def job_events(request: web.Request) -> web.StreamResponse:
     after = resume_after(request)
     principal = request[principal_key]
+    # The job's own checks first (another caller's is 404 whatever that caller holds), then a slot.
+    events = await request.app[jobs_key].events(principal, request.match_info["job_id"], after)
     with request.app[stream_slots_key].held(principal.sub):
-        events = await request.app[jobs_key].events(principal, request.match_info["job_id"], after)
         response = web.StreamResponse(
             headers={
                 "Content-Type": "text/event-stream",
