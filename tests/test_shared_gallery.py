@@ -280,7 +280,8 @@ asyncio.run(upload_then_die())
 
 
 async def test_a_replica_killed_between_upload_and_commit_leaves_nothing_once_swept(shared: Shared) -> None:
-    grace_s = 1.0
+    # Long enough that the first sweep below comes within it even on a loaded machine.
+    grace_s = 4.0
     gallery = shared.gallery(orphan_grace_s=grace_s)
     store = SharedGallery(gallery)
     await store.open()
