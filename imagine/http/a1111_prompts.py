@@ -39,6 +39,8 @@ def read_a1111_prompts(body: GenerateBody) -> GenerateBody:
 
 
 def _attention_errors(field: str, text: str) -> Iterator[dict[str, Any]]:
+    if "(" not in text and "[" not in text:
+        return  # no bracket, no weight but 1: most prompts are not parsed on the event loop at all
     weights = [chunk.weight for chunk in weighted_chunks(text)]
     if not all(math.isfinite(weight) and abs(weight) <= MAX_ATTENTION_WEIGHT for weight in weights):
         yield field_error(
