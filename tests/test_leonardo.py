@@ -404,7 +404,8 @@ async def test_a_cloud_job_whose_replica_is_killed_fails_with_a_reason_instead_o
         settings = base_settings.replace(queue={"storage": redis.url, "visibility_timeout_s": 2}, leonardo=leonardo)
         other = await aiohttp_client(create_app(settings, keys=KEYS, role="api"))
         async with asyncio.timeout(30):
-            while (state := await (await other.get(f"/imagine/jobs/{job_id}", headers=auth())).json())["status"] == "running":
+            # Killed before or after its start reached Redis, the job reads queued or running until it fails.
+            while (state := await (await other.get(f"/imagine/jobs/{job_id}", headers=auth())).json())["status"] in ("queued", "running"):
                 await asyncio.sleep(0.1)
         assert state["status"] == "failed", state
         error = state["error"]["error"]
