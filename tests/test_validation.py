@@ -62,12 +62,21 @@ async def assert_field_error(response, field: str, fragment: str = "") -> dict:
         ({"prompt": "(cat:" + "9" * 400 + ")"}, "prompt", "attention weight"),
         ({"prompt": "(" * 1000 + "cat"}, "prompt", "attention weight"),
         ({"negative_prompt": "(blur:101)"}, "negative_prompt", "attention weight"),
+        # Each part weighted below 1 is a text-encoder pass of its own: hundreds would be minutes of device time.
+        ({"prompt": "[a] b " * 17}, "prompt", "at most 16 parts may be weighted below 1 (this prompt has 17)"),
+        ({"negative_prompt": "(a:0.5) b " * 17}, "negative_prompt", "at most 16 parts"),
         ({"prompt": "  <lora:pixel-art:0.5> ", "model": "sd15-lora"}, "prompt", "blank once its <lora:...> tags"),
     ],
 )
 async def test_each_bad_field_is_named(client, change, field, fragment) -> None:
     response = await post(client, {"prompt": "a cat", **change})
     await assert_field_error(response, field, fragment)
+
+
+async def test_sixteen_parts_weighted_below_one_are_generated(client) -> None:
+    body = {"prompt": "[a] b " * 16, "width": 64, "height": 64, "steps": 1, "response_format": "json"}
+    response = await post(client, body)
+    assert response.status == 200, await response.text()
 
 
 async def test_the_last_image_of_a_batch_may_take_the_largest_seed(client) -> None:

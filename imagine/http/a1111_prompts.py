@@ -10,6 +10,10 @@
   of them overflow), stay finite and within `MAX_ATTENTION_WEIGHT` either way,
   in the prompt and the negative prompt: past that the text embeddings are
   infinite or NaN, and the image black.
+- At most `MAX_WEAKENED_PARTS` parts of a prompt weighted below 1: each one
+  costs its own pass through the text encoders (a part weakened is blended
+  with the prompt encoded without it), so a prompt of hundreds of them would
+  buy minutes of the device for the price of one image.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from imagine.plugin.prompt_syntax import PromptSyntaxError, lora_tags, weighted_
 MAX_LORAS = GenerateBody.model_fields["loras"].metadata[0].max_length
 MAX_WEIGHT = 2.0
 MAX_ATTENTION_WEIGHT = 100.0
+MAX_WEAKENED_PARTS = 16
 
 
 def read_a1111_prompts(body: GenerateBody) -> GenerateBody:
@@ -41,12 +46,19 @@ def read_a1111_prompts(body: GenerateBody) -> GenerateBody:
 def _attention_errors(field: str, text: str) -> Iterator[dict[str, Any]]:
     if "(" not in text and "[" not in text:
         return  # no bracket, no weight but 1: most prompts are not parsed on the event loop at all
-    weights = [chunk.weight for chunk in weighted_chunks(text)]
-    if not all(math.isfinite(weight) and abs(weight) <= MAX_ATTENTION_WEIGHT for weight in weights):
+    chunks = weighted_chunks(text)
+    if not all(math.isfinite(chunk.weight) and abs(chunk.weight) <= MAX_ATTENTION_WEIGHT for chunk in chunks):
         yield field_error(
             field,
             f"an attention weight, its brackets' factors multiplied, must be between -{MAX_ATTENTION_WEIGHT:g} "
             f"and {MAX_ATTENTION_WEIGHT:g}",
+        )
+    weakened = sum(1 for chunk in chunks if chunk.weight < 1 and chunk.text.strip())
+    if weakened > MAX_WEAKENED_PARTS:
+        yield field_error(
+            field,
+            f"at most {MAX_WEAKENED_PARTS} parts may be weighted below 1 (this prompt has {weakened}): "
+            "each costs a pass through the text encoders",
         )
 
 
