@@ -1,4 +1,5 @@
 """A test generator plugin whose models run out of device memory: one on demand, one when loaded beside it.
+The first also fails as a bug would (a plain exception) when a prompt asks it to.
 
 The tests install it as a third-party package would be: through the `imagine`
 entry-point group of a distribution on sys.path. It raises torch's own CUDA
@@ -26,6 +27,7 @@ from imagine.plugin.hookspecs import hookimpl
 from tests.weightless import WeightlessGenerator
 
 TRIGGER = "out of memory"
+BUG_TRIGGER = "a bug"
 
 
 class _Activations:
@@ -56,6 +58,8 @@ class OutOfMemoryGenerator(WeightlessGenerator):
             activations = _Activations()
             self.failed_activations = weakref.ref(activations)
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        if any(BUG_TRIGGER in request.prompt for request in requests):
+            raise TypeError("'NoneType' object cannot be interpreted as an integer")
         return [[Image.new("RGB", (r.width, r.height), "gray") for _ in r.seeds] for r in requests]
 
 

@@ -30,7 +30,7 @@ from imagine.plugin.generators import GenerationRequest
 from imagine.plugin.manager import collect_generators
 from imagine.settings import Settings
 from tests import oom_plugin
-from tests.oom_plugin import TRIGGER
+from tests.oom_plugin import BUG_TRIGGER, TRIGGER
 from tests.slow_plugin import SlowGenerator, SlowPlugin
 from tests.test_jobs import wait_for
 
@@ -238,6 +238,19 @@ async def test_a_batch_out_of_memory_is_retried_one_by_one_and_only_the_culprit_
     for output in await asyncio.gather(*(device.result(item) for item in neighbours)):
         assert len(output.images) == 1
     # The batch of three failed as a whole; each neighbour then ran alone and succeeded.
+    assert device.telemetry.sizes == [1, 1]
+
+
+async def test_a_batch_that_fails_is_retried_one_by_one_and_only_the_request_that_breaks_it_fails(start_device) -> None:
+    """One caller's request that trips a bug must not fail the other callers' requests batched with it."""
+    device = start_device(oom_plugin, batch=4)
+    async with device.held():
+        neighbours = [device.submit(prompt, model="oom", steps=1) for prompt in ("a fox", "a castle")]
+        culprit = device.submit(f"a fox with {BUG_TRIGGER}", model="oom", steps=1)
+    error = await failure(device.executor.wait(culprit))
+    assert error.status == 500 and error.code == "INTERNAL_ERROR"
+    for output in await asyncio.gather(*(device.result(item) for item in neighbours)):
+        assert len(output.images) == 1
     assert device.telemetry.sizes == [1, 1]
 
 

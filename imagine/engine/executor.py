@@ -399,10 +399,18 @@ class DeviceExecutor:
             self._settle_all(batch, WorkState.FAILED, error)
         except Exception as error:
             still_running = [item for item in batch if item.state is WorkState.RUNNING]
-            if len(still_running) > 1 and device.is_out_of_memory(error):
-                # The batch was too big for the device, not necessarily any one
-                # request: give its memory back, then run the members one by one.
-                self._release_memory(generator, error)
+            if len(still_running) > 1:
+                # Out of memory, the batch was too big for the device, not necessarily any one
+                # request; any other failure may be one caller's request that the others must
+                # not fail with. Either way the members run again one by one, and only a
+                # request that fails alone fails.
+                if device.is_out_of_memory(error):
+                    self._release_memory(generator, error)
+                else:
+                    log.warning(
+                        "a batch of %d with %s failed (%r); running its members one by one",
+                        len(still_running), generator.name, error,
+                    )
                 for item in still_running:
                     self._execute([item])
             else:
