@@ -22,8 +22,8 @@ def prompt_arguments(pipeline: Any, prompts: Sequence[str], negatives: Sequence[
     """The pipeline call's prompt arguments for one image per entry (call under torch.inference_mode)."""
     if syntax == "plain":
         return _texts(list(prompts), list(negatives))
-    positive = [weighted_chunks(prompt) for prompt in prompts]
-    negative = [weighted_chunks(text) for text in negatives]
+    positive = [_tokened_chunks(prompt) for prompt in prompts]
+    negative = [_tokened_chunks(text) for text in negatives]
     if not any(is_weighted(chunks) for chunks in (*positive, *negative)):
         return _texts([plain_text(chunks) for chunks in positive], [plain_text(chunks) for chunks in negative])
     encoder = _Encoder(pipeline)
@@ -32,6 +32,19 @@ def prompt_arguments(pipeline: Any, prompts: Sequence[str], negatives: Sequence[
     if any(negatives):
         arguments |= encoder.batch("negative_prompt_embeds", "negative_pooled_prompt_embeds", negative)
     return arguments
+
+
+def _tokened_chunks(text: str) -> list[Chunk]:
+    """The prompt's chunks, where whitespace alone carries no weight (`a [ ] cat`): it has no token to weigh,
+    and compel fails on a weighted fragment without one."""
+    chunks: list[Chunk] = []
+    for chunk in weighted_chunks(text):
+        weight = chunk.weight if chunk.text.strip() else 1.0
+        if chunks and chunks[-1].weight == weight:
+            chunks[-1] = Chunk(chunks[-1].text + chunk.text, weight)
+        else:
+            chunks.append(Chunk(chunk.text, weight))
+    return chunks
 
 
 def _texts(prompts: list[str], negatives: list[str]) -> dict[str, Any]:

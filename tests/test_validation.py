@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.conftest import auth
+from tests.conftest import auth, data_url_png, pixels
 
 URL = "/imagine/generate"
 
@@ -77,6 +77,18 @@ async def test_sixteen_parts_weighted_below_one_are_generated(client) -> None:
     body = {"prompt": "[a] b " * 16, "width": 64, "height": 64, "steps": 1, "response_format": "json"}
     response = await post(client, body)
     assert response.status == 200, await response.text()
+
+
+async def test_a_weight_on_whitespace_alone_is_no_weight(client) -> None:
+    """`[ ]` weighs no token: the image is the plain prompt's, with or without another part weighted."""
+    small = {"width": 64, "height": 64, "steps": 1, "seed": 3, "response_format": "json"}
+    images = []
+    for prompt in ("a cat on a mat", "a cat [ ] on a mat", "a (cat:1.3) on a mat", "a (cat:1.3) [ ] on a (  :0.5) mat"):
+        response = await post(client, {"prompt": prompt, **small})
+        assert response.status == 200, await response.text()
+        images.append(pixels(data_url_png((await response.json())["images"][0])))
+    assert (images[0] == images[1]).all() and (images[2] == images[3]).all()
+    assert not (images[0] == images[2]).all()
 
 
 async def test_the_last_image_of_a_batch_may_take_the_largest_seed(client) -> None:
