@@ -208,6 +208,29 @@ async def test_a_decompression_bomb_is_refused_from_its_header_without_decoding(
     assert decoded == []
 
 
+def with_last_scan_repeated(jpeg: bytes, times: int) -> bytes:
+    """A progressive JPEG whose last scan (a refinement of what the others decoded) comes `times` more times."""
+    end_of_image = jpeg.rindex(b"\xff\xd9")
+    last_scan = jpeg[jpeg.rindex(b"\xff\xda") : end_of_image]
+    return jpeg[:end_of_image] + last_scan * times + jpeg[end_of_image:]
+
+
+async def test_a_jpeg_of_too_many_scans_is_refused_without_decoding(echo, monkeypatch) -> None:
+    """Each scan of a progressive JPEG is another pass over the whole image: thousands of them in a small
+    file would be minutes of CPU."""
+    progressive = encoded(noise(), "JPEG", progressive=True)
+    assert (await post(echo, {"model": "echo", "init_image": b64(progressive)})).status == 200
+    decoded = []
+    load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda image: decoded.append(image) or load(image))
+    bomb = with_last_scan_repeated(progressive, 100)
+    scans = bomb.count(b"\xff\xda")
+    response = await post(echo, {"model": "echo", "init_image": b64(bomb)})
+    await assert_refused(response, "init_image", f"is a jpeg of {scans} scans, more than 64")
+    assert scans > 100
+    assert decoded == []
+
+
 async def test_max_input_pixels_is_the_operators_to_set(make_client, base_settings) -> None:
     client = await make_client(base_settings.replace(server={"max_input_pixels": 64 * 64}), plugins=(EchoPlugin(),))
     assert (await post(client, {"model": "echo", "init_image": b64(png((64, 64)))})).status == 200

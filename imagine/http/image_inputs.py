@@ -50,6 +50,10 @@ ASPECT_TOLERANCE = 0.01
 # Pillow's format names, by the bytes every such file starts with.
 _SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"))
 _LABELS = {"WEBP": "WebP"}
+# A progressive JPEG is decoded once more for every scan it holds, so a small file of one scan repeated
+# thousands of times costs minutes of CPU. Encoders write about ten; the count may include a thumbnail's.
+MAX_JPEG_SCANS = 64
+_START_OF_SCAN = b"\xff\xda"
 _REFUSED_SIGNATURES = ((b"GIF87a", "GIF"), (b"GIF89a", "GIF"), (b"BM", "BMP"), (b"II*\0", "TIFF"), (b"MM\0*", "TIFF"))
 
 T = TypeVar("T")
@@ -193,6 +197,10 @@ def decode(field: str, data: bytes, mode: str, max_pixels: int) -> SentImage:
     digest = hashlib.sha256(data).hexdigest()[:HASH_LENGTH]
     kind = _sniff(field, data)
     label = _LABELS.get(kind, kind)
+    # In a JPEG's coded data every 0xFF byte is followed by 0x00 or a marker: only a real (or a
+    # thumbnail's) start-of-scan marker reads as these two bytes, so counting them errs towards refusing.
+    if kind == "JPEG" and (scans := data.count(_START_OF_SCAN)) > MAX_JPEG_SCANS:
+        raise _refused(field, f"is a JPEG of {scans} scans, more than {MAX_JPEG_SCANS}: save it again with a usual encoder")
     try:
         image = Image.open(io.BytesIO(data), formats=[kind])
     except Image.DecompressionBombError:
