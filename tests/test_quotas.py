@@ -13,7 +13,9 @@ import redis as redis_sync
 from imagine.http.app import create_app
 from imagine.http.app_keys import executor_key
 from imagine.settings import Settings
+from tests import oom_plugin
 from tests.conftest import KEYS, auth
+from tests.oom_plugin import TRIGGER
 from tests.processes import RedisServer, redis_server
 from tests.slow_plugin import SlowPlugin
 
@@ -114,21 +116,36 @@ async def test_a_token_claim_and_per_model_limits_override_the_defaults(make_cli
     assert (await client.get("/imagine/usage", headers=auth(quota="lots"))).status == 401
 
 
-async def test_failed_and_cancelled_before_running_jobs_are_refunded(make_client: Any, base_settings: Settings) -> None:
+async def test_failed_and_cancelled_before_running_jobs_are_refunded_but_not_a_timeout_while_running(
+    make_client: Any, base_settings: Settings
+) -> None:
     plugin = SlowPlugin(step_seconds=0.05)
-    client = await make_client(base_settings.replace(queue={"timeout_s": 0.6}, quotas={"images_per_day": 10}), plugins=(plugin,))
+    settings = base_settings.replace(queue={"timeout_s": 0.6}, quotas={"images_per_day": 10})
+    client = await make_client(settings, plugins=(plugin, oom_plugin))
+    broken = await (await client.post("/imagine/jobs", json={"prompt": TRIGGER, "model": "oom"}, headers=auth())).json()
+    assert (await job_end(client, broken["id"]))["error"]["error"]["code"] == "OUT_OF_MEMORY"
     slow = {"prompt": "slow", "model": "slow", "steps": 100}
     running = await (await client.post("/imagine/jobs", json=slow, headers=auth())).json()
     # The second job must wait behind the first, not join its batch.
     await asyncio.to_thread(plugin.generator.started.wait, 10)
     queued = await (await client.post("/imagine/jobs", json=slow, headers=auth())).json()
-    assert (await usage(client))["day"]["images"] == 2
     cancelled = await (await client.delete(f"/imagine/jobs/{queued['id']}", headers=auth())).json()
     assert cancelled["status"] == "cancelled" and "started_at" not in cancelled
     failed = await job_end(client, running["id"])
     assert failed["status"] == "failed" and failed["error"]["error"]["code"] == "TIMEOUT"
     await asyncio.sleep(0.2)
-    assert (await usage(client))["day"]["images"] == 0
+    # The failure and the cancel came back; the job that ran until its deadline used the device's time.
+    assert (await usage(client))["day"]["images"] == 1
+
+
+async def test_a_generation_that_runs_past_its_deadline_stays_charged(make_client: Any, base_settings: Settings) -> None:
+    """Else a request too large to finish within queue.timeout_s would run, every time, for free."""
+    plugin = SlowPlugin(step_seconds=0.05)
+    client = await make_client(base_settings.replace(queue={"timeout_s": 0.5}, quotas={"images_per_day": 10}), plugins=(plugin,))
+    response = await client.post("/imagine/generate", json={"prompt": "slow", "model": "slow", "steps": 100}, headers=auth())
+    assert response.status == 504 and (await response.json())["error"]["code"] == "TIMEOUT"
+    await asyncio.sleep(0.2)  # a refund would have been written by now
+    assert (await usage(client))["day"]["images"] == 1
 
 
 async def test_counts_survive_a_restart(aiohttp_client: Any, base_settings: Settings) -> None:

@@ -8,14 +8,14 @@ before the store accepts the work (after every check of the body, so a 400
 costs nothing) and refunds them when the store refuses it (queue full, too
 many jobs, shutting down) or an idempotent replay returns an earlier job.
 
-- A generation someone waits for is refunded when it ends in an error, or when
-  it is stopped before it started running (its caller hung up while it was
+- A generation someone waits for is refunded when it ends in an error (but a
+  timeout once it ran), or when it is stopped before it started running (its caller hung up while it was
   queued, or interrupted it). Stopped once running, it stays charged: the
   device's time was spent, and hanging up must not make that time free. One
   the service stops as it shuts down is refunded: nobody asked it to stop.
 - A job carries its charge in its `after_end` fields; what follows its end
-  (`imagine.http.job_followups`) refunds it if the job failed, or was
-  cancelled before it started.
+  (`imagine.http.job_followups`) refunds it if the job failed (but timed out
+  while running), or was cancelled before it started.
 
 The quota decision of the request reaches its response through
 `quota_headers_middleware`: `Quota-Limit`, `Quota-Remaining`, `Quota-Reset`.
@@ -163,6 +163,10 @@ class QuotaJobs:
             if not watch.ran or self._stopping:
                 self.refund_soon(charge)
             raise
+        except ApiError as error:
+            if not ran_out_of_time(error.code, watch.ran):
+                self.refund_soon(charge)
+            raise
         except BaseException:
             self.refund_soon(charge)
             raise
@@ -222,7 +226,17 @@ class QuotaJobs:
             await asyncio.wait(self._refunds)
 
 
+def ran_out_of_time(code: str, started: bool) -> bool:
+    """A failure that stays charged: the deadline (`queue.timeout_s`) passed while it ran. The device's time
+    was spent, as on a generation stopped while running; else a request too large to finish in time ran for free."""
+    return code == "TIMEOUT" and started
+
+
 def refund_due(snapshot: Mapping[str, Any]) -> bool:
-    """A job's charge comes back if it failed, or was cancelled before it started."""
+    """A job's charge comes back if it failed (but for running out of time), or was cancelled before it started."""
     status = snapshot.get("status")
-    return status == "failed" or (status == "cancelled" and snapshot.get("started_at") is None)
+    started = snapshot.get("started_at") is not None
+    if status == "failed":
+        error = snapshot.get("error") or {}
+        return not ran_out_of_time(str((error.get("error") or {}).get("code", "")), started)
+    return status == "cancelled" and not started
