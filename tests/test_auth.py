@@ -71,6 +71,25 @@ async def test_expiry_not_before_and_required_claims(client) -> None:
     assert response.status == 200
 
 
+async def test_claims_no_store_can_hold_or_no_clock_can_read_are_refused(client) -> None:
+    """A subject names the caller's rows in every store, and a time is a JSON number: else a 500 later."""
+    now = int(time.time())
+    subjects = ["\ud800x", "ali\u0000ce", "bob\nINFO forged log line", "a" * 256]
+    for sub in subjects:
+        await assert_invalid_token(client, jwt.encode({"sub": sub, "scope": "generate", "exp": now + 600}, SECRET, "HS256"))
+    for times in ({"exp": 10**400}, {"exp": now + 600, "nbf": -(10**400)}, {"exp": str(now + 600)}, {"exp": True}):
+        await assert_invalid_token(client, jwt.encode({"sub": "alice", "scope": "generate", **times}, SECRET, "HS256"))
+    longest = jwt.encode({"sub": "é" * 255, "scope": "generate", "exp": now + 600}, SECRET, "HS256")
+    assert (await client.get("/imagine/usage", headers={"Authorization": f"Bearer {longest}"})).status == 200
+
+
+async def test_scopes_are_separated_by_spaces_only(client) -> None:
+    for scope in ("generate\u00a0admin", "generate\tadmin"):
+        token = make_token(scope=scope)
+        response = await client.post("/imagine/models/sdxl/unload", headers={"Authorization": f"Bearer {token}"})
+        assert response.status == 403, scope
+
+
 async def test_a_remembered_token_still_expires_and_a_changed_one_is_checked_again(make_client, base_settings) -> None:
     client = await make_client(base_settings.replace(auth={"leeway_s": 0}))
     token = make_token(exp=int(time.time()) + 2)

@@ -27,6 +27,13 @@ SECRET_ENV = "IMAGINE_JWT_SECRET"
 DEV_SECRET_FILE = "dev-jwt-secret"
 MIN_SECRET_BYTES = 32
 SCOPES = ("generate", "admin", "metrics")
+# A subject names the caller's jobs, images, sessions and counters in every store: it must be text each of
+# them can hold (PostgreSQL refuses NUL, UTF-8 a lone surrogate) and of a name's length.
+MAX_SUBJECT_LENGTH = 255
+_UNSTORABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+# NumericDate claims (RFC 7519): JSON numbers of seconds, here up to the end of the year 9999.
+_TIME_CLAIMS = ("exp", "nbf", "iat")
+MAX_NUMERIC_DATE = 253402300799
 
 
 class JwtKeyError(ValueError):
@@ -172,6 +179,7 @@ class TokenVerifier:
         if not _COMPACT_JWT.fullmatch(token):
             raise InvalidToken(MALFORMED)
         claims = self._decode(token)
+        _check_times(claims)
         principal = _principal(claims)
         self._verified[token] = _Verified(principal, float(claims.get("nbf", 0)), float(claims["exp"]))
         if len(self._verified) > self._cache_size:
@@ -200,13 +208,26 @@ class TokenVerifier:
         return claims
 
 
+def _check_times(claims: Mapping[str, Any]) -> None:
+    """PyJWT takes any value `int()` reads ("123", 10**400): a time claim must be a JSON number, and a date."""
+    for name in _TIME_CLAIMS:
+        value = claims.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or not abs(value) <= MAX_NUMERIC_DATE:
+            raise InvalidToken(f"'{name}' must be a number of seconds since 1970, before the year 10000")
+
+
 def _principal(claims: Mapping[str, Any]) -> Principal:
     sub = claims.get("sub")
     if not isinstance(sub, str) or not sub.strip():
         raise InvalidToken("'sub' must be a non-empty string")
+    if len(sub) > MAX_SUBJECT_LENGTH or _UNSTORABLE.search(sub):
+        raise InvalidToken(f"'sub' must be at most {MAX_SUBJECT_LENGTH} characters, without control characters")
     scope = claims.get("scope", "")
     if isinstance(scope, str):
-        scopes = frozenset(scope.split())
+        # Scopes are separated by spaces (RFC 6749), not by whatever else str.split() takes for one.
+        scopes = frozenset(part for part in scope.split(" ") if part)
     elif isinstance(scope, list) and all(isinstance(item, str) for item in scope):
         scopes = frozenset(scope)
     else:
