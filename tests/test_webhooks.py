@@ -88,6 +88,19 @@ async def test_the_images_of_a_late_attempt_still_open_for_the_link_lifetime(
     assert image.status == 200 and (await image.read()).startswith(b"\x89PNG")
 
 
+async def test_a_receiver_named_by_host_name_is_resolved_and_delivered_to(
+    make_client: Any, base_settings: Settings, receiver: Receiver
+) -> None:
+    """A name, not an address: each attempt resolves it (through the guard) on the lookup threads."""
+    receiver.fail_first = 0
+    client = await make_client(hooked(base_settings, hosts=("localhost",)))
+    response = await submit(client, f"http://localhost:{receiver.port}/hook")
+    assert response.status == 202, await response.text()
+    await receiver.wait_for(1)
+    (accepted,) = receiver.accepted
+    assert Webhook(SECRET).verify(accepted.body, accepted.headers)["data"]["id"] == (await response.json())["id"]
+
+
 async def test_a_pending_delivery_resumes_after_a_restart(
     aiohttp_client: Any, base_settings: Settings, receiver: Receiver
 ) -> None:
@@ -122,6 +135,8 @@ async def test_a_pending_delivery_resumes_after_a_restart(
         "http://[64:ff9b:1::a9fe:a9fe]/hook",
         "http://[::a9fe:a9fe]/hook",
         "http://[2002:a9fe:a9fe::1]/hook",
+        "http://[::ffff:0:7f00:1]/hook",  # IPv4-translated (SIIT) 127.0.0.1
+        "http://[fec0::1]/hook",  # site-local, deprecated and never public
         "ftp://hooks.example.com/hook",
         "http://user:secret@hooks.example.com/hook",
         "http://hooks.example.com:0/hook",
@@ -178,8 +193,10 @@ async def test_a_receiver_that_stalls_holds_a_few_delivery_slots_not_all(
     receiver.fail_first = 0
     client = await make_client(hooked(base_settings, timeout_s=30.0))
     stalled = PER_RECEIVER + 2
-    for _ in range(stalled):
-        assert (await submit(client, str(stalling.make_url("/hook")))).status == 202
+    # One receiver however its port is spelt (080 is 80): a caller cannot spread it over more slots.
+    for index in range(stalled):
+        spelt = f"http://127.0.0.1:{'0' * (index % 3)}{stalling.port}/hook"
+        assert (await submit(client, spelt)).status == 202
     assert (await submit(client, receiver.url)).status == 202
     # Another receiver is served while the stalling one holds its share of the slots, and no more.
     await receiver.wait_for(1)

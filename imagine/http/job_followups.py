@@ -141,6 +141,7 @@ async def followups_context(app: web.Application) -> AsyncIterator[None]:
     policy = TargetPolicy(hooks.allowed_hosts)
     signer = Signer(load_secret(hooks)) if policy.enabled else None
     async with contextlib.AsyncExitStack() as stack:
+        stack.callback(policy.close)  # after the deliverer, which resolves through it
         store = await stack.enter_async_context(_quota_store(app))
         app[quotas_key] = quotas = Quotas(settings.quotas, store, app[metrics_key])
         stack.push_async_callback(quotas.settle)  # before the store closes

@@ -47,7 +47,11 @@ class WebhookTelemetry(Protocol):
 
 
 def _receiver(url: str) -> str:
-    return urllib.parse.urlsplit(url).netloc.lower()
+    """The host and port a URL reaches, however it is spelt (`Host.:080` is `host:80`): one receiver, one cap."""
+    parts = urllib.parse.urlsplit(url)
+    host = (parts.hostname or "").rstrip(".")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return f"{host}:{port}"
 
 
 def backoff_s(settings: WebhookSettings, attempts: int) -> float:

@@ -13,14 +13,16 @@ rebinding) is refused before any byte is sent. Redirects are never followed.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import socket
 import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp.abc import AbstractResolver, ResolveResult
-from aiohttp.resolver import ThreadedResolver
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +37,18 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # IPv6 ranges whose last 32 bits are an IPv4 address that a translator or tunnel reaches: NAT64's
 # well-known prefix (RFC 6052) and the deprecated IPv4-compatible form. Python counts the first as
 # global whatever IPv4 address it carries, so that address is judged instead.
-_IPV4_IN_LAST_32_BITS = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("::/96"))
-# NAT64's local-use prefix (RFC 8215): where the IPv4 address sits depends on the operator's prefix length.
-_LOCAL_NAT64 = ipaddress.ip_network("64:ff9b:1::/48")
+_IPV4_IN_LAST_32_BITS = (
+    ipaddress.ip_network("64:ff9b::/96"),
+    ipaddress.ip_network("::/96"),
+    ipaddress.ip_network("::ffff:0:0:0/96"),  # IPv4-translated (RFC 2765's SIIT), not the mapped ::ffff:0:0/96
+)
+# Never public, though Python counts them global: NAT64's local-use prefix (RFC 8215; where the IPv4
+# address sits depends on the operator's prefix length), and the deprecated site-local fec0::/10 (RFC 3879).
+_NEVER_PUBLIC = (ipaddress.ip_network("64:ff9b:1::/48"), ipaddress.ip_network("fec0::/10"))
+# A lookup of a caller's host waits at most this long, on threads of its own: a stalling resolver makes
+# a 400 (or a failed attempt), and never holds the default thread pool that gallery files are read on.
+RESOLVE_TIMEOUT_S = 5.0
+LOOKUP_THREADS = 4
 
 
 class TargetRefused(ValueError):
@@ -80,7 +91,7 @@ def forbidden_address(address: IPAddress) -> bool:
     """Anything but a public unicast address: loopback, link-local, private, shared, reserved, metadata,
     and IPv6 forms that lead to one of those IPv4 addresses."""
     if isinstance(address, ipaddress.IPv6Address):
-        if address in _LOCAL_NAT64:
+        if any(address in network for network in _NEVER_PUBLIC):
             return True
         carried = _carried_ipv4(address)
         if carried is not None and forbidden_address(carried):
@@ -91,6 +102,18 @@ def forbidden_address(address: IPAddress) -> bool:
 class TargetPolicy:
     def __init__(self, patterns: tuple[str, ...]) -> None:
         self._patterns = tuple(_normalise(pattern) for pattern in patterns if pattern.strip())
+        self._lookups = ThreadPoolExecutor(LOOKUP_THREADS, thread_name_prefix="imagine-webhook-dns")
+
+    def close(self) -> None:
+        self._lookups.shutdown(wait=False, cancel_futures=True)
+
+    async def lookup(self, host: str, port: int, family: int = socket.AF_UNSPEC) -> list[tuple[Any, ...]]:
+        """getaddrinfo for `host`, within RESOLVE_TIMEOUT_S (else TimeoutError), on the policy's own threads."""
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(RESOLVE_TIMEOUT_S):
+            return await loop.run_in_executor(
+                self._lookups, functools.partial(socket.getaddrinfo, host, port, family, socket.SOCK_STREAM)
+            )
 
     @property
     def enabled(self) -> bool:
@@ -149,7 +172,9 @@ class TargetPolicy:
         if target.literal is not None:
             return
         try:
-            found = await asyncio.get_running_loop().getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
+            found = await self.lookup(target.host, target.port)
+        except TimeoutError:
+            raise TargetRefused(f"host {target.host} did not resolve within {RESOLVE_TIMEOUT_S:g} s") from None
         except OSError:
             raise TargetRefused(f"host {target.host} does not resolve") from None
         for *_, address in found:
@@ -166,14 +191,23 @@ class GuardedResolver(AbstractResolver):
 
     def __init__(self, policy: TargetPolicy) -> None:
         self._policy = policy
-        self._resolver = ThreadedResolver()
 
     async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
-        found = await self._resolver.resolve(host, port, family)
-        for entry in found:
-            if not self._policy.address_allowed(host, ipaddress.ip_address(entry["host"])):
-                raise OSError(f"webhook host {host} resolves to {entry['host']}, which is not a public address")
-        return found
+        try:
+            found = await self._policy.lookup(host, port, family)
+        except TimeoutError:
+            raise OSError(f"webhook host {host} did not resolve within {RESOLVE_TIMEOUT_S:g} s") from None
+        results = []
+        for address_family, _, proto, _, address in found:
+            if not self._policy.address_allowed(host, ipaddress.ip_address(address[0])):
+                raise OSError(f"webhook host {host} resolves to {address[0]}, which is not a public address")
+            results.append(
+                ResolveResult(
+                    hostname=host, host=address[0], port=address[1], family=address_family, proto=proto,
+                    flags=socket.AI_NUMERICHOST | socket.AI_NUMERICSERV,
+                )
+            )
+        return results
 
     async def close(self) -> None:
-        await self._resolver.close()
+        """The lookup threads are the policy's, closed with it."""
