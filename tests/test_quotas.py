@@ -106,6 +106,18 @@ async def test_a_generation_whose_caller_hangs_up_is_refunded_only_if_it_had_not
     assert plugin.generator.finished_runs == ["interrupted"]  # the one that ran, stopped
 
 
+async def test_a_spent_quota_is_refused_before_an_input_image_is_decoded(make_client: Any, base_settings: Settings) -> None:
+    client = await make_client(base_settings.replace(quotas={"images_per_day": 1}))
+    unreadable = {**BODY, "init_image": "aGVsbG8gd29ybGQ="}  # base64 of text, not of an image
+    refused = await client.post("/imagine/generate", json=unreadable, headers=auth())
+    assert refused.status == 400, await refused.text()  # with room left, the image is read, and a 400 costs nothing
+    assert (await client.post("/imagine/generate", json=BODY, headers=auth())).status == 200
+    over = await client.post("/imagine/generate", json=unreadable, headers=auth())
+    assert over.status == 429 and (await over.json())["error"]["code"] == "QUOTA_EXCEEDED"
+    assert "Retry-After" in over.headers
+    assert (await usage(client))["day"]["images"] == 1
+
+
 async def test_a_token_claim_and_per_model_limits_override_the_defaults(make_client: Any, base_settings: Settings) -> None:
     client = await make_client(base_settings.replace(quotas={"images_per_day": 100, "models": {"sdxl": {"images_per_day": 1}}}))
     assert (await client.post("/imagine/generate", json=BODY, headers=auth())).status == 200

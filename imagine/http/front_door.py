@@ -2,8 +2,8 @@
 
 In this order: the body's own fields (400), the model it names (404), whether
 the caller's token may use that model once aliases and the default are resolved
-(403), whether the model takes the input images sent (400), the images themselves (400; 404 for another
-caller's gallery id), then the model's defaults and limits (400), and last the images' preparation at the
+(403), whether the model takes the input images sent (400), with input images whether the caller's quota
+has room (429, before a pixel is decoded), the images themselves (400; 404 for another caller's gallery id), then the model's defaults and limits (400), and last the images' preparation at the
 request's size. A route with a body of its own (OpenAI's, seed 004's) maps it to /generate's fields first, so
 its errors read the same as /generate's.
 """
@@ -19,6 +19,7 @@ from aiohttp import web
 from imagine.http import image_inputs
 from imagine.http.app_keys import generate_body_key, registry_key, settings_key
 from imagine.http.a1111_prompts import read_a1111_prompts
+from imagine.http.quota_gate import quotas_key
 from imagine.http.request_bodies import GenerateBody, parse_generate_body, resolve_request
 from imagine.plugin.generators import GenerationRequest, Generator
 from imagine.security.tokens import Principal, check_model_grant
@@ -56,6 +57,8 @@ async def admit(
     if body.init_image is None:
         return Admitted(body, generator, resolve_request(body, generator))
     image_inputs.check_model_takes(body, generator)
+    # Decoding an image is the costly part of admitting a body: not for a caller whose quota is spent.
+    await app[quotas_key].check(principal.sub, principal.quota, generator.name, body.num_images)
     sent = await image_inputs.read_inputs(app, principal, body)
     request = resolve_request(body, generator, size=image_inputs.output_size(body, sent.init.image.size))
     return Admitted(body, generator, await image_inputs.with_inputs(app, body, sent, request))

@@ -265,6 +265,21 @@ class Quotas:
             self._telemetry.quota_used(used / limit)
         return Charge(sub, model, images, at.day, at.month), decision
 
+    async def check(self, sub: str, claim: QuotaClaim | None, model: str, images: int) -> None:
+        """429 QUOTA_EXCEEDED now if `images` more would not fit, counting nothing: for work worth refusing
+        before it is done (decoding a caller's input images). The charge itself decides, atomically, later."""
+        at = windows(self._clock())
+        applied = self.applied(claim, model)
+        if not any((applied.total.day, applied.total.month, applied.model.day, applied.model.month)):
+            return
+        await self.settle()  # this replica's unwritten counts, so the read sees them
+        day, month = await self._store.usage(sub, at)
+        counts = Counts(day.get(TOTAL, 0), month.get(TOTAL, 0), day.get(model, 0), month.get(model, 0))
+        over = [(what, limit, reset) for what, limit, used, reset in _checks(applied, counts, at, model) if used + images > limit]
+        if over:
+            self._telemetry.quota_counted(model, "refused", images)
+            raise quota_exceeded(over)
+
     def _count_later(self, sub: str, model: str, images: int, at: Windows, applied: Applied) -> None:
         """Add to the counts written together within COUNT_EVERY_S: one write a second, not one a request."""
         key = (sub, model, at.day, at.month)
