@@ -133,9 +133,7 @@ async def test_failed_and_cancelled_before_running_jobs_are_refunded_but_not_a_t
 ) -> None:
     plugin = SlowPlugin(step_seconds=0.05)
     settings = base_settings.replace(queue={"timeout_s": 0.6}, quotas={"images_per_day": 10})
-    client = await make_client(settings, plugins=(plugin, oom_plugin))
-    broken = await (await client.post("/imagine/jobs", json={"prompt": TRIGGER, "model": "oom"}, headers=auth())).json()
-    assert (await job_end(client, broken["id"]))["error"]["error"]["code"] == "OUT_OF_MEMORY"
+    client = await make_client(settings, plugins=(plugin,))
     slow = {"prompt": "slow", "model": "slow", "steps": 100}
     running = await (await client.post("/imagine/jobs", json=slow, headers=auth())).json()
     # The second job must wait behind the first, not join its batch.
@@ -146,8 +144,18 @@ async def test_failed_and_cancelled_before_running_jobs_are_refunded_but_not_a_t
     failed = await job_end(client, running["id"])
     assert failed["status"] == "failed" and failed["error"]["error"]["code"] == "TIMEOUT"
     await asyncio.sleep(0.2)
-    # The failure and the cancel came back; the job that ran until its deadline used the device's time.
+    # The cancel came back; the job that ran until its deadline used the device's time.
     assert (await usage(client))["day"]["images"] == 1
+
+
+async def test_a_failed_job_is_refunded(make_client: Any, base_settings: Settings) -> None:
+    client = await make_client(base_settings.replace(quotas={"images_per_day": 10}), plugins=(oom_plugin,))
+    broken = await (await client.post("/imagine/jobs", json={"prompt": TRIGGER, "model": "oom"}, headers=auth())).json()
+    assert (await job_end(client, broken["id"]))["error"]["error"]["code"] == "OUT_OF_MEMORY"
+    deadline = time.monotonic() + 10
+    while (await usage(client))["day"]["images"] != 0:  # the refund follows the job's end
+        assert time.monotonic() < deadline, "the failed job was never refunded"
+        await asyncio.sleep(0.05)
 
 
 async def test_a_generation_that_runs_past_its_deadline_stays_charged(make_client: Any, base_settings: Settings) -> None:
