@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import json
 import time
 
 from aiohttp import web
@@ -11,7 +9,8 @@ from aiohttp import web
 from imagine.http import generation
 from imagine.security.tokens import requires
 from imagine.errors import field_error, validation_error
-from imagine.http.app_keys import encode_pool_key, principal_key, queue_wait_key
+from imagine.http.json_answers import json_bytes
+from imagine.http.app_keys import principal_key, queue_wait_key
 from imagine.http.front_door import admit
 from imagine.http.generation_result import GenerationResult
 from imagine.http.negotiation import ResponseFormat, choose_format
@@ -71,9 +70,7 @@ async def generate(request: web.Request) -> web.Response:
     if response_format == "json":
         # Megabytes of base64: build and serialise them off the loop as well.
         serializing = time.perf_counter()
-        payload = await asyncio.get_running_loop().run_in_executor(
-            app[encode_pool_key], lambda: json.dumps(GenerationResult.of(generated).model_dump()).encode()
-        )
+        payload = await json_bytes(app, lambda: GenerationResult.of(generated).model_dump())
         timings["serialize"] = time.perf_counter() - serializing
         return web.Response(body=payload, content_type="application/json", headers={"Server-Timing": server_timing(timings)})
     seed = generated.output.seeds[0]

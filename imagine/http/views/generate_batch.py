@@ -9,7 +9,6 @@ succeeded, with /generate's JSON result or the usual error JSON.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from typing import Any
 
@@ -18,7 +17,8 @@ from aiohttp import web
 from imagine.http import generation
 from imagine.security.tokens import Principal, requires
 from imagine.errors import ApiError, error_body, validation_error
-from imagine.http.app_keys import encode_pool_key, principal_key
+from imagine.http.json_answers import json_bytes
+from imagine.http.app_keys import principal_key
 from imagine.http.front_door import admit
 from imagine.http.generation_result import GenerationResult
 from imagine.http.negotiation import preferred
@@ -102,9 +102,7 @@ async def generate_batch(request: web.Request) -> web.Response:
     principal = request[principal_key]
     # gather starts every item at once: each is queued on the executor before the first one finishes.
     results = await asyncio.gather(*(_run_item(request.app, principal, index, item) for index, item in enumerate(items)))
-    payload = await asyncio.get_running_loop().run_in_executor(
-        request.app[encode_pool_key], lambda: json.dumps({"results": results}).encode()
-    )
+    payload = await json_bytes(request.app, lambda: {"results": results})
     return web.Response(body=payload, content_type="application/json")
 
 

@@ -12,6 +12,7 @@ from imagine.errors import validation_error
 from imagine.engine.jobs import body_fingerprint
 from imagine.http.app_keys import jobs_key, principal_key, settings_key
 from imagine.http.front_door import admit
+from imagine.http.json_answers import json_bytes
 from imagine.http.job_followups import ORIGIN_FIELD, WEBHOOK_FIELD, followups_key
 from imagine.http.stream_slots import stream_slots_key
 from imagine.http.urls import public_origin
@@ -156,7 +157,15 @@ async def submit_job(request: web.Request) -> web.Response:
     responses={200: json_response("The job", JOB), **NOT_FOUND},
 )
 async def get_job(request: web.Request) -> web.Response:
-    return web.json_response(await request.app[jobs_key].snapshot(request[principal_key], request.match_info["job_id"]))
+    job = await request.app[jobs_key].snapshot(request[principal_key], request.match_info["job_id"])
+    return await _job_answer(request.app, job)
+
+
+async def _job_answer(app: web.Application, job: dict[str, Any]) -> web.Response:
+    """A finished job's JSON holds its images: serialised off the loop (30 ms at four 1024² images)."""
+    if "result" not in job:  # no images in it: small
+        return web.json_response(job)
+    return web.Response(body=await json_bytes(app, lambda: job), content_type="application/json")
 
 
 @requires("generate")
@@ -167,7 +176,8 @@ async def get_job(request: web.Request) -> web.Response:
     responses={200: json_response("The job, cancelled (or already finished)", JOB), **NOT_FOUND},
 )
 async def cancel_job(request: web.Request) -> web.Response:
-    return web.json_response(await request.app[jobs_key].cancel(request[principal_key], request.match_info["job_id"]))
+    job = await request.app[jobs_key].cancel(request[principal_key], request.match_info["job_id"])
+    return await _job_answer(request.app, job)
 
 
 @requires("generate")
