@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import secrets
+import sqlite3
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -101,8 +104,9 @@ async def test_a_receiver_named_by_host_name_is_resolved_and_delivered_to(
     assert Webhook(SECRET).verify(accepted.body, accepted.headers)["data"]["id"] == (await response.json())["id"]
 
 
+@pytest.mark.parametrize("kept_before_owners", [False, True])
 async def test_a_pending_delivery_resumes_after_a_restart(
-    aiohttp_client: Any, base_settings: Settings, receiver: Receiver
+    aiohttp_client: Any, base_settings: Settings, receiver: Receiver, kept_before_owners: bool
 ) -> None:
     receiver.fail_first = 1000
     settings = hooked(base_settings)
@@ -112,6 +116,10 @@ async def test_a_pending_delivery_resumes_after_a_restart(
     job_id = (await response.json())["id"]
     await receiver.wait_for(1)
     await first.close()
+    if kept_before_owners:  # an outbox written by a version whose deliveries did not name their caller
+        with contextlib.closing(sqlite3.connect(Path(settings.server.state_dir) / "webhooks.sqlite3")) as outbox:
+            outbox.execute("ALTER TABLE deliveries DROP COLUMN owner")
+            outbox.commit()
     refused = len(receiver.received)
     receiver.fail_first = refused  # accepts from now on
     await aiohttp_client(create_app(settings, keys=KEYS))
@@ -208,6 +216,42 @@ async def test_a_receiver_that_stalls_holds_a_few_delivery_slots_not_all(
             break
         await asyncio.sleep(0.05)
     assert len(set(served)) == len(served) == stalled and most[0] == PER_RECEIVER
+
+
+async def test_one_callers_stalling_receivers_hold_part_of_the_delivery_slots_not_all(
+    make_client: Any, base_settings: Settings, receiver: Receiver, aiohttp_server: Any
+) -> None:
+    from aiohttp import web
+
+    from imagine.webhooks.deliverer import PER_CALLER, PER_RECEIVER
+
+    held, most, released = [0], [0], asyncio.Event()
+
+    async def stall(request: web.Request) -> web.Response:
+        held[0] += 1
+        most[0] = max(most[0], held[0])
+        await released.wait()
+        held[0] -= 1
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/hook", stall)
+    stalling = [await aiohttp_server(app) for _ in range(3)]  # three receivers of mallory's own
+    receiver.fail_first = 0
+    client = await make_client(hooked(base_settings, timeout_s=30.0))
+    for server in stalling:
+        for _ in range(PER_RECEIVER):
+            response = await client.post(
+                "/imagine/jobs", json={**BODY, "webhook_url": str(server.make_url("/hook"))}, headers=auth("mallory")
+            )
+            assert response.status == 202
+    async with asyncio.timeout(30):
+        while held[0] < PER_CALLER:
+            await asyncio.sleep(0.05)
+    assert (await submit(client, receiver.url)).status == 202  # alice's, to a receiver that answers
+    await receiver.wait_for(1)
+    assert most[0] == PER_CALLER < 3 * PER_RECEIVER
+    released.set()
 
 
 async def test_a_redirect_is_not_followed(make_client: Any, base_settings: Settings, receiver: Receiver) -> None:

@@ -101,7 +101,7 @@ class JobFollowUps:
             snapshot, after_end.get(ORIGIN_FIELD, ""), self._app[url_signer_key], settings.server.base_path, links_from
         )
         # The same id on every attempt: receivers drop the repeats of an at-least-once delivery.
-        return Delivery(snapshot["id"], url, f"msg_{snapshot['id']}", body, 0)
+        return Delivery(snapshot["id"], url, f"msg_{snapshot['id']}", body, 0, owner)
 
     async def ended(self, owner: str, snapshot: dict[str, Any], after_end: Mapping[str, str]) -> None:
         """One process's job store calls this as a job ends."""

@@ -36,6 +36,9 @@ CONCURRENCY = 16
 # ...and at most this many of them to one receiver (host and port): one that answers slowly, or
 # never, holds these slots for up to webhooks.timeout_s each, never every slot.
 PER_RECEIVER = 4
+# ...and at most this many of one caller's jobs: a caller with receivers of its own that stall cannot
+# hold every slot, and everyone else's webhooks go on.
+PER_CALLER = 8
 
 
 class WebhookTelemetry(Protocol):
@@ -86,7 +89,8 @@ class Deliverer:
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
         self._sending: set[asyncio.Task[None]] = set()
-        self._per_receiver: collections.Counter[str] = collections.Counter()
+        # Deliveries under way, by receiver and by the caller whose job it is.
+        self._under_way: collections.Counter[tuple[str, str]] = collections.Counter()
 
     def start(self) -> None:
         connector = aiohttp.TCPConnector(resolver=GuardedResolver(self._policy), limit=CONCURRENCY)
@@ -124,16 +128,16 @@ class Deliverer:
                 room = CONCURRENCY - len(self._sending)
                 due = await self._outbox.claim(self._lease_s, room) if room > 0 else []
                 for delivery in due:
-                    receiver = _receiver(delivery.url)
-                    if self._per_receiver[receiver] >= PER_RECEIVER:
-                        # Back in line, no attempt spent: behind what else is due, until one of its receiver's ends.
+                    shares = (("receiver", _receiver(delivery.url)), ("caller", delivery.owner))
+                    if self._under_way[shares[0]] >= PER_RECEIVER or self._under_way[shares[1]] >= PER_CALLER:
+                        # Back in line, no attempt spent: behind what else is due, until one of its share ends.
                         await self._outbox.retry_at(delivery, delivery.attempts, time.time() + self._poll_s)
                         continue
-                    self._per_receiver[receiver] += 1
+                    self._under_way.update(shares)
                     task = asyncio.create_task(self._attempt(delivery))
                     self._sending.add(task)
                     task.add_done_callback(self._sending.discard)
-                    task.add_done_callback(lambda _, receiver=receiver: self._release(receiver))
+                    task.add_done_callback(lambda _, shares=shares: self._release(shares))
             except RedisError as error:
                 # A shared outbox that cannot be read now (Redis restarting) is read again at the next poll.
                 log.warning("could not read the webhook outbox: %s", error)
@@ -143,10 +147,11 @@ class Deliverer:
                 await asyncio.wait_for(self._wake.wait(), timeout=self._poll_s)
             self._wake.clear()
 
-    def _release(self, receiver: str) -> None:
-        self._per_receiver[receiver] -= 1
-        if not self._per_receiver[receiver]:
-            del self._per_receiver[receiver]
+    def _release(self, shares: tuple[tuple[str, str], ...]) -> None:
+        self._under_way.subtract(shares)
+        for share in shares:
+            if not self._under_way[share]:
+                del self._under_way[share]
 
     async def _attempt(self, delivery: Delivery) -> None:
         attempt = delivery.attempts + 1

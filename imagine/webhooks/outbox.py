@@ -44,6 +44,7 @@ class Delivery:
     message_id: str
     body: str
     attempts: int  # made so far
+    owner: str = ""  # the job's caller (a delivery stored before owners were kept: "")
 
 
 class Outbox(Protocol):
@@ -60,14 +61,21 @@ class Outbox(Protocol):
 
 _SCHEMA = """CREATE TABLE IF NOT EXISTS deliveries (
     job_id TEXT PRIMARY KEY, url TEXT NOT NULL, message_id TEXT NOT NULL, body TEXT NOT NULL,
-    attempts INTEGER NOT NULL, next_at REAL NOT NULL)"""
+    attempts INTEGER NOT NULL, next_at REAL NOT NULL, owner TEXT NOT NULL DEFAULT '')"""
+
+
+def _with_owner_column(connection: sqlite3.Connection) -> None:
+    """An outbox written before deliveries kept their caller gains the column; its rows keep ""."""
+    columns = {row[1] for row in connection.execute("PRAGMA table_info(deliveries)")}
+    if "owner" not in columns:
+        connection.execute("ALTER TABLE deliveries ADD COLUMN owner TEXT NOT NULL DEFAULT ''")
 
 
 class SqliteOutbox:
     """The embedded outbox: one row per pending delivery, on a thread that owns the connection."""
 
     def __init__(self, folder: Path) -> None:
-        self._database = SqliteThread(folder / DATABASE_FILE, [_SCHEMA], "imagine-webhooks")
+        self._database = SqliteThread(folder / DATABASE_FILE, [_SCHEMA], "imagine-webhooks", prepare=_with_owner_column)
 
     async def _call(self, work: Callable[[sqlite3.Connection], T]) -> T:
         return await self._database.call(work)
@@ -76,8 +84,12 @@ class SqliteOutbox:
         """Due at once; a job's delivery is added once, whatever calls this again."""
         await self._call(
             lambda connection: connection.execute(
-                "INSERT OR IGNORE INTO deliveries VALUES (?, ?, ?, ?, ?, ?)",
-                (delivery.job_id, delivery.url, delivery.message_id, delivery.body, delivery.attempts, time.time()),
+                "INSERT OR IGNORE INTO deliveries (job_id, url, message_id, body, attempts, next_at, owner)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    delivery.job_id, delivery.url, delivery.message_id, delivery.body, delivery.attempts, time.time(),
+                    delivery.owner,
+                ),
             )
         )
 
@@ -85,7 +97,8 @@ class SqliteOutbox:
         def claim(connection: sqlite3.Connection) -> list[Delivery]:
             now = time.time()
             rows = connection.execute(
-                "SELECT job_id, url, message_id, body, attempts FROM deliveries WHERE next_at <= ? ORDER BY next_at LIMIT ?",
+                "SELECT job_id, url, message_id, body, attempts, owner FROM deliveries WHERE next_at <= ?"
+                " ORDER BY next_at LIMIT ?",
                 (now, limit),
             ).fetchall()
             connection.executemany(
@@ -162,7 +175,7 @@ class RedisOutbox:
         if stored:
             return Delivery(
                 job_id, stored[b"url"].decode(), stored[b"message_id"].decode(), stored[b"body"].decode(),
-                int(stored[b"attempts"]),
+                int(stored[b"attempts"]), stored.get(b"owner", b"").decode(),
             )
         job = keys.job(job_id)
         owner, after_end = await self._client.hmget(job, ["owner", "after_end"])
@@ -179,7 +192,10 @@ class RedisOutbox:
             async with self._client.pipeline(transaction=True) as pipe:
                 pipe.hset(
                     DELIVERY_PREFIX + job_id,
-                    mapping={"url": delivery.url, "message_id": delivery.message_id, "body": delivery.body, "attempts": 0},
+                    mapping={
+                        "url": delivery.url, "message_id": delivery.message_id, "body": delivery.body, "attempts": 0,
+                        "owner": delivery.owner,
+                    },
                 )
                 pipe.expire(DELIVERY_PREFIX + job_id, self._keep_s)
                 await pipe.execute()
