@@ -222,6 +222,23 @@ async def test_subjects_take_turns_on_the_shared_queue(shared: Settings, replica
     assert order[:2] == ["x0", "y0"], order
 
 
+async def test_an_idempotency_key_whose_job_has_expired_makes_a_new_job(shared: Settings, replica: Replicas) -> None:
+    """The key lasts from submission, the job from its end: a job that ended quickly goes first, and
+    its key must then name nothing, not a job that is not found."""
+    gpu = await replica(shared.replace(jobs={"ttl_s": 1}, queue={"timeout_s": 60}))
+    headers = {**auth(), "Idempotency-Key": "order-7"}
+    first = await (await gpu.post("/imagine/jobs", json=BODY, headers=headers)).json()
+    assert (await wait_for(gpu, first["id"]))["status"] == "succeeded"
+    deadline = time.monotonic() + 10
+    while (await gpu.get(f"/imagine/jobs/{first['id']}", headers=auth())).status != 404:
+        assert time.monotonic() < deadline, "the job never expired"
+        await asyncio.sleep(0.1)
+    again = await gpu.post("/imagine/jobs", json=BODY, headers=headers)
+    assert again.status == 202, await again.text()
+    assert "Idempotent-Replayed" not in again.headers and (await again.json())["id"] != first["id"]
+    assert (await wait_for(gpu, (await again.json())["id"]))["status"] == "succeeded"
+
+
 async def test_a_worker_that_went_quiet_has_its_job_claimed_and_run_by_another(
     shared: Settings, replica: Replicas, raw_redis: Any
 ) -> None:

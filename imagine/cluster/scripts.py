@@ -132,15 +132,17 @@ local function forget_job(finished, names, id)
 end
 
 local job_id = ARGV[1]
+local names = cjson.decode(ARGV[10])
 if ARGV[5] == '1' then
   local earlier = redis.call('GET', KEYS[11])
-  if earlier then return {'replay', earlier} end
+  -- A key outlives a job that ended early (the key lasts from submission, the job's record from its
+  -- end): once the job is gone the key names nothing, and this is a new submission.
+  if earlier and redis.call('EXISTS', string.format(names.job, earlier)) == 1 then return {'replay', earlier} end
 end
 local enqueue = ARGV[6] == '1'
 local depth = redis.call('ZCARD', KEYS[1])
 if enqueue and depth >= tonumber(ARGV[2]) then return {'full', tostring(depth)} end
 local visible = ARGV[9] == '1'
-local names = cjson.decode(ARGV[10])
 local forget = {}
 if visible then
   local spared
