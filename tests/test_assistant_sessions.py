@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from pathlib import Path
 
@@ -80,3 +81,18 @@ async def test_the_embedded_store_shares_the_gallerys_file(tmp_path: Path) -> No
     assert (await sessions.messages("alice", "default"))[1].image_id == image_id
     await sessions.close()
     await gallery.close()
+
+
+async def test_one_callers_concurrent_chats_keep_to_max_sessions(new_store) -> None:
+    """Several of one caller's chats ending at once, each in a session of its own, past max_sessions:
+    every exchange is stored or trimmed away, none fails, and max_sessions holds."""
+    store = new_store()
+    await store.open()
+    for round_ in range(10):
+        at = 100.0 + round_
+        await asyncio.gather(
+            *(store.append("alice", f"s{index}", exchange(f"hello {index}", at + index / 10), keep=4, max_sessions=1)
+              for index in range(3))
+        )  # fmt: skip
+        assert len(await store.sessions("alice")) == 1
+    await store.close()

@@ -20,6 +20,10 @@ from imagine.storage.postgres_database import VersionedDatabase
 
 SCHEMA_LOCK = 0x1A6A_C4A7
 POOL_SIZE = 5
+# The two-key advisory locks (a key space of their own): (this, hash of the owner) serialises one caller's
+# appends. Unserialised, two appends past max_sessions each deleted the row the other had just updated,
+# a deadlock, and neither saw the other's session, so more than max_sessions were kept.
+OWNER_LOCK_SPACE = 0x1A6A
 T = TypeVar("T")
 
 _SCHEMA = (
@@ -82,6 +86,7 @@ class PostgresSessions(SessionStore):
     ) -> None:
         async def append(connection: asyncpg.Connection) -> None:
             async with connection.transaction():
+                await connection.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", OWNER_LOCK_SPACE, owner)
                 await connection.execute(
                     "INSERT INTO chat_sessions (owner, session_id, created_at, updated_at) VALUES ($1, $2, $3, $4) "
                     "ON CONFLICT (owner, session_id) DO UPDATE SET updated_at = EXCLUDED.updated_at",
