@@ -118,6 +118,18 @@ async def test_a_spent_quota_is_refused_before_an_input_image_is_decoded(make_cl
     assert (await usage(client))["day"]["images"] == 1
 
 
+async def test_retries_of_one_job_sent_together_are_replays_not_refusals(make_client: Any, base_settings: Settings) -> None:
+    """Each retry holds a charge until the store tells it is a replay: those past the quota meanwhile must
+    still answer the job they repeat."""
+    client = await make_client(base_settings.replace(quotas={"images_per_day": 3}))
+    headers = {**auth(), "Idempotency-Key": "order-9"}
+    responses = await asyncio.gather(*(client.post("/imagine/jobs", json=BODY, headers=headers) for _ in range(8)))
+    assert [response.status for response in responses] == [202] * 8
+    assert len({(await response.json())["id"] for response in responses}) == 1
+    await job_end(client, (await responses[0].json())["id"])
+    assert (await usage(client))["day"]["images"] == 1
+
+
 async def test_a_token_claim_and_per_model_limits_override_the_defaults(make_client: Any, base_settings: Settings) -> None:
     client = await make_client(base_settings.replace(quotas={"images_per_day": 100, "models": {"sdxl": {"images_per_day": 1}}}))
     assert (await client.post("/imagine/generate", json=BODY, headers=auth())).status == 200

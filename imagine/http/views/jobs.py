@@ -8,7 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from imagine.security.tokens import requires
-from imagine.errors import validation_error
+from imagine.errors import ApiError, validation_error
 from imagine.engine.jobs import body_fingerprint
 from imagine.http.app_keys import jobs_key, principal_key, settings_key
 from imagine.http.front_door import admit
@@ -129,6 +129,19 @@ async def submit_job(request: web.Request) -> web.Response:
     earlier = await jobs.replay(principal, key, fingerprint)
     if earlier is not None:
         return accepted(request, earlier, replayed=True)
+    try:
+        acceptance, replayed = await _submit(request, raw, key, fingerprint)
+    except ApiError as error:
+        # Retries of one request sent together: each is charged until the job store tells it is a replay,
+        # so those past the quota meanwhile are refused though the job they repeat was accepted.
+        if key is None or error.code != "QUOTA_EXCEEDED" or (earlier := await jobs.replay(principal, key, fingerprint)) is None:
+            raise
+        acceptance, replayed = earlier, True
+    return accepted(request, acceptance, replayed=replayed)
+
+
+async def _submit(request: web.Request, raw: Any, key: str | None, fingerprint: str) -> tuple[dict[str, Any], bool]:
+    app, principal = request.app, request[principal_key]
     # The jobs body's own field: the generation body (admit's) does not know it.
     webhook_url = raw.pop(WEBHOOK_FIELD, None) if isinstance(raw, dict) else None
     admitted = await admit(app, principal, raw)
@@ -136,7 +149,7 @@ async def submit_job(request: web.Request) -> web.Response:
     if webhook_url is not None:
         await app[followups_key].check_target(webhook_url, admitted.body.store)
         after_end = {WEBHOOK_FIELD: webhook_url, ORIGIN_FIELD: public_origin(request)}
-    acceptance, replayed = await jobs.submit(
+    return await app[jobs_key].submit(
         principal,
         key,
         fingerprint,
@@ -146,7 +159,6 @@ async def submit_job(request: web.Request) -> web.Response:
         preview=admitted.body.preview,
         after_end=after_end,
     )
-    return accepted(request, acceptance, replayed=replayed)
 
 
 @requires("generate")
