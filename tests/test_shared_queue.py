@@ -254,6 +254,24 @@ async def test_a_worker_that_went_quiet_has_its_job_claimed_and_run_by_another(
     assert (pixels(data_url_png(done["result"]["images"][0])) == pixels(data_url_png(alone["images"][0]))).all()
 
 
+async def test_a_job_taken_by_a_worker_that_never_started_it_is_cancelled_at_once(
+    shared: Settings, replica: Replicas, raw_redis: Any
+) -> None:
+    api = await replica(shared, "api")
+    submitted = await (await api.post("/imagine/jobs", json=BODY, headers=auth())).json()
+    [taken] = await SharedQueue(raw_redis, visibility_timeout_s=1.0, max_attempts=3).take("ghost", 1)
+    assert taken.job_id == submitted["id"]
+    started = time.monotonic()
+    cancelled = await (await api.delete(f"/imagine/jobs/{submitted['id']}", headers=auth())).json()
+    assert cancelled["status"] == "cancelled" and "started_at" not in cancelled
+    assert time.monotonic() - started < 5  # not the wait for a running job to stop
+    # The worker that claims the ghost's entry finds the job ended, and neither runs nor revives it.
+    gpu = await replica(shared)
+    await asyncio.sleep(2.5)
+    assert (await (await gpu.get(f"/imagine/jobs/{submitted['id']}", headers=auth())).json())["status"] == "cancelled"
+    assert await raw_redis.exists(taken.stream) == 0  # the entry acknowledged, its stream gone with it
+
+
 async def test_a_job_whose_every_attempt_stopped_its_worker_fails_instead_of_looping(
     shared: Settings, replica: Replicas, raw_redis: Any
 ) -> None:

@@ -282,7 +282,7 @@ return 'run'
 
 # KEYS: job, waiting, events, unfinished, streams, subjects, after_end, finished
 # ARGV: job id, error JSON, ttl, now
-# Returns the job's state after the call: "cancelled" when it was still waiting (removed now),
+# Returns the job's state after the call: "cancelled" when it had not started (removed now if waiting),
 # "signalled" when a worker holds it (it stops at its next step), a terminal state, or "missing".
 CANCEL = (
     _STREAM_HELPERS
@@ -296,6 +296,14 @@ if redis.call('ZREM', KEYS[2], ARGV[1]) == 1 then
   redis.call('XDEL', stream, redis.call('HGET', KEYS[1], 'entry'))
   forget_if_empty(stream, KEYS[5], KEYS[6])
   finish(KEYS[1], KEYS[3], KEYS[4], KEYS[8], KEYS[7], ARGV[1], 'cancelled', ARGV[2], ARGV[2], tonumber(ARGV[3]), ARGV[4])
+  return 'cancelled'
+end
+if status == 'queued' then
+  -- Taken by a worker that has not started it (START would have made it running), maybe one that died,
+  -- or a cloud job not sent yet: it ends now. A worker's START then finds it done and acknowledges it;
+  -- the replica running a cloud job hears the cancel and stops.
+  finish(KEYS[1], KEYS[3], KEYS[4], KEYS[8], KEYS[7], ARGV[1], 'cancelled', ARGV[2], ARGV[2], tonumber(ARGV[3]), ARGV[4])
+  redis.call('PUBLISH', 'imagine:cancel', ARGV[1])
   return 'cancelled'
 end
 redis.call('HSET', KEYS[1], 'cancel', '1')
