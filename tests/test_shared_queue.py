@@ -122,10 +122,15 @@ async def test_a_job_submitted_to_one_replica_is_answered_by_both_and_runs_on_th
     assert all(event["preview"].startswith("data:image/png;base64,") for event in progress)
     resumed = await events_of(gpu, job_id, {"Last-Event-ID": events[0][0]})
     assert resumed == events[1:]
+    # Resumed from its end: nothing follows, and the stream closes at once, not after a keep-alive.
+    started = time.monotonic()
     assert await events_of(api, job_id, {"Last-Event-ID": events[-1][0]}) == []
-    # An id of the right form that this stream never gave is refused, not waited on.
+    assert time.monotonic() - started < 5
+    # An id of the right form that this stream never gave (or not as it gave it) is refused, not waited on
+    # nor taken for the start.
     milliseconds, sequence = events[-1][0].split("-")
-    for beyond in (f"{milliseconds}-{int(sequence) + 1}", f"{int(milliseconds) + 1}-0"):
+    never = (f"{milliseconds}-{int(sequence) + 1}", f"{int(milliseconds) + 1}-0", "0-0", "1-0", f"{milliseconds}-0{sequence}")
+    for beyond in never:
         refused = await gpu.get(f"/imagine/jobs/{job_id}/events", headers={**auth(), "Last-Event-ID": beyond})
         assert refused.status == 400 and (await refused.json())["error"]["details"]["errors"][0]["loc"] == ["header", "Last-Event-ID"]
 

@@ -489,10 +489,12 @@ class ClusterJobs:
         await self._owned(principal, job_id)
         if after is not None:
             with redis_errors():
-                newest = await self._client.xrevrange(keys.events(job_id), count=1)
-            if not newest or _stream_id(after) > _stream_id(newest[0][0].decode()):
-                # Not an id this stream gave (see imagine.engine.jobs: the same rule in one process).
+                seen = await self._client.xrange(keys.events(job_id), after, after, count=1)
+            if not seen or seen[0][0].decode() != after:
+                # Not an id this stream gave, as written (see imagine.engine.jobs: the same rule in one process).
                 raise unknown_event_id()
+            if seen[0][1][b"type"].decode() in TERMINAL:
+                return _no_events()  # the client saw the job's end: nothing follows it
         return self._stream(job_id, after or "0-0")
 
     async def _stream(self, job_id: str, last: str) -> AsyncIterator[bytes | None]:
@@ -534,9 +536,9 @@ class ClusterJobs:
         return len(running)
 
 
-def _stream_id(event_id: str) -> tuple[int, int]:
-    milliseconds, _, sequence = event_id.partition("-")
-    return int(milliseconds), int(sequence)
+async def _no_events() -> AsyncIterator[bytes | None]:
+    return
+    yield  # an async generator that ends at once
 
 
 def jobs_being_followed_up(limit: int) -> ApiError:
