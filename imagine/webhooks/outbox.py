@@ -44,7 +44,7 @@ class Delivery:
     message_id: str
     body: str
     attempts: int  # made so far
-    owner: str = ""  # the job's caller (a delivery stored before owners were kept: "")
+    owner: str  # the job's caller ("" for a delivery stored before deliveries kept it)
 
 
 class Outbox(Protocol):
