@@ -205,7 +205,7 @@ async def test_images_and_metadata_survive_a_restart(make_client, base_settings)
 
 async def test_pagination_newest_first_and_filters(client) -> None:
     older = await generate(client, prompt="A Red Fox in snow")
-    middle = await generate(client, prompt="a blue whale", model="sdxl-turbo")
+    middle = await generate(client, prompt="a blue whale off the Côte d'ÉTÉ", model="sdxl-turbo")
     newest = await generate(client, prompt="a sleeping FOX cub")
 
     page = await listing(client, "?limit=2")
@@ -221,6 +221,9 @@ async def test_pagination_newest_first_and_filters(client) -> None:
     assert [image["id"] for image in foxes["images"]] == newest["ids"] + older["ids"]
     assert foxes["total_count"] == 2
     assert (await listing(client, "?q=fox&model=sdxl-turbo"))["total_count"] == 0
+    # Case folds beyond ASCII alike in both stores.
+    for text in ("été", "CÔTE"):
+        assert [image["id"] for image in (await listing(client, f"?q={text}"))["images"]] == middle["ids"], text
     unknown = await listing(client, "?model=dall-e-9")
     assert unknown["images"] == [] and unknown["total_count"] == 0
     # Empty form fields mean "no filter".

@@ -161,6 +161,33 @@ async def test_listing_thousands_uses_indexes_not_table_scans(shared: Shared) ->
         await store.close()
 
 
+async def test_a_database_of_the_first_schema_is_migrated_and_its_rows_still_found(shared: Shared) -> None:
+    from imagine.storage import postgres_index
+    from imagine.storage.postgres_database import VersionedDatabase
+    from imagine.storage.records import COLUMNS, record_values
+
+    first = VersionedDatabase(
+        shared.database, what="a gallery of the first schema", schema_table="gallery_schema", lock=postgres_index.SCHEMA_LOCK,
+        migrations={1: postgres_index._MIGRATIONS[1]}, pool_size=1, unavailable=lambda error: AssertionError(error),
+    )  # fmt: skip
+    await first.open()
+    await first.close()
+    record = ImageRecord(new_id(), "alice", time.time(), metadata(0, prompt="A Fox in the Snow"))
+    connection = await asyncpg.connect(shared.database)
+    try:
+        placeholders = ", ".join(f"${n}" for n in range(1, len(COLUMNS) + 1))
+        await connection.execute(f"INSERT INTO gallery_images ({', '.join(COLUMNS)}) VALUES ({placeholders})", *record_values(record))
+    finally:
+        await connection.close()
+    index = postgres_index.PostgresIndex(shared.database)  # the index alone: no object to sweep the row for
+    await index.open()
+    try:
+        page, total = await index.list(ListQuery(owner="alice", limit=10, text="fox IN"))
+        assert total == 1 and [found.id for found in page] == [record.id]
+    finally:
+        await index.close()
+
+
 async def test_a_database_of_a_newer_schema_is_refused_with_a_message(shared: Shared) -> None:
     store = SharedGallery(shared.gallery())
     await store.open()

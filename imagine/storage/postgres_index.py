@@ -6,10 +6,12 @@ than it knows refuses to start rather than write rows it does not understand.
 
 Listing stays on indexes: each filter combination has a b-tree that ends in
 the listing order (newest first, `seq` the tie-break, as SQLite's rowid), and
-`q` is `ILIKE '%...%'` served by a trigram index (pg_trgm). A trigram index
-answers exactly the contract's case-insensitive substring; full-text search
-would match words and stems instead, and a lower() b-tree cannot serve a
-substring at all.
+`q` is `LIKE '%...%'` on the prompt casefolded by Python (`prompt_folded`),
+served by a trigram index (pg_trgm), as the embedded gallery compares: ILIKE
+folds by the database's locale, ASCII alone under "C", so `été` missed
+"Café ÉTÉ". A trigram index answers exactly the contract's case-insensitive
+substring; full-text search would match words and stems instead, and a
+b-tree cannot serve a substring at all.
 
 Connection failures become `gallery_unavailable` (503). An insert whose COMMIT
 was sent but not answered is reported as `CommitUnknown`: its rows may exist,
@@ -29,7 +31,7 @@ from imagine.storage.interface import gallery_unavailable
 from imagine.storage.postgres_database import UNREACHABLE, VersionedDatabase
 from imagine.storage.records import COLUMNS, ImageRecord, ListQuery, record_from_values, record_values
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 TABLE = "gallery_images"
 # Advisory lock keys (any 64-bit numbers of our own): schema changes, retention, the orphan sweep.
 SCHEMA_LOCK = 0x1A6A_11E1
@@ -70,10 +72,20 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         f"CREATE INDEX {TABLE}_by_age ON {TABLE} (created_at, seq)",
         f"CREATE INDEX {TABLE}_prompt_trigrams ON {TABLE} USING gin (prompt gin_trgm_ops)",
     ),
+    # The prompt casefolded for `q`. Rows written before it are folded by lower(), the nearest SQL has:
+    # the same for ASCII, and for the rest as the database's locale folds.
+    2: (
+        f"ALTER TABLE {TABLE} ADD COLUMN prompt_folded text",
+        f"UPDATE {TABLE} SET prompt_folded = lower(prompt)",
+        f"ALTER TABLE {TABLE} ALTER COLUMN prompt_folded SET NOT NULL",
+        f"DROP INDEX {TABLE}_prompt_trigrams",
+        f"CREATE INDEX {TABLE}_folded_prompt_trigrams ON {TABLE} USING gin (prompt_folded gin_trgm_ops)",
+    ),
 }
 
 _SELECT = f"SELECT {', '.join(COLUMNS)} FROM {TABLE}"
-_INSERT = f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}) VALUES ({', '.join(f'${n}' for n in range(1, len(COLUMNS) + 1))})"
+_INSERTED = (*COLUMNS, "prompt_folded")
+_INSERT = f"INSERT INTO {TABLE} ({', '.join(_INSERTED)}) VALUES ({', '.join(f'${n}' for n in range(1, len(_INSERTED) + 1))})"
 _NEWEST_FIRST = "ORDER BY created_at DESC, seq DESC"
 T = TypeVar("T")
 
@@ -81,8 +93,12 @@ class CommitUnknown(Exception):
     """The connection failed while a COMMIT was on its way: the rows may or may not exist."""
 
 
+def _row(record: ImageRecord) -> tuple[Any, ...]:
+    return (*record_values(record), record.metadata.prompt.casefold())
+
+
 def _like_pattern(text: str) -> str:
-    """`text` as an ILIKE substring pattern, its own wildcards taken literally."""
+    """`text` as a LIKE substring pattern, its own wildcards taken literally."""
     escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     return f"%{escaped}%"
 
@@ -129,11 +145,11 @@ class PostgresIndex:
             await transaction.start()
             try:
                 if if_absent:
-                    statuses = [await connection.execute(statement, *record_values(record)) for record in records]
+                    statuses = [await connection.execute(statement, *_row(record)) for record in records]
                     added = sum(int(status.rsplit(" ", 1)[-1]) for status in statuses)
                 else:
                     # One round trip for the lot.
-                    await connection.executemany(statement, [record_values(record) for record in records])
+                    await connection.executemany(statement, [_row(record) for record in records])
                     added = len(records)
             except BaseException:
                 with contextlib.suppress(Exception):
@@ -220,8 +236,8 @@ class PostgresIndex:
             parameters.append(query.model)
             conditions.append(f"model = ${len(parameters)}")
         if query.text:
-            parameters.append(_like_pattern(query.text))
-            conditions.append(f"prompt ILIKE ${len(parameters)}")
+            parameters.append(_like_pattern(query.text.casefold()))
+            conditions.append(f"prompt_folded LIKE ${len(parameters)}")
         where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
         count = len(parameters)
         page = f"{_SELECT} {where} {_NEWEST_FIRST} LIMIT ${count + 1} OFFSET ${count + 2}"
