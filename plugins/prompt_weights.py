@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from imagine.plugin.prompt_syntax import Chunk, is_weighted, plain_text, weighted_chunks
+from imagine.plugin.prompt_syntax import Chunk, is_weighted, joined, plain_text, weighted_chunks
 
 
 def prompt_arguments(pipeline: Any, prompts: Sequence[str], negatives: Sequence[str], syntax: str) -> dict[str, Any]:
@@ -37,14 +37,7 @@ def prompt_arguments(pipeline: Any, prompts: Sequence[str], negatives: Sequence[
 def _tokened_chunks(text: str) -> list[Chunk]:
     """The prompt's chunks, where whitespace alone carries no weight (`a [ ] cat`): it has no token to weigh,
     and compel fails on a weighted fragment without one."""
-    chunks: list[Chunk] = []
-    for chunk in weighted_chunks(text):
-        weight = chunk.weight if chunk.text.strip() else 1.0
-        if chunks and chunks[-1].weight == weight:
-            chunks[-1] = Chunk(chunks[-1].text + chunk.text, weight)
-        else:
-            chunks.append(Chunk(chunk.text, weight))
-    return chunks
+    return joined(Chunk(chunk.text, chunk.weight if chunk.text.strip() else 1.0) for chunk in weighted_chunks(text))
 
 
 def _texts(prompts: list[str], negatives: list[str]) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -82,13 +83,18 @@ def weighted_chunks(prompt: str) -> list[Chunk]:
     for start in square_open:
         multiply(start, SQUARE_FACTOR)
 
+    return joined(Chunk(text, weight) for text, weight in zip(texts, weights.tolist())) or [Chunk("", 1.0)]
+
+
+def joined(chunks: Iterable[Chunk]) -> list[Chunk]:
+    """Consecutive chunks of equal weight as one."""
     merged: list[Chunk] = []
-    for text, weight in zip(texts, weights.tolist()):
-        if merged and merged[-1].weight == weight:
-            merged[-1] = Chunk(merged[-1].text + text, weight)
+    for chunk in chunks:
+        if merged and merged[-1].weight == chunk.weight:
+            merged[-1] = Chunk(merged[-1].text + chunk.text, chunk.weight)
         else:
-            merged.append(Chunk(text, weight))
-    return merged or [Chunk("", 1.0)]
+            merged.append(chunk)
+    return merged
 
 
 def is_weighted(chunks: list[Chunk]) -> bool:
