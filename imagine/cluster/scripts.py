@@ -291,19 +291,19 @@ CANCEL = (
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return 'missing' end
 if status == 'succeeded' or status == 'failed' or status == 'cancelled' then return status end
-if redis.call('ZREM', KEYS[2], ARGV[1]) == 1 then
+local waiting = redis.call('ZREM', KEYS[2], ARGV[1]) == 1
+if waiting then
   local stream = redis.call('HGET', KEYS[1], 'stream')
   redis.call('XDEL', stream, redis.call('HGET', KEYS[1], 'entry'))
   forget_if_empty(stream, KEYS[5], KEYS[6])
-  finish(KEYS[1], KEYS[3], KEYS[4], KEYS[8], KEYS[7], ARGV[1], 'cancelled', ARGV[2], ARGV[2], tonumber(ARGV[3]), ARGV[4])
-  return 'cancelled'
-end
-if status == 'queued' then
+elseif status == 'queued' then
   -- Taken by a worker that has not started it (START would have made it running), maybe one that died,
   -- or a cloud job not sent yet: it ends now. A worker's START then finds it done and acknowledges it;
   -- the replica running a cloud job hears the cancel and stops.
-  finish(KEYS[1], KEYS[3], KEYS[4], KEYS[8], KEYS[7], ARGV[1], 'cancelled', ARGV[2], ARGV[2], tonumber(ARGV[3]), ARGV[4])
   redis.call('PUBLISH', 'imagine:cancel', ARGV[1])
+end
+if waiting or status == 'queued' then
+  finish(KEYS[1], KEYS[3], KEYS[4], KEYS[8], KEYS[7], ARGV[1], 'cancelled', ARGV[2], ARGV[2], tonumber(ARGV[3]), ARGV[4])
   return 'cancelled'
 end
 redis.call('HSET', KEYS[1], 'cancel', '1')
