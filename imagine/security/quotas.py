@@ -104,6 +104,11 @@ class Applied:
     total: Limits
     model: Limits
 
+    @property
+    def limiting(self) -> bool:
+        """Whether any of them is a limit (0 is none)."""
+        return any((self.total.day, self.total.month, self.model.day, self.model.month))
+
 
 @dataclass(frozen=True)
 class Windows:
@@ -247,7 +252,7 @@ class Quotas:
         """Count a generation of `images` images, or raise 429 QUOTA_EXCEEDED; the charge and the headers' decision."""
         at = windows(self._clock())
         applied = self.applied(claim, model)
-        if not any((applied.total.day, applied.total.month, applied.model.day, applied.model.month)):
+        if not applied.limiting:
             # No limit to check before admitting: the count is bookkeeping (GET /usage), kept off the request's path.
             self._count_later(sub, model, images, at, applied)
             self._telemetry.quota_counted(model, "charged", images)
@@ -256,7 +261,7 @@ class Quotas:
         checks = _checks(applied, counts, at, model)
         if not counted:
             self._telemetry.quota_counted(model, "refused", images)
-            raise quota_exceeded([(what, limit, reset) for what, limit, used, reset in checks if used + images > limit])
+            raise quota_exceeded(_over(checks, images))
         self._telemetry.quota_counted(model, "charged", images)
         decision = None
         if checks:
@@ -270,13 +275,12 @@ class Quotas:
         before it is done (decoding a caller's input images). The charge itself decides, atomically, later."""
         at = windows(self._clock())
         applied = self.applied(claim, model)
-        if not any((applied.total.day, applied.total.month, applied.model.day, applied.model.month)):
+        if not applied.limiting:
             return
         await self.settle()  # this replica's unwritten counts, so the read sees them
         day, month = await self._store.usage(sub, at)
         counts = Counts(day.get(TOTAL, 0), month.get(TOTAL, 0), day.get(model, 0), month.get(model, 0))
-        over = [(what, limit, reset) for what, limit, used, reset in _checks(applied, counts, at, model) if used + images > limit]
-        if over:
+        if over := _over(_checks(applied, counts, at, model), images):
             self._telemetry.quota_counted(model, "refused", images)
             raise quota_exceeded(over)
 
@@ -338,6 +342,11 @@ def _window(counted: dict[str, int], limit: int, reset_s: float) -> dict[str, An
         "reset_seconds": math.ceil(reset_s),
         "by_model": {model: images for model, images in sorted(counted.items()) if model != TOTAL and images > 0},
     }
+
+
+def _over(checks: list[tuple[str, int, int, float]], images: int) -> list[tuple[str, int, float]]:
+    """(what, limit, seconds to reset) of each limit that `images` more would pass."""
+    return [(what, limit, reset) for what, limit, used, reset in checks if used + images > limit]
 
 
 def _checks(applied: Applied, counts: Counts, at: Windows, model: str) -> list[tuple[str, int, int, float]]:
