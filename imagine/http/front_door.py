@@ -4,8 +4,9 @@ In this order: the body's own fields (400), the model it names (404), whether
 the caller's token may use that model once aliases and the default are resolved
 (403), whether the model takes the input images sent (400), with input images whether the caller's quota
 has room (429, before a pixel is decoded), the images themselves (400; 404 for another caller's gallery
-id), then the model's defaults and limits (400), and last the images' preparation at the request's size. A route with a body of its own (OpenAI's, seed 004's) maps it to /generate's fields first, so
-its errors read the same as /generate's.
+id), then the model's defaults and limits (400), and last the images' preparation at the request's size.
+A route with a body of its own (OpenAI's, seed 004's) maps it to /generate's fields first, so its errors
+read the same as /generate's.
 """
 
 from __future__ import annotations

@@ -10,9 +10,10 @@ many jobs, shutting down) or an idempotent replay returns an earlier job.
 
 - A generation someone waits for is refunded when it ends in an error (but a
   timeout once it ran), or when it is stopped before it started running (its
-  caller hung up while it was queued, or interrupted it). Stopped once running, it stays charged: the
-  device's time was spent, and hanging up must not make that time free. One
-  the service stops as it shuts down is refunded: nobody asked it to stop.
+  caller hung up while it was queued, or interrupted it). Stopped once running,
+  it stays charged: the device's time was spent, and hanging up must not make
+  that time free. One the service stops as it shuts down is refunded: nobody
+  asked it to stop.
 - A job carries its charge in its `after_end` fields; what follows its end
   (`imagine.http.job_followups`) refunds it if the job failed (but timed out
   while running), or was cancelled before it started.
