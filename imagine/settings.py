@@ -161,6 +161,9 @@ class QueueSettings:
     visibility_timeout_s: float = 30.0
     # Shared queue only: how many times a job may start before it fails instead of running again.
     max_attempts: int = 3
+    # Work the device is ready for goes before work that needs a model loaded again (or a Lightning
+    # checkpoint swapped in), for at most as long as that takes; false: strict turns between callers.
+    defer_switches: bool = True
 
     def __post_init__(self) -> None:
         if self.max_size < 1:

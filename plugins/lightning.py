@@ -16,6 +16,7 @@ loads that checkpoint's weights into it.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,6 +130,8 @@ class LightningGenerator(SDXLGenerator):
             )
         # The checkpoint whose weights the UNet holds; None when unknown.
         self._active: Checkpoint | None = None
+        # Step count -> seconds its last swap in took.
+        self._swap_s: dict[int, float] = {}
 
     def load_arguments(self, torch_dtype: Any) -> dict[str, Any]:
         """The UNet built from the base's config and filled with the default step count's checkpoint."""
@@ -156,17 +159,25 @@ class LightningGenerator(SDXLGenerator):
             self._swap_to(checkpoint)
         super().ready_for(requests)
 
+    def switch_cost_s(self, request: GenerationRequest) -> float:
+        checkpoint = self.checkpoints.get(request.steps)
+        if checkpoint is None or checkpoint == self._active:
+            return 0.0
+        return self._swap_s.get(checkpoint.steps, 0.0)
+
     def _swap_to(self, checkpoint: Checkpoint) -> None:
         """Copy another checkpoint's weights into the UNet in place: memory stays that of one UNet."""
         from safetensors.torch import load_file
 
         # A failed copy may leave the UNet half-written: force a reload next time.
         self._active = None
+        started = time.perf_counter()
         try:
             self.pipe.unet.load_state_dict(load_file(checkpoint_path(checkpoint.file)), strict=True)
         except Exception as error:
             reason = f"the {checkpoint.steps}-step checkpoint did not load: {type(error).__name__}: {error}"
             raise ApiError(503, "MODEL_NOT_AVAILABLE", f"Model '{NAME}' not available: {reason}", details={"reason": reason}) from None
+        self._swap_s[checkpoint.steps] = time.perf_counter() - started
         self._active = checkpoint
         self._schedulers = {}  # their prediction type follows the checkpoint
 

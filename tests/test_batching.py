@@ -53,6 +53,29 @@ def test_batches_fill_round_robin_across_subjects() -> None:
     assert batcher.take(queue, 4)[0] is other
 
 
+def test_a_switch_waits_behind_ready_work_for_as_long_as_it_costs_then_happens() -> None:
+    now = [0.0]
+    batcher = FairBatcher(clock=lambda: now[0])
+    reload = Waiting("bob", batch_key="unloaded")
+    ready = [Waiting("alice", batch_key="loaded") for _ in range(4)]
+    queue = collections.deque([reload, *ready])
+    costs = {"unloaded": 2.0, "loaded": 0.0}
+
+    def take() -> list[Waiting]:
+        return batcher.take(queue, 1, lambda job: costs[job.batch_key])
+
+    assert take() == [ready[0]]  # bob's turn, but the device is ready for alice's work
+    now[0] = 1.9
+    assert take() == [ready[1]]
+    now[0] = 2.0  # put off as long as the reload takes: now it happens, ahead of alice's
+    assert take() == [reload]
+    assert take() == [ready[2]]
+    # With nothing ready to run instead, a switch happens at once.
+    queue.clear()
+    queue.append(late := Waiting("bob", batch_key="unloaded"))
+    assert take() == [late]
+
+
 def test_only_compatible_jobs_share_a_batch_and_images_count() -> None:
     batcher = FairBatcher()
     queue = collections.deque([Waiting("a", images=2), Waiting("b", batch_key="x"), Waiting("c", images=3), Waiting("d", images=2)])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from imagine.engine.telemetry import NoTelemetry
 from imagine.engine.work import GenerationOutput, WorkItem
 from imagine.errors import ApiError
 from imagine.plugin import hookspecs
+from imagine.plugin.hookspecs import hookimpl
 from imagine.plugin.generators import GenerationRequest
 from imagine.plugin.manager import collect_generators
 from imagine.settings import Settings
@@ -53,7 +55,14 @@ class ExecutorUnderTest:
     """A device executor on the CPU over `registry`, counting the items of each pipeline call."""
 
     def __init__(
-        self, registry: ModelRegistry, *, capacity: int, batch: int, preview_every: int = 5, adaptive: bool = False
+        self,
+        registry: ModelRegistry,
+        *,
+        capacity: int,
+        batch: int,
+        preview_every: int = 5,
+        adaptive: bool = False,
+        defer_switches: bool = False,
     ) -> None:
         self.registry = registry
         self.telemetry = BatchSizes()
@@ -64,6 +73,7 @@ class ExecutorUnderTest:
             preview_every=preview_every,
             batch_max_images=batch,
             adaptive_batches=adaptive,
+            defer_switches=defer_switches,
             telemetry=self.telemetry,
         )
 
@@ -88,17 +98,26 @@ async def started_executors() -> AsyncIterator[Callable[[E], E]]:
 class Device(ExecutorUnderTest):
     """An executor over the test plugins' generators, with what a test needs to drive it."""
 
-    def __init__(self, *plugins: Any, capacity: int, batch: int, adaptive: bool = False) -> None:
+    def __init__(
+        self,
+        *plugins: Any,
+        capacity: int,
+        batch: int,
+        adaptive: bool = False,
+        defer_switches: bool = False,
+        memory_budget_bytes: int | None = None,
+    ) -> None:
         manager = pluggy.PluginManager(hookspecs.PROJECT)
         manager.add_hookspecs(hookspecs)
         for plugin in plugins:
             manager.register(plugin)
         generators = collect_generators(manager, Settings())
-        super().__init__(
-            ModelRegistry(generators, default=next(iter(generators))), capacity=capacity, batch=batch, adaptive=adaptive
-        )
+        registry = ModelRegistry(generators, default=next(iter(generators)), memory_budget_bytes=memory_budget_bytes)
+        super().__init__(registry, capacity=capacity, batch=batch, adaptive=adaptive, defer_switches=defer_switches)
 
-    def submit(self, prompt: str, *, model: str = "slow", steps: int = 2, timeout_s: float = LIMIT_S) -> WorkItem:
+    def submit(
+        self, prompt: str, *, model: str = "slow", steps: int = 2, timeout_s: float = LIMIT_S, owner: str = "alice"
+    ) -> WorkItem:
         request = GenerationRequest(
             prompt=prompt,
             negative_prompt="",
@@ -111,7 +130,7 @@ class Device(ExecutorUnderTest):
             seed=7,
             scheduler="euler",
         )
-        return self.executor.submit(request, self.registry.resolve(model), timeout_s, owner="alice")
+        return self.executor.submit(request, self.registry.resolve(model), timeout_s, owner=owner)
 
     async def result(self, item: WorkItem) -> GenerationOutput:
         return await asyncio.wait_for(self.executor.wait(item), LIMIT_S)
@@ -255,6 +274,57 @@ async def test_a_batch_that_fails_is_retried_one_by_one_and_only_the_request_tha
 
 
 # ---- intake and shutdown ----------------------------------------------------
+
+
+class SlowToLoad(SlowGenerator):
+    """Loads in LOAD_S, and holds as much memory as any other: a budget of one fits one at a time."""
+
+    LOAD_S = 0.3
+
+    def __init__(self, name: str, loads: list[str]) -> None:
+        super().__init__(step_seconds=0.0)
+        self.name = name
+        self._loads = loads
+
+    def load(self) -> None:
+        time.sleep(self.LOAD_S)
+        self._loads.append(self.name)
+        super().load()
+
+    def memory_footprint(self) -> dict[int, int]:
+        return {id(self): 1000}
+
+
+class TwoModels:
+    def __init__(self) -> None:
+        self.loads: list[str] = []
+
+    @hookimpl
+    def register_generators(self, register, settings):  # type: ignore[no-untyped-def]
+        register(SlowToLoad("model-a", self.loads))
+        register(SlowToLoad("model-b", self.loads))
+
+
+@pytest.mark.parametrize("defer_switches", [False, True])
+async def test_work_for_the_loaded_model_goes_before_a_reload_for_as_long_as_the_reload_takes(defer_switches) -> None:
+    plugin = TwoModels()
+    async with started_executors() as start:
+        device = start(Device(plugin, capacity=16, batch=1, defer_switches=defer_switches, memory_budget_bytes=1500))
+        for model in ("model-a", "model-b"):  # each loaded once, so its load time is known; model-b stays
+            await device.result(device.submit("warm-up", model=model))
+        async with device.held():
+            # Two callers, each of one model, their requests interleaved: strict turns reload before each.
+            items = [device.submit(f"{owner}{n}", model=f"model-{owner}", owner=owner) for n in range(3) for owner in "ab"]
+        for item in items:
+            await device.result(item)
+    ran = [prompts[0] for prompts in device.registry.resolve("model-a").batches + device.registry.resolve("model-b").batches]
+    if defer_switches:
+        # model-b's work, ready, took the few milliseconds model-a's reload would have waited, then one reload.
+        assert plugin.loads[2:] == ["model-a"], plugin.loads
+        assert items[1].started_at < items[0].started_at
+    else:
+        assert plugin.loads[2:] == ["model-a", "model-b"] * 3, plugin.loads
+    assert sorted(ran) == sorted(["warm-up"] * 2 + [item.request.prompt for item in items])
 
 
 async def test_a_full_queue_refuses_with_queue_full_and_keeps_what_it_holds(start_device) -> None:

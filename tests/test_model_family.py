@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from imagine.http.app_keys import registry_key
+from imagine.plugin.generators import GenerationRequest
 from tests.conftest import auth, data_url_png, pixels
 
 URL = "/imagine/generate"
@@ -84,6 +85,13 @@ async def test_lightning_serves_only_the_step_counts_it_has_checkpoints_for(make
         assert "2, 8" in error["msg"]
 
 
+def lightning_request(steps: int) -> GenerationRequest:
+    return GenerationRequest(
+        prompt="a lighthouse", negative_prompt="", model="sdxl-lightning", width=64, height=64, steps=steps,
+        guidance=0.0, num_images=1, seed=5, scheduler="euler",
+    )
+
+
 async def test_lightning_runs_each_step_count_on_its_configured_checkpoint(make_client, base_settings) -> None:
     async def image(client, model: str, steps: int) -> np.ndarray:
         status, result = await generate(client, model=model, steps=steps, guidance=0.0, scheduler="euler", seed=5)
@@ -93,7 +101,12 @@ async def test_lightning_runs_each_step_count_on_its_configured_checkpoint(make_
     client = await make_client(base_settings)
     four = await image(client, "sdxl-lightning", 4)
     two = await image(client, "sdxl-lightning", 2)
+    lightning = client.app[registry_key].resolve("sdxl-lightning")
+    assert lightning.switch_cost_s(lightning_request(2)) == 0  # the checkpoint it holds
     assert np.array_equal(await image(client, "sdxl-lightning", 4), four)  # swapped back exactly
+    # What swapping the 2-step checkpoint in again would cost is known now, and the queue weighs it.
+    assert lightning.switch_cost_s(lightning_request(2)) > 0
+    assert lightning.switch_cost_s(lightning_request(4)) == 0
     assert np.abs(four - await image(client, "sdxl", 4)).mean() > 5  # Lightning's UNet, not the base's
 
     # Point the 2-step entry at another file: the 2-step image changes, the 4-step one does not.

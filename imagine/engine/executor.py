@@ -86,6 +86,7 @@ class DeviceExecutor:
         batch_max_images: int = 1,
         batch_max_wait_ms: float = 0.0,
         adaptive_batches: bool = False,
+        defer_switches: bool = False,
         telemetry: Telemetry = NO_TELEMETRY,
         encoder: PngOfImage | None = None,
     ) -> None:
@@ -100,6 +101,9 @@ class DeviceExecutor:
         # With adaptive_batches, each batch's size is capped at what its shape has measured fastest.
         self.batch_sizer = BatchSizer(batch_max_images) if adaptive_batches else None
         self._batch_max_wait_s = batch_max_wait_ms / 1000
+        # With defer_switches, work the device is ready for may go before work that needs a model
+        # loaded again or a checkpoint swapped in, for as long as that would take.
+        self._switch_cost = self._seconds_to_get_ready if defer_switches else None
         self._device_preference = device_preference
         self._preload = tuple(preload)
         self._controls: collections.deque[ControlTask] = collections.deque()
@@ -344,7 +348,7 @@ class DeviceExecutor:
                 self._run_control(control)  # submissions go on meanwhile
                 continue
             limit = self._batch_max_images if self.batch_sizer is None else self._learnt_limit
-            batch = self._queue.take(limit, self._batch_max_wait_s)
+            batch = self._queue.take(limit, self._batch_max_wait_s, self._switch_cost)
             if batch is None:
                 return None
             live = []
@@ -362,6 +366,9 @@ class DeviceExecutor:
             self.running = live
             self._on_loop(self._announce_positions)
             return live
+
+    def _seconds_to_get_ready(self, item: WorkItem) -> float:
+        return self._registry.switch_cost_s(item.generator, item.request)
 
     def _learnt_limit(self, head: WorkItem) -> int:
         assert self.batch_sizer is not None

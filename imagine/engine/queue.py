@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Generic, Protocol, TypeVar
 
-from imagine.engine.batching import Batchable, FairBatcher
+from imagine.engine.batching import Batchable, FairBatcher, SwitchCost
 
 W = TypeVar("W", bound=Batchable)
 
@@ -58,11 +58,14 @@ class WorkQueue(Protocol[W]):
         """Remove `item` if it is still waiting; False when it already left."""
         ...
 
-    def take(self, max_images: int | Callable[[W], int], max_wait_s: float) -> list[W] | None:
+    def take(
+        self, max_images: int | Callable[[W], int], max_wait_s: float, switch_cost: SwitchCost[W] | None = None
+    ) -> list[W] | None:
         """Block until work waits, then remove and return the next batch of up to `max_images` images
         (or as many as `max_images(head)` allows for the batch's first item).
 
-        The batch waits up to `max_wait_s` for compatible company while it has room.
+        With `switch_cost`, a batch the device must get ready for may wait a while behind work it is
+        ready for (see `imagine.engine.batching`). The batch waits up to `max_wait_s` for compatible company while it has room.
         Returns [] when `wake` was called (the device thread has other work) and
         None once the queue is closed.
         """
@@ -125,7 +128,9 @@ class MemoryQueue(Generic[W]):
                 return False
             return True
 
-    def take(self, max_images: int | Callable[[W], int], max_wait_s: float) -> list[W] | None:
+    def take(
+        self, max_images: int | Callable[[W], int], max_wait_s: float, switch_cost: SwitchCost[W] | None = None
+    ) -> list[W] | None:
         with self._condition:
             while not self._items and not self._woken and not self._closed:
                 self._condition.wait()
@@ -141,7 +146,7 @@ class MemoryQueue(Generic[W]):
                 chosen.append(max_images(head) if callable(max_images) else max_images)
                 return chosen[0]
 
-            batch = self._batcher.take(self._items, limit)
+            batch = self._batcher.take(self._items, limit, switch_cost)
             self._wait_for_company(batch, chosen[0], max_wait_s)
             return batch
 

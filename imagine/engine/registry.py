@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from imagine.engine import device
 from imagine.errors import model_not_available
-from imagine.plugin.generators import CloudGenerator, Generator, LocalGenerator
+from imagine.plugin.generators import CloudGenerator, GenerationRequest, Generator, LocalGenerator
 from imagine.engine.memory import NOTHING, ModelMemory, account, gigabytes, total_bytes
 from imagine.engine.telemetry import NO_TELEMETRY, Telemetry
 
@@ -114,6 +114,27 @@ class ModelRegistry:
         self._evict_until(lambda: self.used_bytes() <= self._budget, keep=generator)
         return loading
 
+    def switch_cost_s(self, generator: Generator, request: GenerationRequest) -> float:
+        """Seconds the device would spend getting ready for `request`: loading its model again
+        (as long as its last load took) when it was unloaded, or what the loaded model must swap
+        in; 0 when ready, when loading evicts nothing under the budget, or when never measured.
+        """
+        local = self.as_local(generator)
+        if local is None:
+            return 0.0
+        if local.loaded:
+            return local.switch_cost_s(request)
+        state = self.states[local.name]
+        if state.load_time_s is None or self._fits_beside_the_loaded(local):
+            return 0.0
+        return state.load_time_s
+
+    def _fits_beside_the_loaded(self, generator: LocalGenerator) -> bool:
+        """Under a budget, whether loading would unload nothing (without one it is not known)."""
+        if self.memory_budget_bytes is None:
+            return False
+        return self.used_bytes() + self._bytes_to_load(generator) <= self.memory_budget_bytes
+
     def _load(self, generator: LocalGenerator) -> None:
         """Load; when the device runs out of memory, unload the least recently used model and try again.
 
@@ -149,9 +170,13 @@ class ModelRegistry:
 
     def _make_room(self, generator: LocalGenerator) -> None:
         """Before a load, evict for the size this model had last time (unknown on its first load)."""
-        held = self._held_parts()
-        needed = sum(size for part, size in self.states[generator.name].footprint.items() if part not in held)
+        needed = self._bytes_to_load(generator)
         self._evict_until(lambda: self.used_bytes() + needed <= self._budget, keep=generator)
+
+    def _bytes_to_load(self, generator: LocalGenerator) -> int:
+        """What loading would add, by the size it had last time: parts other loaded models hold are there."""
+        held = self._held_parts()
+        return sum(size for part, size in self.states[generator.name].footprint.items() if part not in held)
 
     def _evict_until(self, fits: Callable[[], bool], keep: LocalGenerator) -> None:
         while not fits():

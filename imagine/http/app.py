@@ -291,6 +291,7 @@ def create_app(
         batch_max_images=settings.batch.max_size,
         batch_max_wait_ms=settings.batch.max_wait_ms,
         adaptive_batches=settings.batch.adaptive,
+        defer_switches=settings.queue.defer_switches,
         telemetry=telemetry,
         # The encoder opens with the app (_cpu_pools), before the device thread starts.
         encoder=lambda request, image, seed: app[png_encoder_key].encode_for(request, image, seed),

@@ -225,6 +225,13 @@ class LocalGenerator(Generator):
         """A small picture of the work in progress (device thread), or None if not supported."""
         return None
 
+    def switch_cost_s(self, request: GenerationRequest) -> float:
+        """Seconds the loaded model would spend getting ready for `request` that it spends for no
+        request like the last one (swapping a checkpoint in, say), as last measured; 0 when none,
+        or not measured yet (device thread). Work it is ready for may go first meanwhile.
+        """
+        return 0.0
+
     def memory_footprint(self) -> Mapping[int, int]:
         """Bytes held while loaded, per weight-holding object, keyed by `id()` (device thread).
 
